@@ -1,0 +1,33 @@
+"""optorch: purely functional optimizers for PyTorch.
+
+Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> state`` and a pure
+``step(params, grads, state, config) -> (params, state)``; :func:`build` turns a config into a
+``torch.optim.Optimizer`` that runs the same math in place.
+"""
+
+from . import adagrad, adam, adamw, rmsprop, sgd
+from .algorithm import Algorithm
+from .builder import ConfigError, build, load_config, parse_config
+from .config import Config
+from .registry import ALGORITHMS, UnknownOptimizerError, register
+from .shim import Optimizer
+
+__version__ = "0.2.0.dev0"
+
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "Config",
+    "ConfigError",
+    "Optimizer",
+    "UnknownOptimizerError",
+    "adagrad",
+    "adam",
+    "adamw",
+    "build",
+    "load_config",
+    "parse_config",
+    "register",
+    "rmsprop",
+    "sgd",
+]

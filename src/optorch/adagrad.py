@@ -1,0 +1,55 @@
+r"""Adagrad with learning-rate decay, weight decay and maximize (= ``torch.optim.Adagrad``, dense).
+
+With gradient :math:`g_t`, learning rate :math:`\gamma`, lr decay :math:`\eta` and weight decay
+:math:`\lambda`:
+
+.. math::
+
+    g_t &\leftarrow \pm g_t + \lambda\theta_{t-1} \\
+    \tilde\gamma_t &= \gamma / (1 + (t - 1)\eta) \\
+    s_t &= s_{t-1} + g_t^2, \qquad s_0 = \text{initial\_accumulator\_value} \\
+    \theta_t &= \theta_{t-1} - \tilde\gamma_t\, g_t / (\sqrt{s_t} + \epsilon)
+
+State per parameter: ``step`` and ``sum`` (:math:`s`). Sparse gradients are rejected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .algorithm import Algorithm, LeafState
+from .config import Config as _Config
+from .config import NonNegative, is_zero
+
+__all__ = ["Config", "init", "step", "algorithm"]
+
+
+class Config(_Config):
+    lr: NonNegative = 1e-2
+    lr_decay: NonNegative = 0.0
+    weight_decay: NonNegative = 0.0
+    initial_accumulator_value: NonNegative = 0.0
+    eps: NonNegative = 1e-10
+    maximize: bool = False
+
+
+def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
+    value = config.initial_accumulator_value
+    accumulator = torch.zeros_like(param) + value if isinstance(value, torch.Tensor) else torch.full_like(param, value)
+    return {"step": ops.new_step(param), "sum": accumulator}
+
+
+def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Config):
+    g = -grad if config.maximize else grad
+    if not is_zero(config.weight_decay):
+        g = ops.add(g, param, config.weight_decay)
+    step = state["step"] + 1
+    decayed_lr = config.lr / (1 + (step.to(ops.scalar_dtype(param)) - 1) * config.lr_decay)
+    accumulator = ops.addcmul(state["sum"], g, g)
+    new_param = param - decayed_lr * (g / (accumulator.sqrt() + config.eps))
+    return new_param, {"step": step, "sum": accumulator}
+
+
+algorithm = Algorithm("adagrad", Config, init_leaf, update, torch.optim.Adagrad)
+init, step = algorithm.init, algorithm.step

@@ -1,0 +1,80 @@
+"""Build a torch.optim-compatible optimizer from a config dict, a Config, or a YAML/JSON file.
+
+A config dict names the algorithm and uses the keyword names of its constructor::
+
+    optorch.build({"name": "adamw", "lr": 1e-3, "weight_decay": 0.01}, model.parameters())
+    optorch.build("configs/adam.yaml", model.parameters())
+
+Errors are specific: an unknown name lists the known ones with the closest match, an unknown key lists
+the valid keys, and an invalid value raises ``pydantic.ValidationError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from . import registry
+from .algorithm import Algorithm
+from .config import Config
+
+__all__ = ["ConfigError", "build", "load_config", "parse_config"]
+
+
+class ConfigError(ValueError):
+    """A config dict or file that cannot be turned into an optimizer config."""
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a config dict from a ``.yaml``/``.yml`` or ``.json`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    elif path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError(f"{path}: config files must end in .yaml, .yml or .json")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tuple[Algorithm, Config]:
+    """Resolve a config dict, Config instance or file path into ``(algorithm, validated config)``."""
+    if isinstance(config, Config):
+        return registry.for_config(config), config
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, an optorch Config or a file path, got {type(config).__name__}")
+    values = dict(config)
+    if "name" not in values:
+        raise ConfigError(f"config needs a 'name' key naming the optimizer, one of: {', '.join(registry.names())}")
+    algorithm = registry.get(values.pop("name"))
+    valid = list(algorithm.config.model_fields)
+    unknown = [key for key in values if key not in valid]
+    if unknown:
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, valid, n=1)) else repr(key) for key in unknown]
+        raise ConfigError(f"unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: name, {', '.join(valid)}")
+    return algorithm, algorithm.config(**values)
+
+
+def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterable[Any], *, engine: str = "auto"):
+    """A :class:`optorch.Optimizer` (a ``torch.optim.Optimizer``) for ``params``.
+
+    ``params`` is what torch.optim accepts: an iterable of tensors, or of param-group dicts whose keys
+    override the config for that group. ``engine`` picks how the step executes (see
+    :class:`optorch.Optimizer`); the math is the algorithm's either way.
+    """
+    from .shim import Optimizer
+
+    algorithm, parsed = parse_config(config)
+    return Optimizer(params, algorithm, parsed, engine=engine)

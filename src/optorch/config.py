@@ -1,0 +1,71 @@
+"""Frozen, validated hyperparameter configs.
+
+Every algorithm has one ``Config`` class derived from :class:`Config` here. Its field names are the
+keyword names of the constructor users already know (``torch.optim.Adam(lr=..., betas=...)``), so a
+config dict migrates unchanged.
+
+Numeric hyperparameters are :data:`Scalar`: a Python number, or a 0-dim tensor. Tensors are what let a
+compiled step see a new learning rate without recompiling, and what ``torch.func.grad`` differentiates
+and ``torch.func.vmap`` batches. Range checks apply to numbers; a tensor may be traced or batched, so
+its value cannot be inspected and is taken as given.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Annotated, Any, Callable
+
+import torch
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer
+
+__all__ = ["Config", "Scalar", "NonNegative", "Probability", "UnitInterval", "is_zero"]
+
+
+def _coerce_scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a tensor hyperparameter must hold one value, got shape {tuple(value.shape)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"expected a real number or a 0-dim tensor, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _bounded(check: Callable[[float], bool], text: str) -> AfterValidator:
+    def validate(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) and not check(value):
+            raise ValueError(f"must be {text}, got {value!r}")
+        return value
+
+    return AfterValidator(validate)
+
+
+def _serialize(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+Scalar = Annotated[Any, BeforeValidator(_coerce_scalar), PlainSerializer(_serialize)]
+"""A real number or a one-element tensor."""
+
+NonNegative = Annotated[Scalar, _bounded(lambda v: v >= 0.0, ">= 0")]
+Probability = Annotated[Scalar, _bounded(lambda v: 0.0 <= v < 1.0, "in [0, 1)")]
+UnitInterval = Annotated[Scalar, _bounded(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")]
+
+
+def is_zero(value: Any) -> bool:
+    """True only for a number that is exactly zero; a tensor's value is unknown, so never."""
+    return not isinstance(value, torch.Tensor) and value == 0
+
+
+class Config(BaseModel):
+    """Base of every algorithm's config: frozen, unknown keys rejected, validated on construction."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A validated copy with some fields changed (``dataclasses.replace`` for configs)."""
+        return type(self)(**{**self.hyperparameters(), **changes})
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Field name to value, values as they are (tensors stay tensors)."""
+        return {name: getattr(self, name) for name in type(self).model_fields}

@@ -1,0 +1,49 @@
+"""Out-of-place arithmetic whose scalar may be a number or a 0-dim tensor.
+
+With a number, each helper is one fused torch kernel (what torch.optim uses); with a tensor (a
+compiled step, ``torch.func``), it is the same formula in plain ops, evaluated in the order torch's CPU
+kernels use, so both agree to the last bit in float64. Inductor fuses the plain ops anyway.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Number)
+
+
+def add(a: Tensor, b: Tensor, alpha: Any = 1.0) -> Tensor:
+    """a + alpha * b"""
+    return torch.add(a, b, alpha=alpha) if _is_number(alpha) else a + alpha * b
+
+
+def lerp(a: Tensor, b: Tensor, weight: Any) -> Tensor:
+    """a + weight * (b - a)"""
+    return torch.lerp(a, b, weight if _is_number(weight) else weight.to(a.dtype))
+
+
+def addcmul(a: Tensor, b: Tensor, c: Tensor, value: Any = 1.0) -> Tensor:
+    """a + value * b * c"""
+    return torch.addcmul(a, b, c, value=value) if _is_number(value) else a + value * b * c
+
+
+def addcdiv(a: Tensor, b: Tensor, c: Tensor, value: Any = 1.0) -> Tensor:
+    """a + value * b / c"""
+    return torch.addcdiv(a, b, c, value=value) if _is_number(value) else a + value * b / c
+
+
+def scalar_dtype(param: Tensor) -> torch.dtype:
+    """dtype for per-step scalars such as bias corrections: float64 like torch.optim's host math,
+    except where the device has no float64."""
+    return torch.float32 if param.device.type == "mps" else torch.float64
+
+
+def new_step(param: Tensor) -> Tensor:
+    """A fresh per-parameter step counter: float32, as torch.optim keeps it."""
+    return torch.zeros((), dtype=torch.float32, device=param.device)

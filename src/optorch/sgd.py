@@ -1,0 +1,73 @@
+r"""SGD with momentum, dampening, Nesterov momentum, weight decay and maximize (= ``torch.optim.SGD``).
+
+With gradient :math:`g_t`, learning rate :math:`\gamma`, momentum :math:`\mu`, dampening :math:`\tau`
+and weight decay :math:`\lambda`:
+
+.. math::
+
+    d_t &= \pm g_t + \lambda\theta_{t-1} \qquad (-g_t \text{ when maximize}) \\
+    b_t &= d_t \text{ at a parameter's first step, else } \mu b_{t-1} + (1 - \tau) d_t \\
+    \theta_t &= \theta_{t-1} - \gamma\,(d_t + \mu b_t \text{ if nesterov else } b_t)
+
+With :math:`\mu = 0` there is no buffer and :math:`\theta_t = \theta_{t-1} - \gamma d_t`.
+State per parameter: ``step`` and, when momentum is non-zero, ``momentum_buffer``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import model_validator
+
+from . import ops
+from .algorithm import Algorithm, LeafState
+from .config import Config as _Config
+from .config import NonNegative, Scalar, is_zero
+
+__all__ = ["Config", "init", "step", "algorithm"]
+
+
+class Config(_Config):
+    lr: NonNegative = 1e-3
+    momentum: NonNegative = 0.0
+    dampening: Scalar = 0.0
+    weight_decay: NonNegative = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
+    @model_validator(mode="after")
+    def _nesterov_needs_plain_momentum(self) -> "Config":
+        if self.nesterov and (is_zero(self.momentum) or not is_zero(self.dampening)):
+            raise ValueError("nesterov requires a non-zero momentum and zero dampening")
+        return self
+
+
+def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
+    state = {"step": ops.new_step(param)}
+    if not is_zero(config.momentum):
+        state["momentum_buffer"] = torch.zeros_like(param)
+    return state
+
+
+def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Config):
+    d = -grad if config.maximize else grad
+    if not is_zero(config.weight_decay):
+        d = ops.add(d, param, config.weight_decay)
+    new_state = {"step": state["step"] + 1}
+    if "momentum_buffer" in state:
+        # torch.optim starts the buffer as a copy of d, so dampening does not touch the first step.
+        buf = torch.where(state["step"] == 0, d, ops.add(state["momentum_buffer"] * config.momentum, d, 1 - config.dampening))
+        new_state["momentum_buffer"] = buf
+        d = ops.add(d, buf, config.momentum) if config.nesterov else buf
+    return ops.add(param, d, -config.lr), new_state
+
+
+def from_torch(state: LeafState) -> LeafState:
+    # torch.optim.SGD keeps no step count; any count >= 1 says "the buffer has started".
+    state.setdefault("step", torch.tensor(1.0 if state.get("momentum_buffer") is not None else 0.0))
+    if state.get("momentum_buffer", ...) is None:
+        del state["momentum_buffer"]
+    return state
+
+
+algorithm = Algorithm("sgd", Config, init_leaf, update, torch.optim.SGD, from_torch)
+init, step = algorithm.init, algorithm.step

@@ -1,0 +1,401 @@
+"""``optorch.Optimizer``: a ``torch.optim.Optimizer`` that runs an optorch algorithm in place.
+
+The shim is what ``optorch.build`` returns. It behaves like the torch optimizer it stands for:
+``param_groups`` carry every hyperparameter under its torch name (so every ``lr_scheduler`` works),
+``state_dict()`` has torch's layout and torch's per-parameter keys (so checkpoints interchange with
+torch.optim), and ``zero_grad``, ``step(closure)``, ``add_param_group`` and the optimizer hooks are
+torch's own.
+
+How a step executes is the *engine*; the math is always the algorithm's:
+
+* ``"torch"``: torch.optim's own kernel (fused where torch has one for these params, else its
+  default) for algorithms whose math and state are exactly torch's. Fastest where it exists.
+* ``"compiled"``: the algorithm's pure per-tensor ``update`` applied to one flat buffer per
+  (param group, device, dtype), compiled once with ``torch.compile`` and written back in place.
+  Params become views of the flat buffer; gradients are gathered into a flat buffer, or used in
+  place when they already are its views. Compile time does not grow with the number of tensors,
+  and a changed hyperparameter is a new tensor value, never a recompile.
+* ``"eager"``: the same flat path without compiling.
+* ``"auto"`` (default): ``"torch"`` where torch.optim has the algorithm, else ``"compiled"``
+  (which falls back to ``"eager"``, with one warning, where compiling is impossible).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from . import ops, registry
+from .algorithm import Algorithm, apply_update
+from .config import Config
+
+__all__ = ["Optimizer", "ENGINES"]
+
+ENGINES = ("auto", "torch", "compiled", "eager")
+_TORCH_EXECUTION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A torch.optim-compatible optimizer for a registered optorch algorithm.
+
+    Args:
+        params: an iterable of tensors, or of param-group dicts (keys override ``config``).
+        algorithm: a registered name (``"adam"``) or an :class:`~optorch.algorithm.Algorithm`.
+        config: the algorithm's ``Config``; its defaults when omitted.
+        engine: ``"auto"``, ``"torch"``, ``"compiled"`` or ``"eager"`` (see the module docs).
+    """
+
+    def __init__(self, params: Iterable[Any], algorithm: str | Algorithm, config: Config | None = None, *, engine: str = "auto"):
+        self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
+        if config is None:
+            config = self.algorithm.config()
+        if not isinstance(config, self.algorithm.config):
+            raise TypeError(f"expected optorch.{self.algorithm.name}.Config, got {type(config).__name__}")
+        self.engine = _resolve_engine(engine, self.algorithm)
+        self._runner: _TorchRunner | _FlatRunner | None = None
+        super().__init__(params, config.hyperparameters())
+        self._runner = _TorchRunner(self) if self.engine == "torch" else _FlatRunner(self, compiled=self.engine == "compiled")
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def group_config(self, group: dict[str, Any]) -> Config:
+        """The validated algorithm config for a param group's current hyperparameters."""
+        return self.algorithm.config(**{name: group[name] for name in self.algorithm.config.model_fields})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        self.group_config({**self.defaults, **param_group})  # validate before anything changes
+        super().add_param_group(param_group)
+        if self._runner is not None:
+            self._runner.add_group(self.param_groups[-1])
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._runner.step()
+        return loss
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        if self._runner is not None:
+            self._runner.export(state_dict)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of this shim or of the torch.optim optimizer it stands for.
+
+        The whole dict is checked first; on any mismatch (group count or sizes, state keys, shapes,
+        invalid hyperparameters) it raises ``ValueError`` and the optimizer is left unchanged.
+        """
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        self._runner.reload()
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        name = self.algorithm.name
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"{name}: a state_dict is a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{name}: the state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
+        params_by_index = {}
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{name}: param group {i} has {len(saved['params'])} params in the state_dict, {len(group['params'])} here")
+            try:
+                config = self.group_config({**group, **saved})
+            except ValueError as error:
+                raise ValueError(f"{name}: param group {i} of the state_dict has invalid hyperparameters: {error}") from error
+            expected = set(self.algorithm.state_keys(config))
+            params_by_index.update({index: (param, expected) for index, param in zip(saved["params"], group["params"])})
+        for index, leaf in state_dict["state"].items():
+            if index not in params_by_index:
+                raise ValueError(f"{name}: the state_dict has state for parameter {index!r}, which no param group lists")
+            param, expected = params_by_index[index]
+            keys = set(self.algorithm.state_from_torch(dict(leaf)))
+            if keys != expected:
+                raise ValueError(
+                    f"{name}: state of parameter {index} has keys {sorted(keys)}, expected {sorted(expected)}; "
+                    "is this a checkpoint of another optimizer or with other flags?"
+                )
+            for key, value in leaf.items():
+                if key == "step":
+                    if not (isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1)):
+                        raise ValueError(f"{name}: 'step' of parameter {index} must be a number or a one-element tensor")
+                elif not isinstance(value, Tensor) or value.shape != param.shape:
+                    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"{name}: state {key!r} of parameter {index} has shape {shape}, the parameter has {tuple(param.shape)}")
+
+
+def _resolve_engine(engine: str, algorithm: Algorithm) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "torch" and algorithm.torch_optimizer is None:
+        raise ValueError(f"engine 'torch' needs a torch.optim counterpart, and {algorithm.name} has none")
+    if engine == "auto":
+        return "torch" if algorithm.torch_optimizer is not None else "compiled"
+    return engine
+
+
+# ------------------------------------------------------------------------------------------------
+# engine "torch": torch.optim's own kernels on the shim's param_groups and state
+
+
+class _TorchRunner:
+    def __init__(self, optimizer: Optimizer):
+        self.optimizer = optimizer
+        torch_class = optimizer.algorithm.torch_optimizer
+        signature = inspect.signature(torch_class.__init__).parameters
+        # Checkpoints carry torch's default execution flags: how this shim runs is not part of the
+        # optimizer's state, and a torch.optim optimizer loading the checkpoint should run as it would.
+        self.exported_flags = {k: signature[k].default for k in _TORCH_EXECUTION_KEYS if k in signature}
+        self.flags = {"fused": True} if "fused" in signature and _fused_supported(optimizer.param_groups) else {}
+        self.inner = torch_class(optimizer.param_groups, **self.flags)
+        optimizer.state = self.inner.state  # shared: some torch optimizers (Adagrad) fill it at construction
+
+    def add_group(self, group: dict[str, Any]) -> None:
+        if self.flags and not _fused_supported([group]):
+            raise ValueError("these params cannot run torch's fused kernel like the rest; build with engine='eager' or 'compiled'")
+        self.inner.add_param_group(group)
+        group.update(self.flags)
+
+    def step(self) -> None:
+        self.inner.step()
+
+    def export(self, state_dict: dict[str, Any]) -> None:
+        for group in state_dict["param_groups"]:
+            group.update(self.exported_flags)
+
+    def reload(self) -> None:
+        optimizer = self.optimizer
+        self.inner.__setstate__({"state": optimizer.state, "param_groups": optimizer.param_groups})
+        for group in optimizer.param_groups:
+            group.update(self.flags)
+            for param in group["params"]:
+                state = optimizer.state.get(param)
+                if state is None:
+                    continue
+                state.update(optimizer.algorithm.state_from_torch(state))
+                if self.flags.get("fused") and isinstance(state.get("step"), Tensor):
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+
+
+def _fused_supported(groups: list[dict[str, Any]]) -> bool:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # older torch: keep torch's own default choice
+        return False
+    params = [p for group in groups for p in group["params"]]
+    return all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
+# ------------------------------------------------------------------------------------------------
+# engines "compiled" and "eager": the pure update on flat buffers
+
+
+class _Bucket:
+    """The params of one group sharing (device, dtype, requires_grad), stored as one flat buffer.
+
+    Each param becomes a view of ``flat``; its state lives in flat buffers too, and
+    ``optimizer.state[param]`` holds views, so ``state_dict`` sees torch's per-parameter layout.
+    Step counters are per parameter (``steps[i]``), as in torch; the flat path runs when they agree.
+    """
+
+    def __init__(self, params: list[Tensor], leaf_init: Callable[[Tensor], dict[str, Tensor]]):
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        first = params[0]
+        self.flat = torch.cat([p.detach().reshape(-1) for p in params])
+        self.grad = torch.zeros_like(self.flat)
+        self.param_views = self._split(self.flat)
+        self.grad_views = self._split(self.grad)
+        for param, view in zip(params, self.param_views):
+            param.data = view
+        self.steps = torch.zeros(len(params), dtype=torch.float32, device=first.device)
+        self.leaf_init = leaf_init
+        self.buffers: dict[str, Tensor] = {}
+        self.views: dict[str, list[Tensor]] = {}
+        self.uniform = True  # all step counters equal, so one flat step serves all params
+        self.hyper: dict[str, Tensor] = {}  # hyperparameters as 0-dim tensors, refilled each step
+        self.step_fn: Callable[..., None] = _flat_step
+
+    def _split(self, flat: Tensor) -> list[Tensor]:
+        return [chunk.view(p.shape) for chunk, p in zip(flat.split(self.sizes), self.params)]
+
+    def ensure(self, keys: tuple[str, ...]) -> None:
+        """Create the flat state buffers ``keys`` needs that do not exist yet, at their initial values."""
+        missing = [k for k in keys if k != "step" and k not in self.buffers]
+        if missing:
+            fresh = self.leaf_init(self.flat)
+            for key in missing:
+                self.buffers[key] = fresh[key]
+                self.views[key] = self._split(fresh[key])
+
+    def reset(self, index: int) -> None:
+        self.steps[index] = 0
+        fresh = self.leaf_init(self.param_views[index])
+        for key, views in self.views.items():
+            views[index].copy_(fresh[key])
+
+    def leaf_state(self, index: int, keys: tuple[str, ...]) -> dict[str, Tensor]:
+        return {key: self.steps[index] if key == "step" else self.views[key][index] for key in keys}
+
+
+def _flat_step(update, param: Tensor, grad: Tensor, steps: Tensor, buffers: dict[str, Tensor], config: Config) -> None:
+    new_param, new_state = apply_update(update, param, grad, {"step": steps[0], **buffers}, config)
+    param.copy_(new_param)
+    steps.copy_(new_state["step"].expand_as(steps))
+    for key, buffer in buffers.items():
+        buffer.copy_(new_state[key])
+
+
+def _compiled_flat_step() -> Callable[..., None]:
+    # Dynamo keeps its compile cache (and its recompile limit) per code object: a private copy of the
+    # code gives each bucket one graph of its own, however many buckets and optimizers a process has.
+    code = _flat_step.__code__.replace()
+    function = types.FunctionType(code, _flat_step.__globals__, _flat_step.__name__)
+    return torch.compile(function, fullgraph=True, dynamic=False)
+
+
+class _FlatRunner:
+    def __init__(self, optimizer: Optimizer, *, compiled: bool):
+        self.optimizer = optimizer
+        self.algorithm = optimizer.algorithm
+        self.buckets: list[list[_Bucket]] = []
+        self.compiled = compiled
+        for group in optimizer.param_groups:
+            self.add_group(group)
+
+    def add_group(self, group: dict[str, Any]) -> None:
+        config = self.optimizer.group_config(group)
+        by_kind: dict[tuple, list[Tensor]] = {}
+        for param in group["params"]:
+            by_kind.setdefault((param.device, param.dtype, param.requires_grad), []).append(param)
+        buckets = [_Bucket(params, lambda flat, c=config: self.algorithm.init_leaf(flat, c)) for params in by_kind.values()]
+        for bucket in buckets:
+            bucket.ensure(self.algorithm.state_keys(config))
+            bucket.step_fn = _compiled_flat_step() if self.compiled else _flat_step
+        self.buckets.append(buckets)
+
+    def step(self) -> None:
+        optimizer = self.optimizer
+        work = []
+        for group, buckets in zip(optimizer.param_groups, self.buckets):
+            config = optimizer.group_config(group)
+            keys = self.algorithm.state_keys(config)
+            for bucket in buckets:
+                grads = [p.grad for p in bucket.params]
+                for param, grad in zip(bucket.params, grads):
+                    if grad is not None:
+                        _check_grad(self.algorithm.name, param, grad)
+                work.append((group, config, keys, bucket, grads))
+        # Every grad is checked before any parameter changes.
+        for group, config, keys, bucket, grads in work:
+            present = [g is not None for g in grads]
+            if not any(present):
+                continue
+            bucket.ensure(keys)
+            if all(present) and bucket.uniform:
+                self._flat(group, config, keys, bucket, grads)
+            else:
+                self._per_param(config, keys, bucket, grads)
+            for index, param in enumerate(bucket.params):
+                if present[index]:
+                    optimizer.state[param] = bucket.leaf_state(index, keys)
+
+    def _flat(self, group, config, keys, bucket: _Bucket, grads: list[Tensor]) -> None:
+        if not all(g is view for g, view in zip(grads, bucket.grad_views)):
+            torch.cat([g.reshape(-1) for g in grads], out=bucket.grad)
+            for param, view in zip(bucket.params, bucket.grad_views):
+                param.grad = view  # the next backward accumulates straight into the flat buffer
+        buffers = {key: bucket.buffers[key] for key in keys if key != "step"}
+        tensor_config = self._tensor_config(bucket, config)
+        try:
+            bucket.step_fn(self.algorithm.update, bucket.flat, bucket.grad, bucket.steps, buffers, tensor_config)
+        except Exception as error:
+            if bucket.step_fn is _flat_step:
+                raise
+            warnings.warn(f"optorch: torch.compile failed ({type(error).__name__}: {error}); {self.algorithm.name} runs eagerly from now on", RuntimeWarning, stacklevel=4)
+            self.compiled = False
+            for bucket_ in (b for buckets in self.buckets for b in buckets):
+                bucket_.step_fn = _flat_step
+            _flat_step(self.algorithm.update, bucket.flat, bucket.grad, bucket.steps, buffers, tensor_config)
+
+    def _tensor_config(self, bucket: _Bucket, config: Config) -> Config:
+        """``config`` with every number as a 0-dim tensor on the bucket's device, updated in place, so a
+        compiled step sees new values without recompiling."""
+        values = {name: _as_tensors(value, bucket.hyper, name, bucket.flat) for name, value in config.hyperparameters().items()}
+        return type(config).model_construct(**values)
+
+    def _per_param(self, config, keys, bucket: _Bucket, grads: list[Tensor | None]) -> None:
+        for index, (param, grad) in enumerate(zip(bucket.params, grads)):
+            if grad is None:
+                continue
+            leaf = bucket.leaf_state(index, keys)
+            new_param, new_state = apply_update(self.algorithm.update, param, grad, leaf, config)
+            param.copy_(new_param)
+            for key, value in new_state.items():
+                leaf[key].copy_(value)
+        if not all(g is not None for g in grads):
+            bucket.uniform = False
+
+    def export(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+    def reload(self) -> None:
+        optimizer = self.optimizer
+        for group, buckets in zip(optimizer.param_groups, self.buckets):
+            config = optimizer.group_config(group)
+            keys = self.algorithm.state_keys(config)
+            for bucket in buckets:
+                bucket.ensure(keys)
+                for index, param in enumerate(bucket.params):
+                    loaded = optimizer.state.pop(param, None)
+                    if loaded is None:
+                        bucket.reset(index)
+                        continue
+                    loaded = self.algorithm.state_from_torch(loaded)
+                    leaf = bucket.leaf_state(index, keys)
+                    for key in keys:
+                        leaf[key].copy_(torch.as_tensor(loaded[key]))
+                    optimizer.state[param] = leaf
+                bucket.uniform = bool((bucket.steps == bucket.steps[0]).all())
+
+
+def _as_tensors(value: Any, cache: dict[str, Any], name: str, like: Tensor) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, tuple):
+        return tuple(_as_tensors(v, cache, f"{name}.{i}", like) for i, v in enumerate(value))
+    if isinstance(value, (int, float, Tensor)):
+        tensor = cache.get(name)
+        if tensor is None:
+            tensor = cache[name] = torch.zeros((), dtype=ops.scalar_dtype(like), device=like.device)
+        tensor.fill_(value)
+        return tensor
+    return value
+
+
+def _check_grad(name: str, param: Tensor, grad: Tensor) -> None:
+    if grad.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients")
+    if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
+        raise RuntimeError(
+            f"{name}: a gradient of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not match its "
+            f"parameter ({tuple(param.shape)}, {param.dtype} on {param.device})"
+        )
