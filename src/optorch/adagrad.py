@@ -20,7 +20,7 @@ import torch
 from . import ops
 from .algorithm import Algorithm, LeafState
 from .config import Config as _Config
-from .config import NonNegative, is_zero
+from .config import Flag, NonNegative, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm"]
 
@@ -31,7 +31,7 @@ class Config(_Config):
     weight_decay: NonNegative = 0.0
     initial_accumulator_value: NonNegative = 0.0
     eps: NonNegative = 1e-10
-    maximize: bool = False
+    maximize: Flag = False
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
@@ -45,9 +45,9 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     if not is_zero(config.weight_decay):
         g = ops.add(g, param, config.weight_decay)
     step = state["step"] + 1
-    decayed_lr = config.lr / (1 + (step.to(ops.scalar_dtype(param)) - 1) * config.lr_decay)
+    decayed_lr = (config.lr / (1 + (step.to(ops.scalar_dtype(param)) - 1) * config.lr_decay)).to(param.dtype)
     accumulator = ops.addcmul(state["sum"], g, g)
-    new_param = param - decayed_lr * (g / (accumulator.sqrt() + config.eps))
+    new_param = ops.addcdiv(param, g, accumulator.sqrt() + config.eps, -decayed_lr)
     return new_param, {"step": step, "sum": accumulator}
 
 

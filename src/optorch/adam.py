@@ -25,7 +25,7 @@ from pydantic import field_validator
 from . import ops
 from .algorithm import Algorithm, LeafState
 from .config import Config as _Config
-from .config import NonNegative, Probability, is_zero
+from .config import Flag, NonNegative, Probability, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
@@ -35,9 +35,9 @@ class Config(_Config):
     betas: tuple[Probability, Probability] = (0.9, 0.999)
     eps: NonNegative = 1e-8
     weight_decay: NonNegative = 0.0
-    amsgrad: bool = False
-    maximize: bool = False
-    decoupled_weight_decay: bool = False
+    amsgrad: Flag = False
+    maximize: Flag = False
+    decoupled_weight_decay: Flag = False
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -67,11 +67,12 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if config.amsgrad:
         exp_avg_sq = new_state["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+    # Bias corrections in float64, then rounded to the param's dtype, as torch.optim's host math is.
     t = step.to(ops.scalar_dtype(param))
-    bias_correction1 = 1 - beta1**t
-    bias_correction2_sqrt = (1 - beta2**t).sqrt()
+    step_size = (lr / (1 - beta1**t)).to(param.dtype)
+    bias_correction2_sqrt = (1 - beta2**t).sqrt().to(param.dtype)
     denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + config.eps
-    return param - (lr / bias_correction1) * (exp_avg / denom), new_state
+    return ops.addcdiv(param, exp_avg, denom, -step_size), new_state
 
 
 algorithm = Algorithm("adam", Config, init_leaf, update, torch.optim.Adam)

@@ -50,7 +50,9 @@ def _as_real(t: Tensor) -> Tensor:
 def apply_update(update: Update, param: Tensor, grad: Tensor, leaf_state: LeafState, config: Config):
     """Run ``update`` on one tensor; complex tensors are stepped as pairs of reals, as torch.optim does."""
     if not param.is_complex():
-        return update(param, grad, leaf_state, config)
+        new_param, new_state = update(param, grad, leaf_state, config)
+        # A 0-dim param meeting a 0-dim float64 hyperparameter would be promoted: keep each dtype.
+        return new_param.to(param.dtype), {k: v.to(leaf_state[k].dtype) for k, v in new_state.items()}
     real_state = {k: _as_real(v) for k, v in leaf_state.items()}
     new_param, new_state = update(torch.view_as_real(param), _as_real(grad), real_state, config)
     to_complex = {k: torch.view_as_complex(v) if leaf_state[k].is_complex() else v for k, v in new_state.items()}
@@ -68,12 +70,19 @@ class Algorithm:
     torch_optimizer: type[torch.optim.Optimizer] | None = None
     """The torch.optim class with the same math and the same state_dict keys, when there is one."""
     from_torch: Callable[[LeafState], LeafState] | None = None
-    """Completes one parameter's state as torch.optim saves it where torch keeps less (e.g. no step)."""
+    """Completes one parameter's state as torch.optim saves it, where torch keeps less (e.g. no step)."""
+    to_torch: Callable[[LeafState], LeafState] | None = None
+    """The inverse: one parameter's state as torch.optim would save it."""
 
     def state_from_torch(self, leaf_state: LeafState) -> LeafState:
         """One parameter's state from a torch.optim (or optorch) checkpoint, in this algorithm's keys."""
         leaf_state = dict(leaf_state)
         return self.from_torch(leaf_state) if self.from_torch is not None else leaf_state
+
+    def state_to_torch(self, leaf_state: LeafState) -> LeafState:
+        """One parameter's state in the keys torch.optim's counterpart saves (unchanged if none)."""
+        leaf_state = dict(leaf_state)
+        return self.to_torch(leaf_state) if self.to_torch is not None else leaf_state
 
     def state_keys(self, config: Config) -> tuple[str, ...]:
         """The per-parameter state keys under ``config`` (they can depend on flags, e.g. amsgrad)."""
@@ -126,7 +135,7 @@ class Algorithm:
     def _check_config(self, config: Config) -> Config:
         if isinstance(config, Mapping):
             return self.config(**config)
-        if not isinstance(config, self.config):
+        if type(config) is not self.config:  # exact: adamw.Config subclasses adam.Config
             raise TypeError(f"{self.name}: expected optorch.{self.name}.Config, got {type(config).__name__}")
         return config
 

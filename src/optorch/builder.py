@@ -14,8 +14,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+import yaml
 
 from . import registry
 from .algorithm import Algorithm
@@ -28,6 +31,17 @@ class ConfigError(ValueError):
     """A config dict or file that cannot be turned into an optimizer config."""
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float, as YAML 1.2 does (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a config dict from a ``.yaml``/``.yml`` or ``.json`` file."""
     path = Path(path)
@@ -35,9 +49,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"no config file at {path}")
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YamlLoader)
     elif path.suffix.lower() == ".json":
         data = json.loads(text)
     else:

@@ -16,9 +16,9 @@ import numbers
 from typing import Annotated, Any, Callable
 
 import torch
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer, StrictBool
 
-__all__ = ["Config", "Scalar", "NonNegative", "Probability", "UnitInterval", "is_zero"]
+__all__ = ["Config", "Flag", "Scalar", "NonNegative", "Probability", "UnitInterval", "is_zero"]
 
 
 def _coerce_scalar(value: Any) -> Any:
@@ -50,6 +50,8 @@ Scalar = Annotated[Any, BeforeValidator(_coerce_scalar), PlainSerializer(_serial
 NonNegative = Annotated[Scalar, _bounded(lambda v: v >= 0.0, ">= 0")]
 Probability = Annotated[Scalar, _bounded(lambda v: 0.0 <= v < 1.0, "in [0, 1)")]
 UnitInterval = Annotated[Scalar, _bounded(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")]
+Flag = StrictBool
+"""A switch: ``True`` or ``False`` only (never ``"yes"`` or ``1``), since a flag decides the math's shape."""
 
 
 def is_zero(value: Any) -> bool:

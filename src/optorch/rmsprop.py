@@ -23,7 +23,7 @@ import torch
 from . import ops
 from .algorithm import Algorithm, LeafState
 from .config import Config as _Config
-from .config import NonNegative, is_zero
+from .config import Flag, NonNegative, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm"]
 
@@ -34,8 +34,8 @@ class Config(_Config):
     eps: NonNegative = 1e-8
     weight_decay: NonNegative = 0.0
     momentum: NonNegative = 0.0
-    centered: bool = False
-    maximize: bool = False
+    centered: Flag = False
+    maximize: Flag = False
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:

@@ -21,7 +21,7 @@ from pydantic import model_validator
 from . import ops
 from .algorithm import Algorithm, LeafState
 from .config import Config as _Config
-from .config import NonNegative, Scalar, is_zero
+from .config import Flag, NonNegative, Scalar, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm"]
 
@@ -31,8 +31,8 @@ class Config(_Config):
     momentum: NonNegative = 0.0
     dampening: Scalar = 0.0
     weight_decay: NonNegative = 0.0
-    nesterov: bool = False
-    maximize: bool = False
+    nesterov: Flag = False
+    maximize: Flag = False
 
     @model_validator(mode="after")
     def _nesterov_needs_plain_momentum(self) -> "Config":
@@ -62,12 +62,17 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
 
 
 def from_torch(state: LeafState) -> LeafState:
-    # torch.optim.SGD keeps no step count; any count >= 1 says "the buffer has started".
-    state.setdefault("step", torch.tensor(1.0 if state.get("momentum_buffer") is not None else 0.0))
+    # torch.optim.SGD keeps no step count; all the math needs is whether the buffer has started.
     if state.get("momentum_buffer", ...) is None:
         del state["momentum_buffer"]
+    state.setdefault("step", torch.tensor(1.0 if "momentum_buffer" in state else 0.0))
     return state
 
 
-algorithm = Algorithm("sgd", Config, init_leaf, update, torch.optim.SGD, from_torch)
+def to_torch(state: LeafState) -> LeafState:
+    del state["step"]
+    return state
+
+
+algorithm = Algorithm("sgd", Config, init_leaf, update, torch.optim.SGD, from_torch, to_torch)
 init, step = algorithm.init, algorithm.step

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import types
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -82,11 +83,20 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group's hyperparameters and every grad are checked before any parameter changes.
+        configs = [self.group_config(group) for group in self.param_groups]
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    _check_grad(self.algorithm.name, param, param.grad)
         with torch.no_grad():
-            self._runner.step()
+            self._runner.step(configs)
         return loss
 
     # -- checkpoints -------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace(type(self).__name__, f"optorch.Optimizer[{self.algorithm.name}, engine={self.engine}]", 1)
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
@@ -100,9 +110,21 @@ class Optimizer(torch.optim.Optimizer):
         The whole dict is checked first; on any mismatch (group count or sizes, state keys, shapes,
         invalid hyperparameters) it raises ``ValueError`` and the optimizer is left unchanged.
         """
+        # torch's order: pre-hooks (which may migrate the dict), load, post-hooks; the check comes
+        # after the pre-hooks and the post-hooks after the engine has taken the new state in.
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
         self._check_state_dict(state_dict)
-        super().load_state_dict(state_dict)
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         self._runner.reload()
+        for hook in post_hooks.values():
+            hook(self)
 
     def _check_state_dict(self, state_dict: Any) -> None:
         name = self.algorithm.name
@@ -163,8 +185,12 @@ class _TorchRunner:
         # optimizer's state, and a torch.optim optimizer loading the checkpoint should run as it would.
         self.exported_flags = {k: signature[k].default for k in _TORCH_EXECUTION_KEYS if k in signature}
         self.flags = {"fused": True} if "fused" in signature and _fused_supported(optimizer.param_groups) else {}
-        self.inner = torch_class(optimizer.param_groups, **self.flags)
-        optimizer.state = self.inner.state  # shared: some torch optimizers (Adagrad) fill it at construction
+        # The config's values as keyword arguments too: some torch optimizers (Adagrad) read them to
+        # fill their state at construction.
+        self.inner = torch_class(optimizer.param_groups, **optimizer.defaults, **self.flags)
+        optimizer.state = self.inner.state
+        # torch's step without its hook wrapper: the shim's own step already ran the hooks.
+        self.unhooked_step = type(self.inner).step.__wrapped__
 
     def add_group(self, group: dict[str, Any]) -> None:
         if self.flags and not _fused_supported([group]):
@@ -172,8 +198,21 @@ class _TorchRunner:
         self.inner.add_param_group(group)
         group.update(self.flags)
 
-    def step(self) -> None:
-        self.inner.step()
+    def step(self, configs: list[Config]) -> None:
+        fused_off = [g for g in self.optimizer.param_groups if g.get("fused") and self._starts_some_state(g)]
+        for group in fused_off:
+            group["fused"] = False
+        try:
+            self.unhooked_step(self.inner)
+        finally:
+            for group in fused_off:
+                group["fused"] = True
+
+    def _starts_some_state(self, group: dict[str, Any]) -> bool:
+        # torch's fused SGD cannot start momentum buffers for some params while others have them
+        # (a layer unfrozen later); its default kernel can, so such a step runs unfused.
+        started = {p in self.optimizer.state for p in group["params"] if p.grad is not None}
+        return len(started) == 2
 
     def export(self, state_dict: dict[str, Any]) -> None:
         for group in state_dict["param_groups"]:
@@ -186,10 +225,7 @@ class _TorchRunner:
             group.update(self.flags)
             for param in group["params"]:
                 state = optimizer.state.get(param)
-                if state is None:
-                    continue
-                state.update(optimizer.algorithm.state_from_torch(state))
-                if self.flags.get("fused") and isinstance(state.get("step"), Tensor):
+                if state is not None and self.flags.get("fused") and isinstance(state.get("step"), Tensor):
                     state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
 
 
@@ -216,7 +252,7 @@ class _Bucket:
     Step counters are per parameter (``steps[i]``), as in torch; the flat path runs when they agree.
     """
 
-    def __init__(self, params: list[Tensor], leaf_init: Callable[[Tensor], dict[str, Tensor]]):
+    def __init__(self, params: list[Tensor], algorithm: Algorithm):
         self.params = params
         self.sizes = [p.numel() for p in params]
         first = params[0]
@@ -227,7 +263,7 @@ class _Bucket:
         for param, view in zip(params, self.param_views):
             param.data = view
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=first.device)
-        self.leaf_init = leaf_init
+        self.algorithm = algorithm
         self.buffers: dict[str, Tensor] = {}
         self.views: dict[str, list[Tensor]] = {}
         self.uniform = True  # all step counters equal, so one flat step serves all params
@@ -237,18 +273,18 @@ class _Bucket:
     def _split(self, flat: Tensor) -> list[Tensor]:
         return [chunk.view(p.shape) for chunk, p in zip(flat.split(self.sizes), self.params)]
 
-    def ensure(self, keys: tuple[str, ...]) -> None:
+    def ensure(self, keys: tuple[str, ...], config: Config) -> None:
         """Create the flat state buffers ``keys`` needs that do not exist yet, at their initial values."""
         missing = [k for k in keys if k != "step" and k not in self.buffers]
         if missing:
-            fresh = self.leaf_init(self.flat)
+            fresh = self.algorithm.init_leaf(self.flat, config)
             for key in missing:
                 self.buffers[key] = fresh[key]
                 self.views[key] = self._split(fresh[key])
 
-    def reset(self, index: int) -> None:
+    def reset(self, index: int, config: Config) -> None:
         self.steps[index] = 0
-        fresh = self.leaf_init(self.param_views[index])
+        fresh = self.algorithm.init_leaf(self.param_views[index], config)
         for key, views in self.views.items():
             views[index].copy_(fresh[key])
 
@@ -286,39 +322,30 @@ class _FlatRunner:
         by_kind: dict[tuple, list[Tensor]] = {}
         for param in group["params"]:
             by_kind.setdefault((param.device, param.dtype, param.requires_grad), []).append(param)
-        buckets = [_Bucket(params, lambda flat, c=config: self.algorithm.init_leaf(flat, c)) for params in by_kind.values()]
+        buckets = [_Bucket(params, self.algorithm) for params in by_kind.values()]
         for bucket in buckets:
-            bucket.ensure(self.algorithm.state_keys(config))
+            bucket.ensure(self.algorithm.state_keys(config), config)
             bucket.step_fn = _compiled_flat_step() if self.compiled else _flat_step
         self.buckets.append(buckets)
 
-    def step(self) -> None:
-        optimizer = self.optimizer
-        work = []
-        for group, buckets in zip(optimizer.param_groups, self.buckets):
-            config = optimizer.group_config(group)
+    def step(self, configs: list[Config]) -> None:
+        for config, buckets in zip(configs, self.buckets):
             keys = self.algorithm.state_keys(config)
             for bucket in buckets:
                 grads = [p.grad for p in bucket.params]
-                for param, grad in zip(bucket.params, grads):
-                    if grad is not None:
-                        _check_grad(self.algorithm.name, param, grad)
-                work.append((group, config, keys, bucket, grads))
-        # Every grad is checked before any parameter changes.
-        for group, config, keys, bucket, grads in work:
-            present = [g is not None for g in grads]
-            if not any(present):
-                continue
-            bucket.ensure(keys)
-            if all(present) and bucket.uniform:
-                self._flat(group, config, keys, bucket, grads)
-            else:
-                self._per_param(config, keys, bucket, grads)
-            for index, param in enumerate(bucket.params):
-                if present[index]:
-                    optimizer.state[param] = bucket.leaf_state(index, keys)
+                present = [g is not None for g in grads]
+                if not any(present):
+                    continue
+                bucket.ensure(keys, config)
+                if all(present) and bucket.uniform:
+                    self._flat(config, keys, bucket, grads)
+                else:
+                    self._per_param(config, keys, bucket, grads)
+                for index, param in enumerate(bucket.params):
+                    if present[index] and self.optimizer.state.get(param, {}).keys() != set(keys):
+                        self.optimizer.state[param] = bucket.leaf_state(index, keys)
 
-    def _flat(self, group, config, keys, bucket: _Bucket, grads: list[Tensor]) -> None:
+    def _flat(self, config, keys, bucket: _Bucket, grads: list[Tensor]) -> None:
         if not all(g is view for g, view in zip(grads, bucket.grad_views)):
             torch.cat([g.reshape(-1) for g in grads], out=bucket.grad)
             for param, view in zip(bucket.params, bucket.grad_views):
@@ -355,7 +382,9 @@ class _FlatRunner:
             bucket.uniform = False
 
     def export(self, state_dict: dict[str, Any]) -> None:
-        pass
+        # torch's keys; a parameter torch would keep no state for (SGD without momentum) gets none.
+        exported = {index: self.algorithm.state_to_torch(leaf) for index, leaf in state_dict["state"].items()}
+        state_dict["state"] = {index: leaf for index, leaf in exported.items() if leaf}
 
     def reload(self) -> None:
         optimizer = self.optimizer
@@ -363,11 +392,11 @@ class _FlatRunner:
             config = optimizer.group_config(group)
             keys = self.algorithm.state_keys(config)
             for bucket in buckets:
-                bucket.ensure(keys)
+                bucket.ensure(keys, config)
                 for index, param in enumerate(bucket.params):
                     loaded = optimizer.state.pop(param, None)
                     if loaded is None:
-                        bucket.reset(index)
+                        bucket.reset(index, config)
                         continue
                     loaded = self.algorithm.state_from_torch(loaded)
                     leaf = bucket.leaf_state(index, keys)

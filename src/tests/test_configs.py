@@ -1,0 +1,93 @@
+"""The example configs in ``configs/``: each loads, validates, builds an optimizer and trains.
+
+Every registered algorithm must ship ``configs/<name>.yaml``, so a new algorithm cannot be added
+without an example config (and without this test building and stepping it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import optorch
+from optorch import builder, registry
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
+    torch.manual_seed(1)
+    inputs, targets = torch.randn(8, model.in_features), torch.randn(8, model.out_features)
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_config_directory_has_configs():
+    assert CONFIG_FILES, f"no *.yaml files in {CONFIG_DIR}"
+
+
+def test_every_registered_algorithm_has_a_config_file():
+    missing = [name for name in registry.names() if not (CONFIG_DIR / f"{name}.yaml").is_file()]
+    assert not missing, f"registered algorithms without an example config: {', '.join(f'configs/{n}.yaml' for n in missing)}"
+    for name in registry.names():
+        named = builder.load_config(CONFIG_DIR / f"{name}.yaml")["name"]
+        assert registry.get(named).name == name, f"configs/{name}.yaml configures {named!r}, not {name!r}"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_config_validates(path: Path):
+    raw = builder.load_config(path)
+    assert isinstance(raw.get("name"), str), f"{path.name}: needs a 'name' key"
+    algorithm, config = builder.parse_config(raw)
+    assert isinstance(config, algorithm.config)
+    # Every key written in the file is a config field and keeps the value written there.
+    for key, value in raw.items():
+        if key == "name":
+            continue
+        expected = tuple(value) if isinstance(value, list) else value
+        assert getattr(config, key) == expected, f"{path.name}: {key}"
+    # A path parses to the same thing as the dict loaded from it.
+    assert builder.parse_config(path) == (algorithm, config)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_config_keys_are_the_torch_constructor_keywords(path: Path):
+    """Migrating is a one-line change: the same keys construct the torch.optim counterpart."""
+    algorithm, config = builder.parse_config(path)
+    if algorithm.torch_optimizer is None:
+        pytest.skip(f"{algorithm.name} has no torch.optim counterpart")
+    values = builder.load_config(path)
+    values.pop("name")
+    algorithm.torch_optimizer([torch.zeros(2, requires_grad=True)], **values)
+
+
+ENGINES = ["auto", "eager", pytest.param("compiled", marks=pytest.mark.compile)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_config_builds_and_trains(path: Path, engine: str):
+    _, config = builder.parse_config(path)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    initial = [p.detach().clone() for p in model.parameters()]
+
+    optimizer = optorch.build(path, model.parameters()) if engine == "auto" else optorch.build(path, model.parameters(), engine=engine)
+
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups[0]["lr"] == config.lr
+    for before, param in zip(initial, model.parameters()):
+        torch.testing.assert_close(param.detach(), before, rtol=0, atol=0, msg="building must not change params")
+
+    _train(model, optimizer)
+
+    for (name, param), before in zip(model.named_parameters(), initial):
+        assert torch.isfinite(param).all(), f"{path.name}: {name} is not finite after 3 steps"
+        assert not torch.equal(param.detach(), before), f"{path.name}: {name} did not change in 3 steps"
