@@ -315,3 +315,17 @@ def test_config_defaults_are_torch_defaults(name):
     assert config == registry.get(name).config()
     for key, parameter in keywords.items():
         assert getattr(config, key) == parameter.default, key
+
+
+def test_yaml_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "adam.yaml"
+    path.write_text("name: adam\nlr: 3e-4\neps: 1E-10\nweight_decay: -0e0\n")
+    config = optorch.load_config(path)
+    assert config == {"name": "adam", "lr": 3e-4, "eps": 1e-10, "weight_decay": 0.0}
+    assert optorch.parse_config(path)[1].lr == 3e-4
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "true", None])
+def test_flags_accept_only_booleans(value):
+    with pytest.raises(pydantic.ValidationError, match="amsgrad"):
+        optorch.adam.Config(amsgrad=value)
