@@ -55,7 +55,7 @@ class Optimizer(torch.optim.Optimizer):
         self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
         if config is None:
             config = self.algorithm.config()
-        if not isinstance(config, self.algorithm.config):
+        if type(config) is not self.algorithm.config:
             raise TypeError(f"expected optorch.{self.algorithm.name}.Config, got {type(config).__name__}")
         self.engine = _resolve_engine(engine, self.algorithm)
         self._runner: _TorchRunner | _FlatRunner | None = None
@@ -112,6 +112,8 @@ class Optimizer(torch.optim.Optimizer):
         """
         # torch's order: pre-hooks (which may migrate the dict), load, post-hooks; the check comes
         # after the pre-hooks and the post-hooks after the engine has taken the new state in.
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"{self.algorithm.name}: a state_dict is a dict, got {type(state_dict).__name__}")
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict

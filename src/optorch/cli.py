@@ -1,0 +1,134 @@
+"""The ``optorch`` command line: ``optorch verify`` (also ``python -m optorch verify``).
+
+``verify`` runs every algorithm that has a torch.optim counterpart over its whole flag grid against
+torch.optim on this machine's devices, and prints one row per check. It exits 1 if any check fails,
+so it can gate a deployment on a new device or torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+from . import registry, verify
+
+__all__ = ["main"]
+
+_VERIFY_EPILOG = """\
+paths: "pure" is the pure stepper optorch.<algo>.step, one call per param group; "torch", "eager" and
+"compiled" are the torch.optim shim optorch.build(..., engine=E). Each runs against torch.optim's own
+class (default execution flags) on a small deterministic problem: several tensors, a frozen parameter,
+two param groups with different learning rates, gradients recomputed from the current parameters.
+
+The compiled engine compiles once per flag combination (seconds each), so by default it runs on a
+representative subset of each grid (every flag takes each of its values at least once); --compile-all
+runs it on every combination, --no-compile skips it.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optorch", description="Purely functional optimizers for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    verify_parser = commands.add_parser(
+        "verify",
+        help="check every algorithm against torch.optim on this machine",
+        description="Check optorch's algorithms against torch.optim, flag combination by flag combination.",
+        epilog=_VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify_parser.add_argument("--algo", action="append", metavar="NAME", help="algorithm to check (repeatable; default: every registered algorithm with a torch.optim counterpart)")
+    verify_parser.add_argument("--steps", type=_positive_int, default=100, metavar="N", help="optimizer steps per check (default 100)")
+    verify_parser.add_argument("--dtype", choices=("float64", "float32", "both"), default="both", help="default both")
+    verify_parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all", help="default: all available")
+    verify_parser.add_argument("--engine", action="append", choices=verify.PATHS, help="path to check (repeatable; default: pure, torch, eager and compiled)")
+    verify_parser.add_argument("--no-compile", action="store_true", help="leave out the compiled engine")
+    verify_parser.add_argument("--compile-all", action="store_true", help="run the compiled engine on every flag combination, not a representative subset")
+    verify_parser.add_argument(
+        "--none-grads",
+        choices=("off", "on", "both"),
+        default="both",
+        help="drop one parameter's gradient every third step (torch skips it and its step count falls behind): off, on, or both (default)",
+    )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # One intra-op thread: the checks' tensors are tiny, and torch's fused CPU kernels spend
+    # milliseconds per call waking more threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _verify(args)
+    except (registry.UnknownOptimizerError, verify.NoGridError, _UsageError) as error:
+        print(f"optorch verify: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _verify(args: argparse.Namespace) -> int:
+    names = [registry.get(name).name for name in args.algo] if args.algo else verify.grid_algorithms()
+    grids = {name: verify.flag_grid(name) for name in dict.fromkeys(names)}
+    paths = [p for p in dict.fromkeys(args.engine or verify.PATHS) if not (p == "compiled" and args.no_compile)]
+    if not paths:
+        raise _UsageError("nothing to check: --no-compile left no path")
+    dtypes = ["float64", "float32"] if args.dtype == "both" else [args.dtype]
+    devices = verify.available_devices() if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise _UsageError("--device cuda, but CUDA is not available")
+    none_grads = {"off": [False], "on": [True], "both": [False, True]}[args.none_grads]
+    subset = "compiled" in paths and not args.compile_all
+
+    cases = []
+    for name, grid in grids.items():
+        compiled_configs = verify.representative(name) if subset else grid
+        for device in devices:
+            for dtype in dtypes:
+                for config in grid:
+                    for intermittent in none_grads:
+                        for path in paths:
+                            if path != "compiled" or config in compiled_configs:
+                                cases.append((name, config, device, dtype, intermittent, path))
+
+    print(f"optorch verify: torch {torch.__version__}, {len(cases)} checks against torch.optim, {args.steps} steps each")
+    if subset:
+        print("(the compiled engine runs on a representative subset of each flag grid; --compile-all for all of it)")
+    flags_width = max([5] + [len(verify.label(c, i)) for _, c, _, _, i, _ in cases])
+    columns = (("algorithm", 9), ("flags", flags_width), ("path", 14), ("device", 6), ("dtype", 7), ("steps", 5), ("max abs diff", 12), ("tolerance", 9), ("result", 6))
+    row = "  ".join(f"{{:{'>' if title in ('steps', 'max abs diff', 'tolerance') else '<'}{width}}}" for title, width in columns)
+    print(row.format(*(title for title, _ in columns)).rstrip())
+    print(row.format(*("-" * width for _, width in columns)))
+
+    failed, start = 0, time.perf_counter()
+    for name, config, device, dtype, intermittent, path in cases:
+        try:
+            result = verify.check(name, config, steps=args.steps, dtype=dtype, device=device, engine=path, intermittent=intermittent)
+        except Exception as error:  # a check that crashes is a failed check; report it and go on
+            failed += 1
+            shown = "pure" if path == "pure" else f"shim:{path}"
+            tolerance = f"{verify.default_tolerance(getattr(torch, dtype)):.0e}"
+            print(row.format(name, verify.label(config, intermittent), shown, device, dtype, args.steps, "-", tolerance, "ERROR").rstrip())
+            print(f"    {type(error).__name__}: {error}", flush=True)
+            continue
+        failed += not result.passed
+        fields = (result.algorithm, result.flags, result.path, result.device, result.dtype, result.steps, f"{result.max_abs_diff:.2e}", f"{result.tolerance:.0e}", "PASS" if result.passed else "FAIL")
+        print(row.format(*fields).rstrip(), flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n{'FAILED' if failed else 'OK'}: {len(cases)} checks, {len(cases) - failed} passed, {failed} failed, in {elapsed:.0f} s")
+    return 1 if failed else 0
