@@ -69,8 +69,9 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         exp_avg_sq = new_state["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
     # Bias corrections in float64, then rounded to the param's dtype, as torch.optim's host math is.
     t = step.to(ops.scalar_dtype(param))
-    step_size = (lr / (1 - beta1**t)).to(param.dtype)
-    bias_correction2_sqrt = (1 - beta2**t).sqrt().to(param.dtype)
+    step_size, bias_correction2_sqrt = ops.once(
+        (lr / (1 - beta1**t)).to(param.dtype), (1 - beta2**t).sqrt().to(param.dtype)
+    )
     denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + config.eps
     return ops.addcdiv(param, exp_avg, denom, -step_size), new_state
 

@@ -16,8 +16,9 @@ How a step executes is the *engine*; the math is always the algorithm's:
   place when they already are its views. Compile time does not grow with the number of tensors,
   and a changed hyperparameter is a new tensor value, never a recompile.
 * ``"eager"``: the same flat path without compiling.
-* ``"auto"`` (default): ``"torch"`` where torch.optim has the algorithm, else ``"compiled"``
-  (which falls back to ``"eager"``, with one warning, where compiling is impossible).
+* ``"auto"`` (default): ``"torch"`` where torch.optim has a fused kernel for the algorithm and these
+  params, else ``"compiled"`` (which falls back to ``"eager"``, with one warning, where compiling is
+  impossible).
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ class Optimizer(torch.optim.Optimizer):
             config = self.algorithm.config()
         if type(config) is not self.algorithm.config:
             raise TypeError(f"expected optorch.{self.algorithm.name}.Config, got {type(config).__name__}")
-        self.engine = _resolve_engine(engine, self.algorithm)
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self._runner: _TorchRunner | _FlatRunner | None = None
         super().__init__(params, config.hyperparameters())
+        self.engine = _resolve_engine(engine, self.algorithm, self.param_groups)
         self._runner = _TorchRunner(self) if self.engine == "torch" else _FlatRunner(self, compiled=self.engine == "compiled")
 
     # -- configuration -----------------------------------------------------------------------
@@ -86,9 +89,8 @@ class Optimizer(torch.optim.Optimizer):
         # Every group's hyperparameters and every grad are checked before any parameter changes.
         configs = [self.group_config(group) for group in self.param_groups]
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    _check_grad(self.algorithm.name, param, param.grad)
+            if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+                raise RuntimeError(f"{self.algorithm.name} does not support sparse gradients")
         with torch.no_grad():
             self._runner.step(configs)
         return loss
@@ -164,13 +166,15 @@ class Optimizer(torch.optim.Optimizer):
                     raise ValueError(f"{name}: state {key!r} of parameter {index} has shape {shape}, the parameter has {tuple(param.shape)}")
 
 
-def _resolve_engine(engine: str, algorithm: Algorithm) -> str:
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine == "torch" and algorithm.torch_optimizer is None:
+def _resolve_engine(engine: str, algorithm: Algorithm, groups: list[dict[str, Any]]) -> str:
+    torch_class = algorithm.torch_optimizer
+    if engine == "torch" and torch_class is None:
         raise ValueError(f"engine 'torch' needs a torch.optim counterpart, and {algorithm.name} has none")
     if engine == "auto":
-        return "torch" if algorithm.torch_optimizer is not None else "compiled"
+        # torch's fused kernel where it has one for these params; elsewhere the compiled flat step
+        # beats torch's foreach and for-loop kernels.
+        fused = torch_class is not None and "fused" in inspect.signature(torch_class.__init__).parameters
+        return "torch" if fused and _fused_supported(groups) else "compiled"
     return engine
 
 
@@ -201,7 +205,9 @@ class _TorchRunner:
         group.update(self.flags)
 
     def step(self, configs: list[Config]) -> None:
-        fused_off = [g for g in self.optimizer.param_groups if g.get("fused") and self._starts_some_state(g)]
+        groups = self.optimizer.param_groups
+        all_started = len(self.optimizer.state) >= sum(len(g["params"]) for g in groups)
+        fused_off = [] if all_started else [g for g in groups if g.get("fused") and self._starts_some_state(g)]
         for group in fused_off:
             group["fused"] = False
         try:
@@ -270,6 +276,8 @@ class _Bucket:
         self.views: dict[str, list[Tensor]] = {}
         self.uniform = True  # all step counters equal, so one flat step serves all params
         self.hyper: dict[str, Tensor] = {}  # hyperparameters as 0-dim tensors, refilled each step
+        self.exposed: list[bool] = [False] * len(params)  # which params have an optimizer.state entry
+        self.exposed_keys: tuple[str, ...] = ()
         self.step_fn: Callable[..., None] = _flat_step
 
     def _split(self, flat: Tensor) -> list[Tensor]:
@@ -331,21 +339,36 @@ class _FlatRunner:
         self.buckets.append(buckets)
 
     def step(self, configs: list[Config]) -> None:
+        work = []
         for config, buckets in zip(configs, self.buckets):
-            keys = self.algorithm.state_keys(config)
             for bucket in buckets:
                 grads = [p.grad for p in bucket.params]
-                present = [g is not None for g in grads]
-                if not any(present):
-                    continue
-                bucket.ensure(keys, config)
-                if all(present) and bucket.uniform:
-                    self._flat(config, keys, bucket, grads)
-                else:
-                    self._per_param(config, keys, bucket, grads)
-                for index, param in enumerate(bucket.params):
-                    if present[index] and self.optimizer.state.get(param, {}).keys() != set(keys):
-                        self.optimizer.state[param] = bucket.leaf_state(index, keys)
+                for param, grad, view in zip(bucket.params, grads, bucket.grad_views):
+                    if grad is not None and grad is not view:  # views of our own buffer are known good
+                        _check_grad(self.algorithm.name, param, grad)
+                work.append((config, bucket, grads))
+        for config, bucket, grads in work:
+            keys = self.algorithm.state_keys(config)
+            present = [g is not None for g in grads]
+            if not any(present):
+                continue
+            bucket.ensure(keys, config)
+            if all(present) and bucket.uniform:
+                self._flat(config, keys, bucket, grads)
+            else:
+                self._per_param(config, keys, bucket, grads)
+            self._expose(bucket, keys, present)
+
+    def _expose(self, bucket: _Bucket, keys: tuple[str, ...], present: list[bool]) -> None:
+        """Give each stepped param its torch-style state entry (views into the flat buffers), once."""
+        if keys != bucket.exposed_keys:
+            bucket.exposed, bucket.exposed_keys = [False] * len(bucket.params), keys
+        if all(bucket.exposed):
+            return
+        for index, param in enumerate(bucket.params):
+            if present[index] and not bucket.exposed[index]:
+                self.optimizer.state[param] = bucket.leaf_state(index, keys)
+                bucket.exposed[index] = True
 
     def _flat(self, config, keys, bucket: _Bucket, grads: list[Tensor]) -> None:
         if not all(g is view for g, view in zip(grads, bucket.grad_views)):
@@ -353,9 +376,11 @@ class _FlatRunner:
             for param, view in zip(bucket.params, bucket.grad_views):
                 param.grad = view  # the next backward accumulates straight into the flat buffer
         buffers = {key: bucket.buffers[key] for key in keys if key != "step"}
-        tensor_config = self._tensor_config(bucket, config)
+        # Compiled, numbers travel as tensors so a new value never recompiles; eagerly, numbers keep
+        # torch's fused kernels and skip zero terms.
+        step_config = self._tensor_config(bucket, config) if self.compiled else config
         try:
-            bucket.step_fn(self.algorithm.update, bucket.flat, bucket.grad, bucket.steps, buffers, tensor_config)
+            bucket.step_fn(self.algorithm.update, bucket.flat, bucket.grad, bucket.steps, buffers, step_config)
         except Exception as error:
             if bucket.step_fn is _flat_step:
                 raise
@@ -363,7 +388,7 @@ class _FlatRunner:
             self.compiled = False
             for bucket_ in (b for buckets in self.buckets for b in buckets):
                 bucket_.step_fn = _flat_step
-            _flat_step(self.algorithm.update, bucket.flat, bucket.grad, bucket.steps, buffers, tensor_config)
+            _flat_step(self.algorithm.update, bucket.flat, bucket.grad, bucket.steps, buffers, config)
 
     def _tensor_config(self, bucket: _Bucket, config: Config) -> Config:
         """``config`` with every number as a 0-dim tensor on the bucket's device, updated in place, so a
@@ -395,6 +420,7 @@ class _FlatRunner:
             keys = self.algorithm.state_keys(config)
             for bucket in buckets:
                 bucket.ensure(keys, config)
+                bucket.exposed, bucket.exposed_keys = [False] * len(bucket.params), keys
                 for index, param in enumerate(bucket.params):
                     loaded = optimizer.state.pop(param, None)
                     if loaded is None:
@@ -405,6 +431,7 @@ class _FlatRunner:
                     for key in keys:
                         leaf[key].copy_(torch.as_tensor(loaded[key]))
                     optimizer.state[param] = leaf
+                    bucket.exposed[index] = True
                 bucket.uniform = bool((bucket.steps == bucket.steps[0]).all())
 
 
@@ -416,10 +443,18 @@ def _as_tensors(value: Any, cache: dict[str, Any], name: str, like: Tensor) -> A
     if isinstance(value, (int, float, Tensor)):
         tensor = cache.get(name)
         if tensor is None:
-            tensor = cache[name] = torch.zeros((), dtype=ops.scalar_dtype(like), device=like.device)
+            tensor = cache[name] = torch.zeros((), dtype=_hyper_dtype(like), device=like.device)
         tensor.fill_(value)
         return tensor
     return value
+
+
+def _hyper_dtype(like: Tensor) -> torch.dtype:
+    # The param's own precision, as torch.optim's kernels round a Python-number hyperparameter; but
+    # never below float32 (a bfloat16 lr keeps three digits). 0-dim float64 tensors next to float32
+    # buffers would also make Dynamo trace the step twice before compiling it.
+    dtype = like.real.dtype if like.is_complex() else like.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _check_grad(name: str, param: Tensor, grad: Tensor) -> None:

@@ -1024,10 +1024,13 @@ def test_frozen_params_in_a_group_are_untouched():
 
 
 @pytest.mark.parametrize("name", TORCH_ALGORITHMS)
-def test_auto_engine_picks_torch_where_torch_has_the_algorithm(name):
-    shim = optorch.build({"name": name}, make_model().parameters())
-    assert shim.engine == "torch"
-    assert optorch.build({"name": name}, make_model().parameters(), engine="auto").engine == "torch"
+def test_auto_engine_picks_torch_where_torch_has_a_fused_kernel(name):
+    has_fused = "fused" in inspect.signature(registry.get(name).torch_optimizer.__init__).parameters
+    expected = "torch" if has_fused else "compiled"
+    assert optorch.build({"name": name}, make_model().parameters()).engine == expected
+    assert optorch.build({"name": name}, make_model().parameters(), engine="auto").engine == expected
+    complex_params = [nn.Parameter(torch.zeros(3, dtype=torch.complex128))]  # no fused kernel for complex
+    assert optorch.build({"name": name}, complex_params).engine == "compiled"
 
 
 @pytest.mark.parametrize("engine", ["eager", "compiled", "torch"])
