@@ -6,7 +6,7 @@ Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> s
 """
 
 from . import adagrad, adam, adamw, rmsprop, sgd
-from .algorithm import Algorithm
+from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
 from .config import Config
 from .registry import ALGORITHMS, UnknownOptimizerError, register
@@ -17,6 +17,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "Grid",
     "Config",
     "ConfigError",
     "Optimizer",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .algorithm import Algorithm, LeafState
+from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
 from .config import Flag, NonNegative, is_zero
 
@@ -51,5 +51,9 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     return new_param, {"step": step, "sum": accumulator}
 
 
-algorithm = Algorithm("adagrad", Config, init_leaf, update, torch.optim.Adagrad)
+GRID = Grid(
+    fixed={"lr": 0.05, "eps": 1e-8},
+    axes={"lr_decay": (0.0, 0.01), "initial_accumulator_value": (0.0, 0.1), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
+)
+algorithm = Algorithm("adagrad", Config, init_leaf, update, torch.optim.Adagrad, grid=GRID)
 init, step = algorithm.init, algorithm.step

@@ -23,7 +23,7 @@ import torch
 from pydantic import field_validator
 
 from . import ops
-from .algorithm import Algorithm, LeafState
+from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
 from .config import Flag, NonNegative, Probability, is_zero
 
@@ -76,5 +76,9 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     return ops.addcdiv(param, exp_avg, denom, -step_size), new_state
 
 
-algorithm = Algorithm("adam", Config, init_leaf, update, torch.optim.Adam)
+GRID = Grid(
+    fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
+    axes={"amsgrad": (False, True), "weight_decay": (0.0, 0.1), "maximize": (False, True), "decoupled_weight_decay": (False, True)},
+)
+algorithm = Algorithm("adam", Config, init_leaf, update, torch.optim.Adam, grid=GRID)
 init, step = algorithm.init, algorithm.step

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from . import adam
-from .algorithm import Algorithm
+from .algorithm import Algorithm, Grid
 from .config import NonNegative
 
 __all__ = ["Config", "init", "step", "algorithm"]
@@ -23,5 +23,9 @@ class Config(adam.Config):
     decoupled_weight_decay: ClassVar[bool] = True
 
 
-algorithm = Algorithm("adamw", Config, adam.init_leaf, adam.update, torch.optim.AdamW)
+GRID = Grid(
+    fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
+    axes={"amsgrad": (False, True), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
+)
+algorithm = Algorithm("adamw", Config, adam.init_leaf, adam.update, torch.optim.AdamW, grid=GRID)
 init, step = algorithm.init, algorithm.step

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from .config import Config
 
-__all__ = ["Algorithm", "LeafState", "State"]
+__all__ = ["Algorithm", "Grid", "LeafState", "State"]
 
 LeafState = dict[str, Tensor]
 State = dict[str, Any]
@@ -59,6 +59,15 @@ def apply_update(update: Update, param: Tensor, grad: Tensor, leaf_state: LeafSt
     return torch.view_as_complex(new_param), to_complex
 
 
+@dataclass(frozen=True)
+class Grid:
+    """Verification grid: fixed non-default hyperparameters (so defaults are not all that is tested)
+    and axes whose full product is checked (combinations the Config rejects are left out)."""
+
+    fixed: Mapping[str, Any]
+    axes: Mapping[str, tuple]
+
+
 def _like(value: Tensor, reference: Tensor) -> Tensor:
     return value if value.dtype == reference.dtype else value.to(reference.dtype)
 
@@ -77,6 +86,8 @@ class Algorithm:
     """Completes one parameter's state as torch.optim saves it, where torch keeps less (e.g. no step)."""
     to_torch: Callable[[LeafState], LeafState] | None = None
     """The inverse: one parameter's state as torch.optim would save it."""
+    grid: Grid | None = None
+    """The flag combinations ``optorch verify`` and the test suite check against ``torch_optimizer``."""
 
     def state_from_torch(self, leaf_state: LeafState) -> LeafState:
         """One parameter's state from a torch.optim (or optorch) checkpoint, in this algorithm's keys."""

@@ -19,7 +19,7 @@ import torch
 from pydantic import model_validator
 
 from . import ops
-from .algorithm import Algorithm, LeafState
+from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
 from .config import Flag, NonNegative, Scalar, is_zero
 
@@ -74,5 +74,9 @@ def to_torch(state: LeafState) -> LeafState:
     return state
 
 
-algorithm = Algorithm("sgd", Config, init_leaf, update, torch.optim.SGD, from_torch, to_torch)
+GRID = Grid(
+    fixed={"lr": 0.05},
+    axes={"momentum": (0.0, 0.9), "dampening": (0.0, 0.3), "nesterov": (False, True), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
+)
+algorithm = Algorithm("sgd", Config, init_leaf, update, torch.optim.SGD, from_torch, to_torch, grid=GRID)
 init, step = algorithm.init, algorithm.step

@@ -56,40 +56,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # the flag grids
 
-# Per algorithm: fixed non-default hyperparameters (so the defaults are not what is being tested), and
-# the axes whose full product is the grid. The one place to add a grid for a new algorithm with a torch
-# counterpart; an algorithm without one has no grid.
-#
-# RMSprop's eps is large on purpose. With alpha=0.9 its second moment tracks g**2 closely, so near an
-# optimum it takes sign-like steps of size lr whichever way g points, and a one-ulp difference in g
-# (an FMA here, a separate multiply-add there) can flip a step. With eps=1e-6 that amplified float64
-# rounding to 7.6e-3 within 100 steps (measured: torch's for-loop kernel against the same math with
-# 0-dim tensor hyperparameters), so a check would test chaos, not the math; eps=1e-2 (comparable to
-# sqrt(v) here, so still exercised) bounds the step's sensitivity to g by lr/eps = 0.5.
-_GRIDS: dict[str, tuple[dict[str, Any], dict[str, tuple]]] = {
-    "sgd": (
-        {"lr": 0.05},
-        {"momentum": (0.0, 0.9), "dampening": (0.0, 0.3), "nesterov": (False, True), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
-    ),
-    "adam": (
-        {"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
-        {"amsgrad": (False, True), "weight_decay": (0.0, 0.1), "maximize": (False, True), "decoupled_weight_decay": (False, True)},
-    ),
-    "adamw": (
-        {"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
-        {"amsgrad": (False, True), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
-    ),
-    "rmsprop": (
-        {"lr": 0.005, "alpha": 0.9, "eps": 1e-2},
-        {"centered": (False, True), "momentum": (0.0, 0.9), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
-    ),
-    "adagrad": (
-        {"lr": 0.05, "eps": 1e-8},
-        {"lr_decay": (0.0, 0.01), "initial_accumulator_value": (0.0, 0.1), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
-    ),
-}
-
-
 class NoGridError(ValueError):
     """The algorithm has no verification grid (it has no torch.optim counterpart to compare with)."""
 
@@ -109,9 +75,9 @@ def flag_grid(name: str) -> list[dict[str, Any]]:
     algorithm = registry.get(name)
     if algorithm.torch_optimizer is None:
         raise NoGridError(f"{algorithm.name} has no torch.optim counterpart, so no verification grid; verifiable: {', '.join(grid_algorithms())}")
-    if algorithm.name not in _GRIDS:
-        raise NoGridError(f"{algorithm.name} has a torch.optim counterpart but no verification grid: add one to optorch.verify._GRIDS")
-    base, axes = _GRIDS[algorithm.name]
+    if algorithm.grid is None:
+        raise NoGridError(f"{algorithm.name} has a torch.optim counterpart but no verification grid: give its Algorithm a grid")
+    base, axes = algorithm.grid.fixed, algorithm.grid.axes
     grid = []
     for values in itertools.product(*axes.values()):
         hyperparameters = {**base, **dict(zip(axes, values))}
@@ -130,7 +96,7 @@ def representative(name: str) -> list[dict[str, Any]]:
     combination is expensive (the compiled engine compiles once per combination).
     """
     grid = flag_grid(name)
-    axes = _GRIDS[registry.get(name).name][1]  # flag_grid above made sure there is one
+    axes = registry.get(name).grid.axes  # flag_grid above made sure there is one
     uncovered = {(key, value) for key, values in axes.items() for value in values}
     chosen = []
     while uncovered:
@@ -147,7 +113,7 @@ def most_flags(name: str) -> dict[str, Any]:
     """The combination of ``name``'s grid with the most flags on (True or non-zero), the first on ties:
     the case where the flags' interactions are all exercised at once."""
     grid = flag_grid(name)
-    axes = _GRIDS[registry.get(name).name][1]
+    axes = registry.get(name).grid.axes
     return max(grid, key=lambda config: sum(bool(config[key]) for key in axes))
 
 
@@ -157,7 +123,8 @@ def _axis_items(config: dict[str, Any], axes: dict[str, tuple]) -> Iterator[tupl
 
 def describe(config: dict[str, Any]) -> str:
     """The grid flags of ``config`` in a short form: true booleans by name, non-zero values as key=value."""
-    axes = _GRIDS.get(str(config.get("name", "")).lower(), ({}, {}))[1]
+    algorithm = registry.ALGORITHMS.get(str(config.get("name", "")).lower())
+    axes = algorithm.grid.axes if algorithm is not None and algorithm.grid is not None else {}
     parts = []
     for key in axes:
         value = config.get(key)
