@@ -45,7 +45,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     if not is_zero(config.weight_decay):
         g = ops.add(g, param, config.weight_decay)
     step = state["step"] + 1
-    (decayed_lr,) = ops.once((config.lr / (1 + (step.to(ops.scalar_dtype(param)) - 1) * config.lr_decay)).to(param.dtype))
+    (decayed_lr,) = ops.once(ops.like(config.lr / (1 + (ops.step_count(step, param) - 1) * config.lr_decay), param))
     accumulator = ops.addcmul(state["sum"], g, g)
     new_param = ops.addcdiv(param, g, accumulator.sqrt() + config.eps, -decayed_lr)
     return new_param, {"step": step, "sum": accumulator}

@@ -67,11 +67,9 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if config.amsgrad:
         exp_avg_sq = new_state["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
-    # Bias corrections in float64, then rounded to the param's dtype, as torch.optim's host math is.
-    t = step.to(ops.scalar_dtype(param))
-    step_size, bias_correction2_sqrt = ops.once(
-        (lr / (1 - beta1**t)).to(param.dtype), (1 - beta2**t).sqrt().to(param.dtype)
-    )
+    # Bias corrections in double precision, then rounded to the param's dtype, as torch.optim's are.
+    t = ops.step_count(step, param)
+    step_size, bias_correction2_sqrt = ops.once(ops.like(lr / (1 - beta1**t), param), ops.like((1 - beta2**t) ** 0.5, param))
     denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + config.eps
     return ops.addcdiv(param, exp_avg, denom, -step_size), new_state
 

@@ -40,7 +40,31 @@ def addcdiv(a: Tensor, b: Tensor, c: Tensor, value: Any = 1.0) -> Tensor:
     return torch.addcdiv(a, b, c, value=value) if _is_number(value) else a + value * b / c
 
 
-def once(*scalars: Tensor) -> tuple[Tensor, ...]:
+def step_count(step: Tensor, like: Tensor) -> float | Tensor:
+    """A step counter, ready for per-step scalar math (bias corrections, decayed learning rates).
+
+    Where reading it is free (a plain CPU tensor, outside ``torch.compile`` and ``torch.func``
+    transforms) it is a Python number, as torch.optim's for-loop kernels read it: the scalar math is
+    then host arithmetic in double precision and the element-wise ops take it as a number, one fused
+    kernel each. Elsewhere it stays a tensor (float64 where the device has it), so nothing syncs and
+    nothing is baked into a graph.
+    """
+    if step.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_transformed(step):
+        return step.item()
+    return step.to(scalar_dtype(like))
+
+
+def _is_transformed(tensor: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor) or tensor.requires_grad
+
+
+def like(value: Any, reference: Tensor) -> Any:
+    """A per-step scalar in ``reference``'s dtype if it is a tensor (a number is left to the kernel,
+    which rounds it to the op's precision as torch.optim's kernels do)."""
+    return value.to(reference.dtype) if isinstance(value, Tensor) else value
+
+
+def once(*scalars: Any) -> tuple[Any, ...]:
     """Per-step scalars (bias corrections, decayed learning rates), computed once per step.
 
     Inductor inlines 0-dim math into the element-wise loop that consumes it, so a compiled Adam
@@ -48,7 +72,7 @@ def once(*scalars: Tensor) -> tuple[Tensor, ...]:
     kernel); stacking the scalars into one small buffer makes it compute them once. Eagerly this is
     a no-op. The scalars must share dtype and device.
     """
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() or not all(isinstance(x, Tensor) for x in scalars):
         return scalars
     return tuple(torch.stack(scalars).unbind())
 

@@ -55,7 +55,13 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     new_state = {"step": state["step"] + 1}
     if "momentum_buffer" in state:
         # torch.optim starts the buffer as a copy of d, so dampening does not touch the first step.
-        buf = torch.where(state["step"] == 0, d, ops.add(state["momentum_buffer"] * config.momentum, d, 1 - config.dampening))
+        first = ops.step_count(state["step"], param) == 0
+        if first is True:
+            buf = d.clone()
+        else:
+            buf = ops.add(state["momentum_buffer"] * config.momentum, d, 1 - config.dampening)
+            if isinstance(first, torch.Tensor):
+                buf = torch.where(first, d, buf)
         new_state["momentum_buffer"] = buf
         d = ops.add(d, buf, config.momentum) if config.nesterov else buf
     return ops.add(param, d, -config.lr), new_state
