@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from . import ops
 from .config import Config
 
 __all__ = ["Algorithm", "Grid", "LeafState", "State"]
@@ -52,7 +53,7 @@ def apply_update(update: Update, param: Tensor, grad: Tensor, leaf_state: LeafSt
     if not param.is_complex():
         new_param, new_state = update(param, grad, leaf_state, config)
         # A 0-dim param meeting a 0-dim float64 hyperparameter would be promoted: keep each dtype.
-        return _like(new_param, param), {k: _like(v, leaf_state[k]) for k, v in new_state.items()}
+        return ops.like(new_param, param), {k: ops.like(v, leaf_state[k]) for k, v in new_state.items()}
     real_state = {k: _as_real(v) for k, v in leaf_state.items()}
     new_param, new_state = update(torch.view_as_real(param), _as_real(grad), real_state, config)
     to_complex = {k: torch.view_as_complex(v) if leaf_state[k].is_complex() else v for k, v in new_state.items()}
@@ -66,10 +67,6 @@ class Grid:
 
     fixed: Mapping[str, Any]
     axes: Mapping[str, tuple]
-
-
-def _like(value: Tensor, reference: Tensor) -> Tensor:
-    return value if value.dtype == reference.dtype else value.to(reference.dtype)
 
 
 @dataclass(frozen=True)

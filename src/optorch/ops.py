@@ -59,9 +59,11 @@ def _is_transformed(tensor: Tensor) -> bool:
 
 
 def like(value: Any, reference: Tensor) -> Any:
-    """A per-step scalar in ``reference``'s dtype if it is a tensor (a number is left to the kernel,
-    which rounds it to the op's precision as torch.optim's kernels do)."""
-    return value.to(reference.dtype) if isinstance(value, Tensor) else value
+    """``value`` in ``reference``'s dtype if it is a tensor (a number is left to the kernel, which
+    rounds it to the op's precision as torch.optim's kernels do)."""
+    if isinstance(value, Tensor) and value.dtype != reference.dtype:
+        return value.to(reference.dtype)
+    return value
 
 
 def once(*scalars: Any) -> tuple[Any, ...]:
