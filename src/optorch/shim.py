@@ -345,7 +345,7 @@ class _FlatRunner:
                 grads = [p.grad for p in bucket.params]
                 for param, grad, view in zip(bucket.params, grads, bucket.grad_views):
                     if grad is not None and grad is not view:  # views of our own buffer are known good
-                        _check_grad(self.algorithm.name, param, grad)
+                        _check_grad_matches(self.algorithm.name, param, grad)
                 work.append((config, bucket, grads))
         for config, bucket, grads in work:
             keys = self.algorithm.state_keys(config)
@@ -457,9 +457,9 @@ def _hyper_dtype(like: Tensor) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _check_grad(name: str, param: Tensor, grad: Tensor) -> None:
-    if grad.is_sparse:
-        raise RuntimeError(f"{name} does not support sparse gradients")
+def _check_grad_matches(name: str, param: Tensor, grad: Tensor) -> None:
+    # Sparse grads were refused by Optimizer.step already; a gather into the flat buffer also needs
+    # the grad to have its param's shape, dtype and device.
     if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
         raise RuntimeError(
             f"{name}: a gradient of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not match its "
