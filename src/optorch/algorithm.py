@@ -13,7 +13,17 @@ it. The step counter is a per-parameter 0-dim tensor, as in torch.optim, so a pa
 gradient keeps its own count exactly as torch's does.
 
 The same ``update`` runs on one flat buffer holding many parameters in the shim's compiled engine
-(:mod:`optorch.engines`): one definition of the math serves the pure path and the in-place path.
+(:mod:`optorch.shim`): one definition of the math serves the pure path and the in-place path.
+
+Two extensions cover algorithms that are not purely element-wise:
+
+* ``elementwise=False``: ``update`` reduces over its tensor (a norm, a mean: LARS, DAG, AutoSGM), so
+  the shim runs it on each parameter's own segment of the flat buffers, never on the whole buffer.
+  Such an algorithm may keep per-tensor scalars (0-dim state entries, e.g. DAG's ``alpha``).
+* ``shared=Shared(...)``: state shared by all parameters (DAG's global RMS shrink). ``update`` then
+  takes it as a fifth argument, read-only, and returns a third value, its *contributions* (a dict of
+  0-dim tensors); after every parameter has stepped, ``Shared.finish`` turns the sums of the
+  contributions into the next shared state. The pure state keeps it under the key ``"shared"``.
 """
 
 from __future__ import annotations
@@ -28,12 +38,14 @@ from torch.utils import _pytree as pytree
 from . import ops
 from .config import Config
 
-__all__ = ["Algorithm", "Grid", "LeafState", "State"]
+__all__ = ["Algorithm", "Grid", "LeafState", "Shared", "State", "SHARED_KEY"]
+
+SHARED_KEY = "shared"
 
 LeafState = dict[str, Tensor]
 State = dict[str, Any]
 InitLeaf = Callable[[Tensor, Config], LeafState]
-Update = Callable[[Tensor, Tensor, LeafState, Config], "tuple[Tensor, LeafState]"]
+Update = Callable[..., tuple]  # (param, grad, leaf_state, config[, shared]) -> (param, leaf_state[, contributions])
 
 
 def _is_none(x: Any) -> bool:
@@ -48,16 +60,48 @@ def _as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def apply_update(update: Update, param: Tensor, grad: Tensor, leaf_state: LeafState, config: Config):
-    """Run ``update`` on one tensor; complex tensors are stepped as pairs of reals, as torch.optim does."""
+def apply_update(update: Update, param: Tensor, grad: Tensor, leaf_state: LeafState, config: Config, *shared: Any):
+    """Run ``update`` on one tensor; complex tensors are stepped as pairs of reals, as torch.optim does.
+
+    Returns ``(new_param, new_leaf_state)``, and the contributions too when a shared state is passed.
+    """
     if not param.is_complex():
-        new_param, new_state = update(param, grad, leaf_state, config)
+        new_param, new_state, *contributions = update(param, grad, leaf_state, config, *shared)
         # A 0-dim param meeting a 0-dim float64 hyperparameter would be promoted: keep each dtype.
-        return ops.like(new_param, param), {k: ops.like(v, leaf_state[k]) for k, v in new_state.items()}
+        new_state = {k: ops.like(v, leaf_state[k]) for k, v in new_state.items()}
+        return (ops.like(new_param, param), new_state, *contributions)
     real_state = {k: _as_real(v) for k, v in leaf_state.items()}
-    new_param, new_state = update(torch.view_as_real(param), _as_real(grad), real_state, config)
+    new_param, new_state, *contributions = update(torch.view_as_real(param), _as_real(grad), real_state, config, *shared)
     to_complex = {k: torch.view_as_complex(v) if leaf_state[k].is_complex() else v for k, v in new_state.items()}
-    return torch.view_as_complex(new_param), to_complex
+    return (torch.view_as_complex(new_param), to_complex, *contributions)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """State shared by all parameters of an optimizer (in the shim: by all its param groups).
+
+    ``init(params, config)`` makes it from the list of parameters (the shim passes those with
+    ``requires_grad``); ``finish(shared, totals, config)`` returns the next shared state once per
+    step, after every parameter has stepped, with ``totals`` the sums over the stepped parameters
+    of what their ``update`` contributed, or ``None`` when no parameter had a gradient. Keys in
+    ``derived`` depend on the parameters alone (e.g. their total size): the shim recomputes them
+    when a param group is added, keeping the rest.
+    """
+
+    init: Callable[[list[Tensor], Config], dict[str, Tensor]]
+    finish: Callable[[dict[str, Tensor], "dict[str, Tensor] | None", Config], dict[str, Tensor]]
+    derived: tuple[str, ...] = ()
+
+
+def sum_contributions(contributions: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor] | None:
+    """The per-key sums of the parameters' contributions, in a fixed order, on ``device``."""
+    if not contributions:
+        return None
+    totals = {}
+    for key in contributions[0]:
+        values = [c[key].to(device) for c in contributions]
+        totals[key] = torch.stack(values).sum() if len(values) > 1 else values[0]
+    return totals
 
 
 @dataclass(frozen=True)
@@ -84,7 +128,23 @@ class Algorithm:
     to_torch: Callable[[LeafState], LeafState] | None = None
     """The inverse: one parameter's state as torch.optim would save it."""
     grid: Grid | None = None
-    """The flag combinations ``optorch verify`` and the test suite check against ``torch_optimizer``."""
+    """The flag combinations ``optorch verify`` and the test suite check against the reference."""
+    elementwise: bool = True
+    """False when ``update`` reduces over its tensor (norms, means): the shim then steps each
+    parameter on its own segment of the flat buffers."""
+    shared: Shared | None = None
+    """State shared by all parameters, when the algorithm has some (see :class:`Shared`)."""
+    reference: Callable[[], "type[torch.optim.Optimizer] | None"] | None = None
+    """An independent implementation to verify against where torch.optim has none (e.g. torch-adopt),
+    imported lazily: returns the optimizer class, or None when its package is not installed. Used by
+    ``optorch verify`` and the tests, never to run steps."""
+
+    def reference_optimizer(self) -> type[torch.optim.Optimizer] | None:
+        """The optimizer class this algorithm is verified against: torch.optim's counterpart, else the
+        independent ``reference`` when it is installed, else None."""
+        if self.torch_optimizer is not None:
+            return self.torch_optimizer
+        return self.reference() if self.reference is not None else None
 
     def state_from_torch(self, leaf_state: LeafState) -> LeafState:
         """One parameter's state from a torch.optim (or optorch) checkpoint, in this algorithm's keys."""
@@ -100,12 +160,20 @@ class Algorithm:
         """The per-parameter state keys under ``config`` (they can depend on flags, e.g. amsgrad)."""
         return tuple(self.init_leaf(torch.zeros(1), config))
 
+    def scalar_keys(self, config: Config) -> tuple[str, ...]:
+        """The per-parameter state keys that hold one number per tensor (``step``, DAG's ``alpha``)
+        rather than one per element."""
+        return tuple(key for key, value in self.init_leaf(torch.zeros(2), config).items() if value.dim() == 0)
+
     def init(self, params: Any, config: Config) -> State:
         """Fresh state for a pytree of params. Pure: ``params`` is only read."""
         config = self._check_config(config)
         leaves, spec = pytree.tree_flatten(params)
         leaf_states = [self.init_leaf(_check_param(p), config) for p in leaves]
-        return _transpose(leaf_states, self.state_keys(config), spec)
+        state = _transpose(leaf_states, self.state_keys(config), spec)
+        if self.shared is not None:
+            state[SHARED_KEY] = self.shared.init(leaves, config)
+        return state
 
     def step(self, params: Any, grads: Any, state: State, config: Config) -> tuple[Any, State]:
         """One step over a pytree. Returns new ``(params, state)``; the inputs are never modified.
@@ -119,11 +187,14 @@ class Algorithm:
         if grad_spec != spec:
             raise ValueError(f"{self.name}: grads must have the structure of params.\n params: {spec}\n grads: {grad_spec}")
         keys = self.state_keys(config)
-        if set(state) != set(keys):
+        expected = set(keys) | ({SHARED_KEY} if self.shared is not None else set())
+        if not isinstance(state, Mapping) or set(state) != expected:
+            found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(
-                f"{self.name}: state has keys {sorted(state)}, but this config needs {sorted(keys)}; "
+                f"{self.name}: state has keys {found}, but this config needs {sorted(expected)}; "
                 f"build it with optorch.{self.name}.init(params, config)"
             )
+        shared = (state[SHARED_KEY],) if self.shared is not None else ()
         buffers = {}
         for key in keys:
             leaves, key_spec = pytree.tree_flatten(state[key])
@@ -131,18 +202,26 @@ class Algorithm:
                 raise ValueError(f"{self.name}: state[{key!r}] must have the structure of params")
             buffers[key] = leaves
 
-        new_params, new_leaf_states = [], []
+        for (path, param), grad in zip(path_leaves, grad_leaves):
+            if grad is not None:
+                _check_grad(self.name, path, param, grad)
+
+        new_params, new_leaf_states, contributions = [], [], []
         for i, ((path, param), grad) in enumerate(zip(path_leaves, grad_leaves)):
             leaf_state = {key: buffers[key][i] for key in keys}
             if grad is None:
                 new_params.append(param)
                 new_leaf_states.append(leaf_state)
                 continue
-            _check_grad(self.name, path, param, grad)
-            new_param, new_state = apply_update(self.update, param, grad, leaf_state, config)
+            new_param, new_state, *contribution = apply_update(self.update, param, grad, leaf_state, config, *shared)
             new_params.append(new_param)
             new_leaf_states.append(new_state)
-        return pytree.tree_unflatten(new_params, spec), _transpose(new_leaf_states, keys, spec)
+            contributions += contribution
+        new_state = _transpose(new_leaf_states, keys, spec)
+        if self.shared is not None:
+            device = next(iter(shared[0].values())).device if shared[0] else torch.device("cpu")
+            new_state[SHARED_KEY] = self.shared.finish(shared[0], sum_contributions(contributions, device), config)
+        return pytree.tree_unflatten(new_params, spec), new_state
 
     def _check_config(self, config: Config) -> Config:
         if isinstance(config, Mapping):

@@ -3,7 +3,8 @@
 Every check runs one algorithm and one config on the same small problem three ways and compares the
 parameter trajectories step by step:
 
-* the reference: torch.optim's own class (``Algorithm.torch_optimizer``), default execution flags;
+* the reference: torch.optim's own class (``Algorithm.torch_optimizer``), default execution flags, or
+  where torch.optim has none an independent implementation (``Algorithm.reference``, e.g. torch-adopt);
 * the pure stepper ``optorch.<name>.step``, one call per param group with that group's config;
 * the shim, ``optorch.build(config, groups, engine=...)``, for one of its engines.
 
@@ -61,9 +62,10 @@ class NoGridError(ValueError):
 
 
 def grid_algorithms() -> list[str]:
-    """Registered algorithms that have a torch.optim counterpart: what can be verified. Each must have a
-    grid (``flag_grid`` says so loudly if one is missing)."""
-    return [name for name in registry.names() if registry.get(name).torch_optimizer is not None]
+    """Registered algorithms with a reference implementation installed (torch.optim's counterpart or an
+    independent one): what can be verified. Each must have a grid (``flag_grid`` says so loudly if one
+    is missing)."""
+    return [name for name in registry.names() if registry.get(name).reference_optimizer() is not None]
 
 
 def flag_grid(name: str) -> list[dict[str, Any]]:
@@ -73,10 +75,10 @@ def flag_grid(name: str) -> list[dict[str, Any]]:
     so the grid follows the Config's own rules.
     """
     algorithm = registry.get(name)
-    if algorithm.torch_optimizer is None:
-        raise NoGridError(f"{algorithm.name} has no torch.optim counterpart, so no verification grid; verifiable: {', '.join(grid_algorithms())}")
+    if algorithm.reference_optimizer() is None:
+        raise NoGridError(f"{algorithm.name} has no reference implementation installed, so no verification grid; verifiable: {', '.join(grid_algorithms())}")
     if algorithm.grid is None:
-        raise NoGridError(f"{algorithm.name} has a torch.optim counterpart but no verification grid: give its Algorithm a grid")
+        raise NoGridError(f"{algorithm.name} has a reference implementation but no verification grid: give its Algorithm a grid")
     base, axes = algorithm.grid.fixed, algorithm.grid.axes
     grid = []
     for values in itertools.product(*axes.values()):
@@ -213,10 +215,11 @@ def _run_live(make_optimizer, config: dict[str, Any], steps: int, dtype: torch.d
 
 
 def run_torch(name: str, config: dict[str, Any], *, steps: int, dtype: torch.dtype, device: str, intermittent: bool = False, **flags: Any) -> Trajectory:
-    """The reference: torch.optim's class with its default execution (``flags`` may ask for another)."""
-    torch_class = registry.get(name).torch_optimizer
+    """The reference: torch.optim's class (or the independent reference) with its default execution
+    (``flags`` may ask for another)."""
+    torch_class = registry.get(name).reference_optimizer()
     if torch_class is None:
-        raise ValueError(f"{name} has no torch.optim counterpart to verify against")
+        raise ValueError(f"{name} has no reference implementation installed to verify against")
     hyperparameters = {k: v for k, v in config.items() if k != "name"}
     return _run_live(lambda groups: torch_class(groups, **hyperparameters, **flags), config, steps, dtype, device, intermittent)
 
@@ -344,7 +347,7 @@ def _reference(name: str, config: tuple, steps: int, dtype: torch.dtype, device:
 def torch_kernel_drift(name: str, config: dict[str, Any], *, steps: int = 100, dtype: torch.dtype = torch.float32, device: str = "cpu", intermittent: bool = False) -> float:
     """How far torch.optim's own fused and foreach kernels drift from its default one on this problem:
     the yardstick for the float32 tolerance. 0.0 where torch has no other kernel for ``device``."""
-    parameters = inspect.signature(registry.get(name).torch_optimizer.__init__).parameters
+    parameters = inspect.signature(registry.get(name).reference_optimizer().__init__).parameters
     kwargs = dict(steps=steps, dtype=dtype, device=device, intermittent=intermittent)
     reference = run_torch(name, config, **kwargs)
     drift = 0.0
