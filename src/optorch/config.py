@@ -68,6 +68,10 @@ class Config(BaseModel):
     """Constructor keys besides the fields, e.g. an original's tuple arguments, which a
     ``model_validator(mode="before")`` folds into the fields. The builder accepts them too."""
 
+    linked_defaults: ClassVar[dict[str, str]] = {}
+    """``{key: source}``: in the shim, a param group that leaves ``key`` out takes it from its own
+    ``source`` (e.g. ``initial_lr`` from the group's ``lr``) rather than from the optimizer defaults."""
+
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some fields changed (``dataclasses.replace`` for configs)."""
         return type(self)(**{**self.hyperparameters(), **changes})

@@ -74,6 +74,9 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        for key, source in self.algorithm.config.linked_defaults.items():
+            if key not in param_group and source in param_group:
+                param_group = {**param_group, key: param_group[source]}
         self.group_config({**self.defaults, **param_group})  # validate before anything changes
         super().add_param_group(param_group)
         if self._runner is not None:
