@@ -496,7 +496,7 @@ class _FlatRunner:
         """``config`` with every real-valued number as a 0-dim tensor on the bucket's device, updated in
         place, so a compiled step sees new values without recompiling."""
         values = {name: _as_tensors(value, bucket.hyper, name, bucket.flat) for name, value in config.hyperparameters().items()}
-        return config.model_copy(update=values)
+        return config.with_tensors(**{name: value for name, value in values.items() if _is_tensors(value)})
 
     def _per_param(self, config, keys, bucket: _Bucket, grads: list[Tensor | None], shared: tuple) -> dict[str, Tensor] | None:
         contributions = []
@@ -570,6 +570,10 @@ def _as_tensors(value: Any, cache: dict[str, Any], name: str, like: Tensor) -> A
         tensor.fill_(value)
         return tensor
     return value
+
+
+def _is_tensors(value: Any) -> bool:
+    return isinstance(value, Tensor) or (isinstance(value, tuple) and bool(value) and all(isinstance(v, Tensor) for v in value))
 
 
 def _hyper_dtype(like: Tensor) -> torch.dtype:
