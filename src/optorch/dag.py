@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -195,10 +195,10 @@ class Config(_Config):
     use_exact_sigma: Flag = False
     sigma_every: Every = 1
     sat_every: Every = 10
-    lambda_rms: Optional[Positive] = None
-    """The README's top-level form of ``shrink["lambda_rms"]``; when given, it wins."""
-    s_min: Optional[Annotated[Number, Field(gt=0.0, le=1.0)]] = None
-    """The README's top-level form of ``shrink["s_min"]``; when given, it wins."""
+
+    accepted_keys: ClassVar[tuple[str, ...]] = ("lambda_rms", "s_min")
+    """The README's quick-start passes these two shrink settings at the top level (a TypeError in the
+    original); accepted, and folded into ``shrink``, overriding its values."""
 
     @field_validator("hyper", "shrink", mode="before")
     @classmethod
@@ -208,11 +208,12 @@ class Config(_Config):
     @model_validator(mode="before")
     @classmethod
     def _top_level_shrink(cls, values: Any) -> Any:
-        if not isinstance(values, dict) or all(values.get(key) is None for key in ("lambda_rms", "s_min")):
+        if not isinstance(values, dict) or not any(key in values for key in cls.accepted_keys):
             return values
+        values = dict(values)
         shrink = values.get("shrink")
         shrink = dict(shrink) if isinstance(shrink, (dict, BaseModel)) else {}
-        shrink.update({key: values[key] for key in ("lambda_rms", "s_min") if values.get(key) is not None})
+        shrink.update({key: values.pop(key) for key in cls.accepted_keys if key in values})
         return {**values, "shrink": shrink}
 
     @model_validator(mode="after")
