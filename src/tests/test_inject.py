@@ -46,6 +46,7 @@ def test_changing_lr_and_beta_every_step_compiles_once():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()
     params, target = _problem()
     stepper = optorch.inject_hyperparams(adam.algorithm, adam.Config(), lr=LR, betas=(BETA1, None))
     state = stepper.init(params)
