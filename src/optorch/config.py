@@ -13,7 +13,7 @@ its value cannot be inspected and is taken as given.
 from __future__ import annotations
 
 import numbers
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, ClassVar
 
 import torch
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer, StrictBool
@@ -63,6 +63,10 @@ class Config(BaseModel):
     """Base of every algorithm's config: frozen, unknown keys rejected, validated on construction."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    aliases: ClassVar[tuple[str, ...]] = ()
+    """Keys accepted on construction besides the fields, which a ``mode="before"`` validator turns
+    into fields (AutoSGM's original tuple arguments). ``hyperparameters()`` has the fields only."""
 
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some fields changed (``dataclasses.replace`` for configs)."""
