@@ -303,9 +303,10 @@ def window(t: Any, config: Config) -> Any:
     x = config.window_floor
     shaped = _shape(kind, (f - e) / (1 - e), config.window_order, unit if unit >= 3 else 1)
     rho = x + (1 - x) * shaped
-    if isinstance(rho, Tensor):
-        return torch.where((f < e) | (e == 1) if isinstance(e, Tensor) else f < e, torch.ones_like(rho), rho)
-    return 1.0 if f < e else rho
+    flat = (f < e) | (e == 1) if isinstance(e, Tensor) else f < e
+    if isinstance(flat, bool):
+        return 1.0 if flat else rho
+    return torch.where(flat, torch.ones_like(rho), rho)
 
 
 # ------------------------------------------------------------------------------------------------
