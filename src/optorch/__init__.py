@@ -5,7 +5,7 @@ Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> s
 ``torch.optim.Optimizer`` that runs the same math in place.
 """
 
-from . import adagrad, adam, adamw, dag, decoupled_adam, rmsprop, schedules, sgd
+from . import adagrad, adam, adamw, autosgm, dag, decoupled_adam, rmsprop, schedules, sgd
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
 from .config import Config
@@ -27,6 +27,7 @@ __all__ = [
     "adagrad",
     "adam",
     "adamw",
+    "autosgm",
     "build",
     "dag",
     "decoupled_adam",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import adagrad, adam, adamw, dag, decoupled_adam, rmsprop, sgd
+from . import adagrad, adam, adamw, autosgm, dag, decoupled_adam, rmsprop, sgd
 from .algorithm import Algorithm
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
@@ -25,6 +25,7 @@ _BUILTIN = (
     rmsprop.algorithm,
     adagrad.algorithm,
     dag.algorithm,
+    autosgm.algorithm,
 )
 
 ALGORITHMS: dict[str, Algorithm] = {}
