@@ -121,7 +121,8 @@ def test_numerator_4_is_numerator_0():
 )
 def test_only_the_state_the_config_uses_is_allocated(config, keys):
     assert set(autosgm.algorithm.state_keys(autosgm.Config(**config))) == keys
-    assert set(autosgm.algorithm.scalar_keys(autosgm.Config(**config))) == keys & {"step", "lr_num"}
+    per_tensor = {key for key, value in autosgm.init_leaf(torch.zeros(3), autosgm.Config(**config)).items() if value.dim() == 0}
+    assert per_tensor == keys & {"step", "lr_num"}
 
 
 # ------------------------------------------------------------------------------------------------
