@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import adagrad, adam, adamw, rmsprop, sgd
+from . import adadelta, adagrad, adam, adamax, adamw, asgd, nadam, radam, rmsprop, rprop, sgd
 from .algorithm import Algorithm
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
@@ -23,6 +23,12 @@ _BUILTIN = (
     adamw.algorithm,
     rmsprop.algorithm,
     adagrad.algorithm,
+    nadam.algorithm,
+    radam.algorithm,
+    adamax.algorithm,
+    adadelta.algorithm,
+    rprop.algorithm,
+    asgd.algorithm,
 )
 
 ALGORITHMS: dict[str, Algorithm] = {}
