@@ -71,7 +71,7 @@ def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tupl
     if "name" not in values:
         raise ConfigError(f"config needs a 'name' key naming the optimizer, one of: {', '.join(registry.names())}")
     algorithm = registry.get(values.pop("name"))
-    valid = list(algorithm.config.model_fields)
+    valid = [*algorithm.config.model_fields, *algorithm.config.accepted_keys]
     unknown = [key for key in values if key not in valid]
     if unknown:
         hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, valid, n=1)) else repr(key) for key in unknown]

@@ -13,7 +13,7 @@ its value cannot be inspected and is taken as given.
 from __future__ import annotations
 
 import numbers
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, ClassVar
 
 import torch
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer, StrictBool
@@ -63,6 +63,14 @@ class Config(BaseModel):
     """Base of every algorithm's config: frozen, unknown keys rejected, validated on construction."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    accepted_keys: ClassVar[tuple[str, ...]] = ()
+    """Constructor keys besides the fields, e.g. an original's tuple arguments, which a
+    ``model_validator(mode="before")`` folds into the fields. The builder accepts them too."""
+
+    linked_defaults: ClassVar[dict[str, str]] = {}
+    """``{key: source}``: in the shim, a param group that leaves ``key`` out takes it from its own
+    ``source`` (e.g. ``initial_lr`` from the group's ``lr``) rather than from the optimizer defaults."""
 
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some fields changed (``dataclasses.replace`` for configs)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import adadelta, adagrad, adam, adamax, adamw, asgd, nadam, radam, rmsprop, rprop, sgd
+from . import adadelta, adagrad, adam, adamax, adamw, asgd, decoupled_adam, nadam, radam, rmsprop, rprop, sgd
 from .algorithm import Algorithm
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
@@ -21,6 +21,7 @@ _BUILTIN = (
     sgd.algorithm,
     adam.algorithm,
     adamw.algorithm,
+    decoupled_adam.algorithm,
     rmsprop.algorithm,
     adagrad.algorithm,
     nadam.algorithm,

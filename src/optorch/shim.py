@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import ops, registry
-from .algorithm import Algorithm, apply_update
+from .algorithm import SHARED_KEY, Algorithm, apply_update, sum_contributions
 from .config import Config
 
 __all__ = ["Optimizer", "ENGINES"]
@@ -74,10 +74,19 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        for key, source in self.algorithm.config.linked_defaults.items():
+            if key not in param_group and source in param_group:
+                param_group = {**param_group, key: param_group[source]}
         self.group_config({**self.defaults, **param_group})  # validate before anything changes
         super().add_param_group(param_group)
         if self._runner is not None:
             self._runner.add_group(self.param_groups[-1])
+
+    @property
+    def shared(self) -> dict[str, Tensor] | None:
+        """The algorithm's state shared by all params (DAG's ``s_t``, ``k_val``, ...), as live 0-dim
+        tensors; None for algorithms without any."""
+        return getattr(self._runner, "shared", None)
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -120,13 +129,14 @@ class Optimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict
         self._check_state_dict(state_dict)
+        self._runner.check(state_dict)
         pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
         try:
             super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
-        self._runner.reload()
+        self._runner.reload(state_dict)
         for hook in post_hooks.values():
             hook(self)
 
@@ -146,11 +156,12 @@ class Optimizer(torch.optim.Optimizer):
             except ValueError as error:
                 raise ValueError(f"{name}: param group {i} of the state_dict has invalid hyperparameters: {error}") from error
             expected = set(self.algorithm.state_keys(config))
-            params_by_index.update({index: (param, expected) for index, param in zip(saved["params"], group["params"])})
+            scalar_keys = set(self.algorithm.scalar_keys(config))
+            params_by_index.update({index: (param, expected, scalar_keys) for index, param in zip(saved["params"], group["params"])})
         for index, leaf in state_dict["state"].items():
             if index not in params_by_index:
                 raise ValueError(f"{name}: the state_dict has state for parameter {index!r}, which no param group lists")
-            param, expected = params_by_index[index]
+            param, expected, scalar_keys = params_by_index[index]
             keys = set(self.algorithm.state_from_torch(dict(leaf)))
             if keys != expected:
                 raise ValueError(
@@ -158,9 +169,9 @@ class Optimizer(torch.optim.Optimizer):
                     "is this a checkpoint of another optimizer or with other flags?"
                 )
             for key, value in leaf.items():
-                if key == "step":
+                if key in scalar_keys:
                     if not (isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1)):
-                        raise ValueError(f"{name}: 'step' of parameter {index} must be a number or a one-element tensor")
+                        raise ValueError(f"{name}: {key!r} of parameter {index} must be a number or a one-element tensor")
                 elif not isinstance(value, Tensor) or value.shape != param.shape:
                     shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(f"{name}: state {key!r} of parameter {index} has shape {shape}, the parameter has {tuple(param.shape)}")
@@ -226,7 +237,10 @@ class _TorchRunner:
         for group in state_dict["param_groups"]:
             group.update(self.exported_flags)
 
-    def reload(self) -> None:
+    def check(self, state_dict: dict[str, Any]) -> None:
+        pass  # torch's algorithms keep no shared state
+
+    def reload(self, state_dict: dict[str, Any]) -> None:
         optimizer = self.optimizer
         self.inner.__setstate__({"state": optimizer.state, "param_groups": optimizer.param_groups})
         for group in optimizer.param_groups:
@@ -257,65 +271,101 @@ class _Bucket:
 
     Each param becomes a view of ``flat``; its state lives in flat buffers too, and
     ``optimizer.state[param]`` holds views, so ``state_dict`` sees torch's per-parameter layout.
-    Step counters are per parameter (``steps[i]``), as in torch; the flat path runs when they agree.
+    Per-tensor scalars (``step``, DAG's ``alpha``) live in one vector per key, an entry per param,
+    as torch keeps one per parameter. An element-wise algorithm runs as one flat step while those
+    scalars agree across the params; otherwise each param steps on its own segment.
     """
 
     def __init__(self, params: list[Tensor], algorithm: Algorithm):
         self.params = params
         self.sizes = [p.numel() for p in params]
-        first = params[0]
+        self.shapes = tuple(p.shape for p in params)
         self.flat = torch.cat([p.detach().reshape(-1) for p in params])
         self.grad = torch.zeros_like(self.flat)
         self.param_views = self._split(self.flat)
         self.grad_views = self._split(self.grad)
         for param, view in zip(params, self.param_views):
             param.data = view
-        self.steps = torch.zeros(len(params), dtype=torch.float32, device=first.device)
         self.algorithm = algorithm
-        self.buffers: dict[str, Tensor] = {}
+        self.buffers: dict[str, Tensor] = {}  # per-element state, flat
         self.views: dict[str, list[Tensor]] = {}
-        self.uniform = True  # all step counters equal, so one flat step serves all params
+        self.scalars: dict[str, Tensor] = {}  # per-tensor state, one entry per param
+        self.uniform = True  # all per-tensor scalars equal, so one flat step serves all params
         self.hyper: dict[str, Tensor] = {}  # hyperparameters as 0-dim tensors, refilled each step
         self.exposed: list[bool] = [False] * len(params)  # which params have an optimizer.state entry
         self.exposed_keys: tuple[str, ...] = ()
-        self.step_fn: Callable[..., None] = _flat_step
+        self.step_fn: Callable[..., Any] = _flat_step
 
     def _split(self, flat: Tensor) -> list[Tensor]:
-        return [chunk.view(p.shape) for chunk, p in zip(flat.split(self.sizes), self.params)]
+        return [chunk.view(shape) for chunk, shape in zip(flat.split(self.sizes), self.shapes)]
 
     def ensure(self, keys: tuple[str, ...], config: Config) -> None:
-        """Create the flat state buffers ``keys`` needs that do not exist yet, at their initial values."""
-        missing = [k for k in keys if k != "step" and k not in self.buffers]
+        """Create the state buffers ``keys`` needs that do not exist yet, at their initial values."""
+        missing = [k for k in keys if k not in self.buffers and k not in self.scalars]
         if missing:
             fresh = self.algorithm.init_leaf(self.flat, config)
             for key in missing:
-                self.buffers[key] = fresh[key]
-                self.views[key] = self._split(fresh[key])
+                if fresh[key].dim() == 0:
+                    self.scalars[key] = fresh[key].expand(len(self.params)).clone()
+                else:
+                    self.buffers[key] = fresh[key]
+                    self.views[key] = self._split(fresh[key])
 
     def reset(self, index: int, config: Config) -> None:
-        self.steps[index] = 0
         fresh = self.algorithm.init_leaf(self.param_views[index], config)
-        for key, views in self.views.items():
-            views[index].copy_(fresh[key])
+        for key, value in self.leaf_state(index, tuple(fresh)).items():
+            value.copy_(fresh[key])
 
     def leaf_state(self, index: int, keys: tuple[str, ...]) -> dict[str, Tensor]:
-        return {key: self.steps[index] if key == "step" else self.views[key][index] for key in keys}
+        return {key: self.scalars[key][index] if key in self.scalars else self.views[key][index] for key in keys}
+
+    def check_uniform(self) -> None:
+        self.uniform = all(bool((values == values[0]).all()) for values in self.scalars.values())
 
 
-def _flat_step(update, param: Tensor, grad: Tensor, steps: Tensor, buffers: dict[str, Tensor], config: Config) -> None:
-    new_param, new_state = apply_update(update, param, grad, {"step": steps[0], **buffers}, config)
+def _flat_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], buffers: dict[str, Tensor], config: Config, *shared):
+    """One element-wise step of every param of a bucket at once; per-tensor scalars are all equal."""
+    leaf_state = {**{key: values[0] for key, values in scalars.items()}, **buffers}
+    new_param, new_state, *contributions = apply_update(update, param, grad, leaf_state, config, *shared)
     param.copy_(new_param)
-    steps.copy_(new_state["step"].expand_as(steps))
+    for key, values in scalars.items():
+        values.copy_(new_state[key].expand_as(values))
     for key, buffer in buffers.items():
         buffer.copy_(new_state[key])
+    return contributions[0] if contributions else None
 
 
-def _compiled_flat_step() -> Callable[..., None]:
+def _segment_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], buffers: dict[str, Tensor], config: Config, sizes, shapes, *shared):
+    """One step of every param of a bucket, each on its own segment of the flat buffers (for
+    algorithms that reduce over a tensor). Returns the summed contributions to the shared state."""
+    def split(flat: Tensor) -> list[Tensor]:
+        return [chunk.view(shape) for chunk, shape in zip(flat.split(sizes), shapes)]
+
+    params, grads = split(param), split(grad)
+    views = {key: split(buffer) for key, buffer in buffers.items()}
+    contributions = []
+    for i in range(len(sizes)):
+        leaf_state = {**{key: values[i] for key, values in scalars.items()}, **{key: v[i] for key, v in views.items()}}
+        new_param, new_state, *contribution = apply_update(update, params[i], grads[i], leaf_state, config, *shared)
+        params[i].copy_(new_param)
+        for key, value in leaf_state.items():
+            value.copy_(new_state[key])
+        contributions += contribution
+    return _sum_in_place(contributions)
+
+
+def _sum_in_place(contributions: list[dict[str, Tensor]]) -> dict[str, Tensor] | None:
+    if not contributions:
+        return None
+    return {key: torch.stack([c[key] for c in contributions]).sum() for key in contributions[0]}
+
+
+def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     # Dynamo keeps its compile cache (and its recompile limit) per code object: a private copy of the
     # code gives each bucket one graph of its own, however many buckets and optimizers a process has.
-    code = _flat_step.__code__.replace()
-    function = types.FunctionType(code, _flat_step.__globals__, _flat_step.__name__)
-    return torch.compile(function, fullgraph=True, dynamic=False)
+    code = function.__code__.replace()
+    copy = types.FunctionType(code, function.__globals__, function.__name__)
+    return torch.compile(copy, fullgraph=True, dynamic=False)
 
 
 class _FlatRunner:
@@ -324,8 +374,14 @@ class _FlatRunner:
         self.algorithm = optimizer.algorithm
         self.buckets: list[list[_Bucket]] = []
         self.compiled = compiled
+        self.shared: dict[str, Tensor] | None = None
+        if self.algorithm.shared is not None:
+            self.shared = self.algorithm.shared.init(self._trainable(), optimizer.group_config(optimizer.param_groups[0]))
         for group in optimizer.param_groups:
             self.add_group(group)
+
+    def _trainable(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
 
     def add_group(self, group: dict[str, Any]) -> None:
         config = self.optimizer.group_config(group)
@@ -333,10 +389,15 @@ class _FlatRunner:
         for param in group["params"]:
             by_kind.setdefault((param.device, param.dtype, param.requires_grad), []).append(param)
         buckets = [_Bucket(params, self.algorithm) for params in by_kind.values()]
+        function = _flat_step if self.algorithm.elementwise else _segment_step
         for bucket in buckets:
             bucket.ensure(self.algorithm.state_keys(config), config)
-            bucket.step_fn = _compiled_flat_step() if self.compiled else _flat_step
+            bucket.step_fn = _compiled(function) if self.compiled else function
         self.buckets.append(buckets)
+        if self.shared is not None and self.buckets[1:]:  # a group added later: sizes change
+            fresh = self.algorithm.shared.init(self._trainable(), config)
+            for key in self.algorithm.shared.derived:
+                self.shared[key].copy_(fresh[key])
 
     def step(self, configs: list[Config]) -> None:
         work = []
@@ -347,17 +408,31 @@ class _FlatRunner:
                     if grad is not None and grad is not view:  # views of our own buffer are known good
                         _check_grad_matches(self.algorithm.name, param, grad)
                 work.append((config, bucket, grads))
+        contributions = []
         for config, bucket, grads in work:
             keys = self.algorithm.state_keys(config)
             present = [g is not None for g in grads]
             if not any(present):
                 continue
             bucket.ensure(keys, config)
-            if all(present) and bucket.uniform:
-                self._flat(config, keys, bucket, grads)
+            shared = self._shared_on(bucket)
+            if all(present) and (bucket.uniform or not self.algorithm.elementwise):
+                contribution = self._all_at_once(config, keys, bucket, grads, shared)
             else:
-                self._per_param(config, keys, bucket, grads)
+                contribution = self._per_param(config, keys, bucket, grads, shared)
+            if contribution is not None:
+                contributions.append(contribution)
             self._expose(bucket, keys, present)
+        if self.shared is not None:
+            device = next(iter(self.shared.values())).device
+            totals = sum_contributions(contributions, device)
+            for key, value in self.algorithm.shared.finish(self.shared, totals, configs[0]).items():
+                self.shared[key].copy_(value)
+
+    def _shared_on(self, bucket: _Bucket) -> tuple[dict[str, Tensor], ...]:
+        if self.shared is None:
+            return ()
+        return ({key: value.to(bucket.flat.device) for key, value in self.shared.items()},)
 
     def _expose(self, bucket: _Bucket, keys: tuple[str, ...], present: list[bool]) -> None:
         """Give each stepped param its torch-style state entry (views into the flat buffers), once."""
@@ -370,51 +445,73 @@ class _FlatRunner:
                 self.optimizer.state[param] = bucket.leaf_state(index, keys)
                 bucket.exposed[index] = True
 
-    def _flat(self, config, keys, bucket: _Bucket, grads: list[Tensor]) -> None:
+    def _all_at_once(self, config, keys, bucket: _Bucket, grads: list[Tensor], shared: tuple) -> dict[str, Tensor] | None:
         if not all(g is view for g, view in zip(grads, bucket.grad_views)):
             torch.cat([g.reshape(-1) for g in grads], out=bucket.grad)
             for param, view in zip(bucket.params, bucket.grad_views):
                 param.grad = view  # the next backward accumulates straight into the flat buffer
-        buffers = {key: bucket.buffers[key] for key in keys if key != "step"}
+        scalars = {key: bucket.scalars[key] for key in keys if key in bucket.scalars}
+        buffers = {key: bucket.buffers[key] for key in keys if key in bucket.buffers}
+        layout = () if self.algorithm.elementwise else (bucket.sizes, bucket.shapes)
         # Compiled, numbers travel as tensors so a new value never recompiles; eagerly, numbers keep
         # torch's fused kernels and skip zero terms.
         step_config = self._tensor_config(bucket, config) if self.compiled else config
         try:
-            bucket.step_fn(self.algorithm.update, bucket.flat, bucket.grad, bucket.steps, buffers, step_config)
+            return bucket.step_fn(self.algorithm.update, bucket.flat, bucket.grad, scalars, buffers, step_config, *layout, *shared)
         except Exception as error:
-            if bucket.step_fn is _flat_step:
+            if not self.compiled:
                 raise
             warnings.warn(f"optorch: torch.compile failed ({type(error).__name__}: {error}); {self.algorithm.name} runs eagerly from now on", RuntimeWarning, stacklevel=4)
             self.compiled = False
+            function = _flat_step if self.algorithm.elementwise else _segment_step
             for bucket_ in (b for buckets in self.buckets for b in buckets):
-                bucket_.step_fn = _flat_step
-            _flat_step(self.algorithm.update, bucket.flat, bucket.grad, bucket.steps, buffers, config)
+                bucket_.step_fn = function
+            return function(self.algorithm.update, bucket.flat, bucket.grad, scalars, buffers, config, *layout, *shared)
 
     def _tensor_config(self, bucket: _Bucket, config: Config) -> Config:
-        """``config`` with every number as a 0-dim tensor on the bucket's device, updated in place, so a
-        compiled step sees new values without recompiling."""
+        """``config`` with every real-valued number as a 0-dim tensor on the bucket's device, updated in
+        place, so a compiled step sees new values without recompiling."""
         values = {name: _as_tensors(value, bucket.hyper, name, bucket.flat) for name, value in config.hyperparameters().items()}
-        return type(config).model_construct(**values)
+        return config.model_copy(update=values)
 
-    def _per_param(self, config, keys, bucket: _Bucket, grads: list[Tensor | None]) -> None:
+    def _per_param(self, config, keys, bucket: _Bucket, grads: list[Tensor | None], shared: tuple) -> dict[str, Tensor] | None:
+        contributions = []
         for index, (param, grad) in enumerate(zip(bucket.params, grads)):
             if grad is None:
                 continue
             leaf = bucket.leaf_state(index, keys)
-            new_param, new_state = apply_update(self.algorithm.update, param, grad, leaf, config)
+            new_param, new_state, *contribution = apply_update(self.algorithm.update, param, grad, leaf, config, *shared)
             param.copy_(new_param)
             for key, value in new_state.items():
                 leaf[key].copy_(value)
+            contributions += contribution
         if not all(g is not None for g in grads):
             bucket.uniform = False
+        return _sum_in_place(contributions)
 
     def export(self, state_dict: dict[str, Any]) -> None:
         # torch's keys; a parameter torch would keep no state for (SGD without momentum) gets none.
         exported = {index: self.algorithm.state_to_torch(leaf) for index, leaf in state_dict["state"].items()}
         state_dict["state"] = {index: leaf for index, leaf in exported.items() if leaf}
+        if self.shared is not None:
+            state_dict[SHARED_KEY] = {key: value.clone() for key, value in self.shared.items()}
 
-    def reload(self) -> None:
+    def check(self, state_dict: dict[str, Any]) -> None:
+        if self.shared is None:
+            return
+        saved = state_dict.get(SHARED_KEY)
+        if not isinstance(saved, dict) or set(saved) != set(self.shared):
+            found = sorted(saved) if isinstance(saved, dict) else "none"
+            raise ValueError(f"{self.algorithm.name}: the state_dict's {SHARED_KEY!r} entry has keys {found}, expected {sorted(self.shared)}")
+        for key, value in saved.items():
+            if not isinstance(value, (int, float, Tensor)) or (isinstance(value, Tensor) and value.numel() != 1):
+                raise ValueError(f"{self.algorithm.name}: shared state {key!r} must be a number or a one-element tensor")
+
+    def reload(self, state_dict: dict[str, Any]) -> None:
         optimizer = self.optimizer
+        if self.shared is not None:
+            for key, value in state_dict[SHARED_KEY].items():
+                self.shared[key].copy_(torch.as_tensor(value).reshape(()))
         for group, buckets in zip(optimizer.param_groups, self.buckets):
             config = optimizer.group_config(group)
             keys = self.algorithm.state_keys(config)
@@ -429,18 +526,20 @@ class _FlatRunner:
                     loaded = self.algorithm.state_from_torch(loaded)
                     leaf = bucket.leaf_state(index, keys)
                     for key in keys:
-                        leaf[key].copy_(torch.as_tensor(loaded[key]))
+                        leaf[key].copy_(torch.as_tensor(loaded[key]).reshape(leaf[key].shape))
                     optimizer.state[param] = leaf
                     bucket.exposed[index] = True
-                bucket.uniform = bool((bucket.steps == bucket.steps[0]).all())
+                bucket.check_uniform()
 
 
 def _as_tensors(value: Any, cache: dict[str, Any], name: str, like: Tensor) -> Any:
-    if isinstance(value, bool):
+    # Integers select code paths and cadences (DAG's sat_every, AutoSGM's window kind): they stay
+    # Python values, as do flags and nested settings.
+    if isinstance(value, (bool, int)):
         return value
     if isinstance(value, tuple):
         return tuple(_as_tensors(v, cache, f"{name}.{i}", like) for i, v in enumerate(value))
-    if isinstance(value, (int, float, Tensor)):
+    if isinstance(value, (float, Tensor)):
         tensor = cache.get(name)
         if tensor is None:
             tensor = cache[name] = torch.zeros((), dtype=_hyper_dtype(like), device=like.device)

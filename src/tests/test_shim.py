@@ -711,6 +711,9 @@ def test_load_state_dict_post_hook_can_edit_the_loaded_state(engine):
         optimizer = make_shim("adam", flags, model, engine) if kind == "shim" else make_torch("adam", flags, model, engine)
         optimizer.register_load_state_dict_post_hook(reset_first_moment)
         optimizer.load_state_dict(copy.deepcopy(checkpoint))
+        if kind == "torch":  # torch takes the checkpoint's execution flags; the shim keeps its kernel
+            for group in optimizer.param_groups:
+                group.update(torch_flags("adam", engine))
         assert all(torch.count_nonzero(leaf["exp_avg"]) == 0 for leaf in optimizer.state_dict()["state"].values())
         train(model, optimizer, M, start=N)
         runs.append(params_of(model))
