@@ -57,8 +57,11 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     return new_param, {"step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
 
 
+# beta2=0.99 and eps=1e-3 on purpose: with beta2=0.95, eps=1e-6 the steps are sign-like near the
+# optimum and this problem turns chaotic in float32 (lr * (1 + 1e-7) moved torch's own trajectory by
+# 6e-4 in 100 steps); with these, by 4e-7, so the float32 check can tell rounding from errors.
 GRID = Grid(
-    fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
+    fixed={"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-3},
     axes={"weight_decay": (0.0, 0.1), "maximize": (False, True)},
 )
 algorithm = Algorithm("adamax", Config, init_leaf, update, torch.optim.Adamax, grid=GRID)
