@@ -40,12 +40,14 @@ class Config(_Config):
 
 def _scalar(value, like: torch.Tensor) -> torch.Tensor:
     """A per-tensor scalar state entry (``like``'s dtype and device) holding ``value``."""
-    return ops.like(value, like) if isinstance(value, torch.Tensor) else torch.full_like(like, value)
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype, copy=True)
+    return torch.full_like(like, value)
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
     step = ops.new_step(param)
-    return {"step": step, "eta": _scalar(config.lr, step) + 0, "mu": torch.ones_like(step), "ax": torch.zeros_like(param)}
+    return {"step": step, "eta": _scalar(config.lr, step), "mu": torch.ones_like(step), "ax": torch.zeros_like(param)}
 
 
 def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Config):
