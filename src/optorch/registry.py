@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import adadelta, adagrad, adam, adamax, adamw, asgd, decoupled_adam, nadam, radam, rmsprop, rprop, sgd
+from . import adadelta, adagrad, adam, adamax, adamw, asgd, dag, decoupled_adam, nadam, radam, rmsprop, rprop, sgd
 from .algorithm import Algorithm
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
@@ -30,6 +30,7 @@ _BUILTIN = (
     adadelta.algorithm,
     rprop.algorithm,
     asgd.algorithm,
+    dag.algorithm,
 )
 
 ALGORITHMS: dict[str, Algorithm] = {}
