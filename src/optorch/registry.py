@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import adagrad, adam, adamw, autosgm, dag, decoupled_adam, rmsprop, sgd
+from . import adadelta, adagrad, adam, adamax, adamw, asgd, autosgm, dag, decoupled_adam, nadam, radam, rmsprop, rprop, sgd
 from .algorithm import Algorithm
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
@@ -24,6 +24,12 @@ _BUILTIN = (
     decoupled_adam.algorithm,
     rmsprop.algorithm,
     adagrad.algorithm,
+    nadam.algorithm,
+    radam.algorithm,
+    adamax.algorithm,
+    adadelta.algorithm,
+    rprop.algorithm,
+    asgd.algorithm,
     dag.algorithm,
     autosgm.algorithm,
 )

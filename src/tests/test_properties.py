@@ -39,6 +39,37 @@ CONFIGS = {
     "adagrad": st.fixed_dictionaries(
         {"lr": small, "lr_decay": small, "weight_decay": small, "initial_accumulator_value": small, "eps": st.floats(1e-10, 1e-2)}
     ),
+    "nadam": st.fixed_dictionaries(
+        {
+            "lr": small,
+            "betas": st.tuples(unit, unit),
+            "eps": st.floats(1e-10, 1e-2),
+            "weight_decay": small,
+            "momentum_decay": st.floats(0.0, 0.1),
+            "decoupled_weight_decay": flag,
+            "maximize": flag,
+        }
+    ),
+    "radam": st.fixed_dictionaries(
+        {"lr": small, "betas": st.tuples(unit, unit), "eps": st.floats(1e-10, 1e-2), "weight_decay": small, "decoupled_weight_decay": flag, "maximize": flag}
+    ),
+    "adamax": st.fixed_dictionaries(
+        {"lr": small, "betas": st.tuples(unit, unit), "eps": st.floats(1e-10, 1e-2), "weight_decay": small, "maximize": flag}
+    ),
+    "adadelta": st.fixed_dictionaries(
+        {"lr": st.floats(0.0, 2.0), "rho": st.floats(0.0, 1.0), "eps": st.floats(1e-10, 1e-2), "weight_decay": small, "maximize": flag}
+    ),
+    "rprop": st.fixed_dictionaries(
+        {
+            "lr": small,
+            "etas": st.tuples(st.floats(0.01, 0.99), st.floats(1.01, 3.0)),
+            "step_sizes": st.tuples(st.floats(0.0, 1e-3), st.floats(1e-3, 10.0)),
+            "maximize": flag,
+        }
+    ),
+    "asgd": st.fixed_dictionaries(
+        {"lr": small, "lambd": st.floats(0.0, 0.1), "alpha": st.floats(0.0, 1.0), "t0": st.floats(0.0, 10.0), "weight_decay": small, "maximize": flag}
+    ),
 }
 
 
