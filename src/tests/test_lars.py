@@ -14,6 +14,15 @@ from optorch import lars
 F64 = dict(dtype=torch.float64)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only costs time (see test_equivalence)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def one_step(param, grad, **config):
     params, grads = {"p": torch.tensor(param, **F64)}, {"p": torch.tensor(grad, **F64)}
     cfg = lars.Config(**config)
@@ -240,7 +249,7 @@ def test_param_groups_exclude_by_name_through_the_shim():
     groups = lars.param_groups(model.named_parameters(), weight_decay=0.1)  # excluded: fc.bias, norm.*
     assert [len(g["params"]) for g in groups] == [1, 3] and groups[1]["exclude"] is True
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = optorch.build({"name": "lars", "lr": 0.1, "trust_coefficient": 0.5, "eps": 0.0}, groups)
+    optimizer = optorch.build({"name": "lars", "lr": 0.1, "trust_coefficient": 0.5, "eps": 0.0}, groups, engine="eager")
     model["norm"](model["fc"](torch.randn(5, 3, **F64))).sin().sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     optimizer.step()
