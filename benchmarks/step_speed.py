@@ -80,12 +80,13 @@ except ImportError:  # running from a checkout without PYTHONPATH=src
     from optorch import registry
 
 DEFAULT_SHAPES = ("1x16M", "200x80k", "2000x8k", "2000x1k")
-ROW_KEYS = ("fused", "foreach", "forloop", "auto", "compiled", "gather", "cosine", "eager", "pure")
+ROW_KEYS = ("fused", "foreach", "forloop", "peers", "auto", "compiled", "gather", "cosine", "eager", "pure")
 ROW_LABELS = {
     "ref": "ref Adam fused",
     "fused": "torch fused",
     "foreach": "torch foreach",
     "forloop": "torch for-loop",
+    "peers": "peer implementations",
     "auto": "shim auto",
     "compiled": "shim compiled",
     "gather": "shim compiled gather",
@@ -96,6 +97,26 @@ ROW_LABELS = {
 # Hyperparameters per algorithm (the rest are the algorithm's defaults). SGD runs with momentum, the
 # 20-bytes-per-parameter case DESIGN.md compares to Adam's 28.
 ALGO_CONFIG: dict[str, dict[str, Any]] = {"sgd": {"lr": 1e-3, "momentum": 0.9}}
+
+
+def _adopt_kwargs(config: dict[str, Any], decouple_key: str) -> dict[str, Any]:
+    exponent = config["clip_exponent"]
+    clip = (lambda step: step**exponent) if exponent is not None else None
+    return {"lr": config["lr"], "betas": config["betas"], "eps": config["eps"], "weight_decay": config["weight_decay"],
+            decouple_key: config["decouple"], "maximize": config["maximize"], "clip_lambda": clip}
+
+
+# The implementations users would otherwise pick, per algorithm: (label, "module:Class", the
+# optorch config's hyperparameters -> their keyword arguments). Rows whose package is missing say so.
+PEERS: dict[str, list[tuple[str, str, Callable[[dict[str, Any]], dict[str, Any]]]]] = {
+    "adopt": [
+        ("torch-adopt", "adopt:ADOPT", lambda c: _adopt_kwargs(c, "decouple")),
+        ("pytorch_optimizer", "pytorch_optimizer:ADOPT", lambda c: _adopt_kwargs(c, "weight_decouple")),
+    ],
+    "lars": [
+        ("pytorch_optimizer", "pytorch_optimizer:LARS", lambda c: {"lr": c["lr"], "momentum": c["momentum"], "weight_decay": c["weight_decay"], "trust_coefficient": c["trust_coefficient"]}),
+    ],
+}
 # DESIGN.md: shim step <= this many times torch.optim Adam fused (bytes-scaled).
 SHIM_GOALS = {"sgd": 1.0, "adam": 1.0, "adamw": 1.0, "adopt": 1.0, "dag": 1.5, "autosgm": 1.3}
 PURE_VS_FOREACH_GOAL = 1.5
@@ -306,6 +327,20 @@ class Block:
         opt = self.algorithm.torch_optimizer(params, **self.config.hyperparameters(), **flags)
         return Row(key, ROW_LABELS[key], opt.step, note=_flags_note(flags), keep=[params, opt])
 
+    def peers(self) -> list[Row]:
+        rows = []
+        for label, target, kwargs_of in PEERS.get(self.algorithm.name, []):
+            module_name, class_name = target.split(":")
+            try:
+                peer_class = getattr(__import__(module_name), class_name)
+            except ImportError as error:
+                rows.append(Row("peer:" + label, label, lambda: None, error=f"not installed ({error})"))
+                continue
+            params = self.fresh()
+            opt = peer_class(params, **kwargs_of(self.config.hyperparameters()))
+            rows.append(Row("peer:" + label, label, opt.step, note=target, keep=[params, opt]))
+        return rows
+
     def shim(self, key: str, engine: str) -> Row:
         params = self.fresh()
         opt = optorch.build(self.config_dict, params, engine=engine)
@@ -357,6 +392,8 @@ class Block:
                 if key in ("fused", "foreach", "forloop"):
                     if key in modes:
                         rows.append(self.torch_row(key, modes[key]))
+                elif key == "peers":
+                    rows.extend(self.peers())
                 elif key == "auto":
                     rows.append(self.shim(key, "auto"))
                 elif key in ("compiled", "gather", "cosine"):
@@ -621,7 +658,8 @@ def print_summary(blocks: list[dict[str, Any]], shapes: list[str], out) -> None:
                 if abs(r["ratio_bytes_scaled"] - r["ratio"]) > 1e-9:
                     cell += f" [{r['ratio_bytes_scaled']:.2f}]"
                 cells.append(cell + ")")
-            print(f"{algo:<8}{ROW_LABELS[key]:<22}" + "".join(f"{c:>{width}}" for c in cells), file=out)
+            label = next(r["label"] for b in blocks if b["algo"] == algo for r in b["results"] if r["row"] == key)
+            print(f"{algo:<8}{label:<22}" + "".join(f"{c:>{width}}" for c in cells), file=out)
     out.flush()
 
 

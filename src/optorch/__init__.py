@@ -5,10 +5,11 @@ Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> s
 ``torch.optim.Optimizer`` that runs the same math in place.
 """
 
-from . import adagrad, adam, adamw, rmsprop, sgd
+from . import adagrad, adam, adamw, dag, decoupled_adam, rmsprop, schedules, sgd
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
 from .config import Config
+from .inject import InjectedHyperparams, inject_hyperparams
 from .registry import ALGORITHMS, UnknownOptimizerError, register
 from .shim import Optimizer
 
@@ -20,15 +21,20 @@ __all__ = [
     "Grid",
     "Config",
     "ConfigError",
+    "InjectedHyperparams",
     "Optimizer",
     "UnknownOptimizerError",
     "adagrad",
     "adam",
     "adamw",
     "build",
+    "dag",
+    "decoupled_adam",
+    "inject_hyperparams",
     "load_config",
     "parse_config",
     "register",
     "rmsprop",
+    "schedules",
     "sgd",
 ]

@@ -44,6 +44,10 @@ class Config(_Config):
     def _betas_as_tuple(cls, value):
         return tuple(value) if isinstance(value, list) else value
 
+    def decay_rate(self):
+        """The fraction of the parameter that decoupled decay removes per step: lr * weight_decay."""
+        return self.lr * self.weight_decay
+
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
     state = {"step": ops.new_step(param), "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
@@ -59,7 +63,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     if is_zero(wd):
         pass
     elif config.decoupled_weight_decay:
-        param = param * (1 - lr * wd)
+        param = param * (1 - config.decay_rate())
     else:
         g = ops.add(g, param, wd)
     exp_avg = ops.lerp(state["exp_avg"], g, 1 - beta1)

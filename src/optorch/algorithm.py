@@ -160,10 +160,6 @@ class Algorithm:
         """The per-parameter state keys under ``config`` (they can depend on flags, e.g. amsgrad)."""
         return tuple(self.init_leaf(torch.zeros(1), config))
 
-    def scalar_keys(self, config: Config) -> tuple[str, ...]:
-        """The per-parameter state keys that hold one number per tensor (``step``, DAG's ``alpha``)
-        rather than one per element."""
-        return tuple(key for key, value in self.init_leaf(torch.zeros(2), config).items() if value.dim() == 0)
 
     def init(self, params: Any, config: Config) -> State:
         """Fresh state for a pytree of params. Pure: ``params`` is only read."""

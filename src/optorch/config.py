@@ -68,9 +68,30 @@ class Config(BaseModel):
     """Constructor keys besides the fields, e.g. an original's tuple arguments, which a
     ``model_validator(mode="before")`` folds into the fields. The builder accepts them too."""
 
+    linked_defaults: ClassVar[dict[str, str]] = {}
+    """``{key: source}``: in the shim, a param group that leaves ``key`` out takes it from its own
+    ``source`` (e.g. ``initial_lr`` from the group's ``lr``) rather than from the optimizer defaults."""
+
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some fields changed (``dataclasses.replace`` for configs)."""
         return type(self)(**{**self.hyperparameters(), **changes})
+
+    def with_tensors(self, **values: Any) -> "Config":
+        """A copy with some numeric fields replaced by tensors (or tuples of tensors), unvalidated.
+
+        Tensors are never range-checked (they may be traced or batched), so there is nothing to
+        validate; skipping pydantic keeps this traceable, so a compiled step can build the config it
+        steps with from hyperparameters it receives as tensors (:mod:`optorch.inject`, the shim).
+        """
+        for name, value in values.items():
+            parts = value if isinstance(value, tuple) else (value,)
+            if name not in self.__dict__ or not all(isinstance(part, torch.Tensor) for part in parts):
+                raise TypeError(f"with_tensors: {name!r} must be a field of {type(self).__name__} given as a tensor or a tuple of tensors")
+        copy = object.__new__(type(self))
+        object.__setattr__(copy, "__dict__", {**self.__dict__, **values})
+        for attribute in ("__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__"):
+            object.__setattr__(copy, attribute, getattr(self, attribute))
+        return copy
 
     def hyperparameters(self) -> dict[str, Any]:
         """Field name to value, values as they are (tensors stay tensors)."""

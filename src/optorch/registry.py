@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import adagrad, adam, adamw, lars, rmsprop, sgd
+from . import adagrad, adam, adamw, dag, decoupled_adam, lars, rmsprop, sgd
 from .algorithm import Algorithm
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
@@ -21,8 +21,10 @@ _BUILTIN = (
     sgd.algorithm,
     adam.algorithm,
     adamw.algorithm,
+    decoupled_adam.algorithm,
     rmsprop.algorithm,
     adagrad.algorithm,
+    dag.algorithm,
     lars.algorithm,
 )
 

@@ -74,6 +74,9 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        for key, source in self.algorithm.config.linked_defaults.items():
+            if key not in param_group and source in param_group:
+                param_group = {**param_group, key: param_group[source]}
         self.group_config({**self.defaults, **param_group})  # validate before anything changes
         super().add_param_group(param_group)
         if self._runner is not None:
@@ -152,26 +155,28 @@ class Optimizer(torch.optim.Optimizer):
                 config = self.group_config({**group, **saved})
             except ValueError as error:
                 raise ValueError(f"{name}: param group {i} of the state_dict has invalid hyperparameters: {error}") from error
-            expected = set(self.algorithm.state_keys(config))
-            scalar_keys = set(self.algorithm.scalar_keys(config))
-            params_by_index.update({index: (param, expected, scalar_keys) for index, param in zip(saved["params"], group["params"])})
+            params_by_index.update({index: (param, config) for index, param in zip(saved["params"], group["params"])})
         for index, leaf in state_dict["state"].items():
             if index not in params_by_index:
                 raise ValueError(f"{name}: the state_dict has state for parameter {index!r}, which no param group lists")
-            param, expected, scalar_keys = params_by_index[index]
+            param, config = params_by_index[index]
+            # The state this param would start with, shapes only: what the checkpoint must match.
+            expected = self.algorithm.init_leaf(torch.empty(param.shape, dtype=param.dtype, device="meta"), config)
             keys = set(self.algorithm.state_from_torch(dict(leaf)))
-            if keys != expected:
+            if keys != set(expected):
                 raise ValueError(
                     f"{name}: state of parameter {index} has keys {sorted(keys)}, expected {sorted(expected)}; "
                     "is this a checkpoint of another optimizer or with other flags?"
                 )
             for key, value in leaf.items():
-                if key in scalar_keys:
+                if key not in expected:  # a key torch saves under another name (from_torch maps it)
+                    continue
+                if expected[key].dim() == 0:
                     if not (isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1)):
                         raise ValueError(f"{name}: {key!r} of parameter {index} must be a number or a one-element tensor")
-                elif not isinstance(value, Tensor) or value.shape != param.shape:
+                elif not isinstance(value, Tensor) or value.shape != expected[key].shape:
                     shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                    raise ValueError(f"{name}: state {key!r} of parameter {index} has shape {shape}, the parameter has {tuple(param.shape)}")
+                    raise ValueError(f"{name}: state {key!r} of parameter {index} has shape {shape}, expected {tuple(expected[key].shape)} (the parameter has {tuple(param.shape)})")
 
 
 def _resolve_engine(engine: str, algorithm: Algorithm, groups: list[dict[str, Any]]) -> str:
@@ -297,16 +302,36 @@ class _Bucket:
         return [chunk.view(shape) for chunk, shape in zip(flat.split(self.sizes), self.shapes)]
 
     def ensure(self, keys: tuple[str, ...], config: Config) -> None:
-        """Create the state buffers ``keys`` needs that do not exist yet, at their initial values."""
-        missing = [k for k in keys if k not in self.buffers and k not in self.scalars]
-        if missing:
+        """Create the state buffers ``keys`` needs that do not exist yet, at their initial values.
+
+        Per-element state (shaped like each param) goes into one flat buffer per key, per-tensor
+        scalars into one vector per key. A non-element-wise algorithm may also keep state of other
+        shapes (Adafactor's row and column factors): that stays one tensor per param.
+        """
+        missing = [k for k in keys if k not in self.views and k not in self.scalars]
+        if not missing:
+            return
+        if self.algorithm.elementwise:  # one fresh state for the whole buffer
             fresh = self.algorithm.init_leaf(self.flat, config)
             for key in missing:
                 if fresh[key].dim() == 0:
                     self.scalars[key] = fresh[key].expand(len(self.params)).clone()
                 else:
-                    self.buffers[key] = fresh[key]
-                    self.views[key] = self._split(fresh[key])
+                    self._flat_buffer(key, fresh[key])
+            return
+        per_param = [self.algorithm.init_leaf(view, config) for view in self.param_views]
+        for key in missing:
+            values = [leaf[key] for leaf in per_param]
+            if all(v.dim() == 0 for v in values):
+                self.scalars[key] = torch.stack(values)
+            elif all(v.shape == shape for v, shape in zip(values, self.shapes)):
+                self._flat_buffer(key, torch.cat([v.reshape(-1) for v in values]))
+            else:
+                self.views[key] = [v.clone() for v in values]
+
+    def _flat_buffer(self, key: str, buffer: Tensor) -> None:
+        self.buffers[key] = buffer
+        self.views[key] = self._split(buffer)
 
     def reset(self, index: int, config: Config) -> None:
         fresh = self.algorithm.init_leaf(self.param_views[index], config)
@@ -332,14 +357,15 @@ def _flat_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], 
     return contributions[0] if contributions else None
 
 
-def _segment_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], buffers: dict[str, Tensor], config: Config, sizes, shapes, *shared):
+def _segment_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], buffers: dict[str, Tensor], config: Config, sizes, shapes, lists, *shared):
     """One step of every param of a bucket, each on its own segment of the flat buffers (for
-    algorithms that reduce over a tensor). Returns the summed contributions to the shared state."""
+    algorithms that reduce over a tensor); ``lists`` holds state of other shapes, one tensor per
+    param. Returns the summed contributions to the shared state."""
     def split(flat: Tensor) -> list[Tensor]:
         return [chunk.view(shape) for chunk, shape in zip(flat.split(sizes), shapes)]
 
     params, grads = split(param), split(grad)
-    views = {key: split(buffer) for key, buffer in buffers.items()}
+    views = {**{key: split(buffer) for key, buffer in buffers.items()}, **lists}
     contributions = []
     for i in range(len(sizes)):
         leaf_state = {**{key: values[i] for key, values in scalars.items()}, **{key: v[i] for key, v in views.items()}}
@@ -449,7 +475,8 @@ class _FlatRunner:
                 param.grad = view  # the next backward accumulates straight into the flat buffer
         scalars = {key: bucket.scalars[key] for key in keys if key in bucket.scalars}
         buffers = {key: bucket.buffers[key] for key in keys if key in bucket.buffers}
-        layout = () if self.algorithm.elementwise else (bucket.sizes, bucket.shapes)
+        lists = {key: bucket.views[key] for key in keys if key in bucket.views and key not in bucket.buffers}
+        layout = () if self.algorithm.elementwise else (bucket.sizes, bucket.shapes, lists)
         # Compiled, numbers travel as tensors so a new value never recompiles; eagerly, numbers keep
         # torch's fused kernels and skip zero terms.
         step_config = self._tensor_config(bucket, config) if self.compiled else config
@@ -469,7 +496,7 @@ class _FlatRunner:
         """``config`` with every real-valued number as a 0-dim tensor on the bucket's device, updated in
         place, so a compiled step sees new values without recompiling."""
         values = {name: _as_tensors(value, bucket.hyper, name, bucket.flat) for name, value in config.hyperparameters().items()}
-        return config.model_copy(update=values)
+        return config.with_tensors(**{name: value for name, value in values.items() if _is_tensors(value)})
 
     def _per_param(self, config, keys, bucket: _Bucket, grads: list[Tensor | None], shared: tuple) -> dict[str, Tensor] | None:
         contributions = []
@@ -543,6 +570,10 @@ def _as_tensors(value: Any, cache: dict[str, Any], name: str, like: Tensor) -> A
         tensor.fill_(value)
         return tensor
     return value
+
+
+def _is_tensors(value: Any) -> bool:
+    return isinstance(value, Tensor) or (isinstance(value, tuple) and bool(value) and all(isinstance(v, Tensor) for v in value))
 
 
 def _hyper_dtype(like: Tensor) -> torch.dtype:

@@ -47,12 +47,17 @@ def test_config_validates(path: Path):
     assert isinstance(raw.get("name"), str), f"{path.name}: needs a 'name' key"
     algorithm, config = builder.parse_config(raw)
     assert isinstance(config, algorithm.config)
-    # Every key written in the file is a config field and keeps the value written there.
+    # Every key written in the file is a config field and keeps the value written there; a nested
+    # dict of settings (DAG's hyper) is merged over its defaults, so it keeps the keys written.
+    values = config.hyperparameters()
     for key, value in raw.items():
         if key == "name":
             continue
         expected = tuple(value) if isinstance(value, list) else value
-        assert getattr(config, key) == expected, f"{path.name}: {key}"
+        if isinstance(value, dict):
+            assert {k: values[key][k] for k in value} == value, f"{path.name}: {key}"
+        else:
+            assert getattr(config, key) == expected, f"{path.name}: {key}"
     # A path parses to the same thing as the dict loaded from it.
     assert builder.parse_config(path) == (algorithm, config)
 

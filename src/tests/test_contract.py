@@ -3,7 +3,8 @@ tensor (``elementwise=False``), per-tensor scalar state, and state shared by all
 
 The toy is normalised SGD, p <- p - lr * s * g / ||g||, where s is a shared scale that halves
 whenever the mean squared gradient norm of the last step exceeds ``limit``; each tensor keeps its
-last gradient norm (a per-tensor scalar) and the shared state counts steps and parameters. The pure
+last gradient norm (a per-tensor scalar) and a running sum of |g| per row (state of its own shape,
+as Adafactor's factors), and the shared state counts steps and parameters. The pure
 stepper defines the expected trajectory; the shim's engines must follow it for every param layout.
 """
 
@@ -25,13 +26,14 @@ class Config(optorch.Config):
 
 
 def init_leaf(param, config):
-    return {"grad_norm": torch.zeros((), dtype=param.dtype, device=param.device)}
+    return {"grad_norm": torch.zeros((), dtype=param.dtype, device=param.device), "row_sums": param.new_zeros(param.shape[:1])}
 
 
 def update(param, grad, state, config, shared):
     norm = grad.norm()
     new_param = param - config.lr * shared["scale"] * grad / norm
-    return new_param, {"grad_norm": norm}, {"norm_sq": norm.square().to(shared["scale"].dtype), "tensors": torch.ones((), dtype=shared["scale"].dtype, device=norm.device)}
+    row_sums = state["row_sums"] + grad.abs().reshape(grad.shape[0], -1).sum(1)
+    return new_param, {"grad_norm": norm, "row_sums": row_sums}, {"norm_sq": norm.square().to(shared["scale"].dtype), "tensors": torch.ones((), dtype=shared["scale"].dtype, device=norm.device)}
 
 
 def init_shared(params, config):
@@ -84,7 +86,8 @@ def _shim(engine, steps, optimizer=None, params=None):
 
 def test_pure_stepper_keeps_per_tensor_and_shared_state():
     params, state = _pure(7)
-    assert set(state) == {"grad_norm", "shared"}
+    assert set(state) == {"grad_norm", "row_sums", "shared"}
+    assert state["row_sums"]["w"].shape == (3,)
     assert state["grad_norm"]["w"].shape == ()
     assert state["shared"]["steps"].item() == 7
     assert state["shared"]["numel"].item() == 12 + 4 + 5
@@ -99,8 +102,9 @@ def test_shim_follows_the_pure_stepper(engine):
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-14)
     for key, value in state["shared"].items():
         torch.testing.assert_close(optimizer.shared[key], value, rtol=0, atol=1e-14)
-    norms = [optimizer.state[p]["grad_norm"] for p in optimizer.param_groups[0]["params"]]
-    torch.testing.assert_close(torch.stack(norms), torch.stack([state["grad_norm"][n] for n in "wbc"]), rtol=0, atol=1e-14)
+    for key in ("grad_norm", "row_sums"):
+        for param, name in zip(optimizer.param_groups[0]["params"], "wbc"):
+            torch.testing.assert_close(optimizer.state[param][key], state[key][name], rtol=0, atol=1e-14)
 
 
 def test_shared_state_round_trips_through_a_checkpoint():

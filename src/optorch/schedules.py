@@ -1,0 +1,530 @@
+r"""Learning-rate schedules: pure ``step -> value`` functions.
+
+A schedule is a frozen, validated pydantic model with a ``name`` discriminator (so it is built from a
+config dict by :func:`from_config`) and ``__call__(step)``, as in optax. ``step`` may be
+
+- a Python ``int`` or ``float``: the value is a Python ``float``, computed in double precision with
+  the same operations, in the same order, as ``torch.optim.lr_scheduler``'s closed forms;
+- a tensor (usually 0-dim, any device, any shape works element-wise): the value is a tensor
+  (float64, float32 on MPS) computed with torch ops only. Nothing reads the tensor back to the host
+  and no Python branch depends on its value, so a schedule runs inside
+  ``torch.compile(fullgraph=True)`` and a new step never recompiles.
+
+Negative steps count as 0. Every schedule is total: no step makes it divide by zero, go negative
+where its values are non-negative, or rise again after its end (the bugs of the original optorch's
+``rsqrt``, ``cosine`` and ``linear_warmdown``).
+
+Notation: :math:`s` is the step, :math:`v` ``init_value`` (the peak), :math:`e` ``end_value``,
+:math:`a` ``warmup_start_value``, :math:`W` ``warmup_steps``, and
+:math:`\operatorname{ramp}(x, y; k, n) = x + (y - x)\,k / n` with :math:`k` clamped to :math:`[0, n]`.
+The formulas of every schedule are in docs/schedules.md and in each class's docstring.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor
+
+from .ops import scalar_dtype
+
+__all__ = [
+    "SCHEDULES",
+    "AnySchedule",
+    "Constant",
+    "Cosine",
+    "CosineWarmRestarts",
+    "Exponential",
+    "Join",
+    "Linear",
+    "LinearWarmdown",
+    "MultiStep",
+    "OneCycle",
+    "Polynomial",
+    "Rsqrt",
+    "Schedule",
+    "Step",
+    "UnknownScheduleError",
+    "WarmupStableDecay",
+    "from_config",
+    "names",
+]
+
+Steps = Annotated[int, Field(ge=0)]
+PositiveSteps = Annotated[int, Field(ge=1)]
+Value = Annotated[float, Field(allow_inf_nan=False)]
+NonNegativeValue = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Factor = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+
+
+# --- arithmetic on a step that is a number or a tensor -------------------------------------------
+# Each helper is the math module on numbers and the torch op on tensors, so each schedule is written
+# once. Branches are `_where`, which on tensors is torch.where (both sides evaluated, which is why
+# every formula is kept finite for every step by clamping, never guarded by a Python `if`).
+
+
+def _as_step(step: Any) -> float | Tensor:
+    if isinstance(step, Tensor):
+        if step.is_complex():
+            raise TypeError(f"a step must be real, got a {step.dtype} tensor")
+        return torch.clamp(step.to(scalar_dtype(step)), min=0.0)
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise TypeError(f"a step must be an int, a float or a tensor, got {type(step).__name__} {step!r}")
+    return max(float(step), 0.0)
+
+
+def _clip(x: float | Tensor, low: float | None = None, high: float | None = None) -> float | Tensor:
+    if isinstance(x, Tensor):
+        return torch.clamp(x, low, high)
+    if low is not None:
+        x = max(x, low)
+    if high is not None:
+        x = min(x, high)
+    return x
+
+
+def _where(condition: bool | Tensor, a: float | Tensor, b: float | Tensor) -> float | Tensor:
+    if isinstance(condition, Tensor):
+        return torch.where(condition, a, b)  # at least one of a, b is a tensor derived from the step
+    return a if condition else b
+
+
+def _cos(x: float | Tensor) -> float | Tensor:
+    return torch.cos(x) if isinstance(x, Tensor) else math.cos(x)
+
+
+def _sqrt(x: float | Tensor) -> float | Tensor:
+    return torch.sqrt(x) if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def _log(x: float | Tensor) -> float | Tensor:
+    return torch.log(x) if isinstance(x, Tensor) else math.log(x)
+
+
+def _floor(x: float | Tensor) -> float | Tensor:
+    return torch.floor(x) if isinstance(x, Tensor) else float(math.floor(x))
+
+
+def _ramp(s: float | Tensor, start: float, end: float, begin: float, length: float) -> float | Tensor:
+    """start + (end - start)·k/length with k = s - begin clamped to [0, length]: flat outside.
+    Written as torch's LinearLR closed form, ``(end - start) * k / length`` (multiply, then divide)."""
+    k = _clip(s - begin, 0.0, length)
+    return start + (end - start) * k / length
+
+
+def _cosine(s: float | Tensor, start: float, end: float, begin: float, length: float) -> float | Tensor:
+    """Half a cosine from start to end over [begin, begin + length], flat outside; in the order of
+    torch's CosineAnnealingLR closed form."""
+    k = _clip(s - begin, 0.0, length)
+    return end + (start - end) * (1 + _cos(math.pi * k / length)) / 2
+
+
+def _with_warmup(schedule: "Schedule", s: float | Tensor, decayed: float | Tensor) -> float | Tensor:
+    """``decayed``, preceded by a linear warmup from warmup_start_value to init_value over warmup_steps."""
+    w = schedule.warmup_steps
+    if w == 0:
+        return decayed
+    return _where(s < w, _ramp(s, schedule.warmup_start_value, schedule.init_value, 0.0, w), decayed)
+
+
+# --- the schedules ------------------------------------------------------------------------------
+
+
+class Schedule(BaseModel):
+    """Base of every schedule: frozen, unknown keys rejected, validated on construction."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __call__(self, step: Any) -> float | Tensor:
+        """The value at ``step`` (an int, a float or a tensor; negative steps count as 0)."""
+        return self._value(_as_step(step))
+
+    def _value(self, s: float | Tensor) -> float | Tensor:  # s: a float or a float tensor, >= 0
+        raise NotImplementedError
+
+
+class Constant(Schedule):
+    r""":math:`f(s) = v`."""
+
+    name: Literal["constant"] = "constant"
+    value: Value
+
+    def _value(self, s):
+        return torch.full_like(s, self.value) if isinstance(s, Tensor) else self.value
+
+
+class Linear(Schedule):
+    r"""Linear from ``init_value`` to ``end_value`` over ``transition_steps``, starting at
+    ``transition_begin``; flat before and after (optax ``linear_schedule``, torch ``LinearLR``):
+    :math:`f(s) = \operatorname{ramp}(v, e; s - b, n)`."""
+
+    name: Literal["linear"] = "linear"
+    init_value: Value
+    end_value: Value
+    transition_steps: PositiveSteps
+    transition_begin: Steps = 0
+
+    def _value(self, s):
+        return _ramp(s, self.init_value, self.end_value, self.transition_begin, self.transition_steps)
+
+
+class _Warmup(Schedule):
+    """Fields of a linear warmup from warmup_start_value to init_value over warmup_steps."""
+
+    init_value: Value
+    warmup_steps: Steps = 0
+    warmup_start_value: Value = 0.0
+
+
+class Cosine(_Warmup):
+    r"""Optional linear warmup, then half a cosine from ``init_value`` to ``end_value``, flat at
+    ``end_value`` after ``decay_steps`` (optax ``warmup_cosine_decay_schedule``; torch
+    ``CosineAnnealingLR`` without warmup). ``decay_steps`` is the total length, warmup included:
+
+    .. math::
+        f(s) = \begin{cases} \operatorname{ramp}(a, v; s, W) & s < W \\
+        e + (v - e)\,\tfrac{1}{2}\bigl(1 + \cos(\pi k / (T - W))\bigr),\ k = \min(s - W, T - W) & s \ge W
+        \end{cases}
+    """
+
+    name: Literal["cosine"] = "cosine"
+    decay_steps: PositiveSteps
+    end_value: Value = 0.0
+
+    @model_validator(mode="after")
+    def _decay_after_warmup(self):
+        if self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"decay_steps ({self.decay_steps}) is the total length, warmup included, so it must be greater "
+                f"than warmup_steps ({self.warmup_steps})"
+            )
+        return self
+
+    def _value(self, s):
+        w = self.warmup_steps
+        return _with_warmup(self, s, _cosine(s, self.init_value, self.end_value, w, self.decay_steps - w))
+
+
+class WarmupStableDecay(_Warmup):
+    r"""Warmup-stable-decay ("trapezoidal"): linear warmup over ``warmup_steps``, ``init_value`` for
+    ``stable_steps``, then a decay to ``end_value`` over ``decay_steps``, flat after. With
+    :math:`k = s - W - S` clamped to :math:`[0, D]`, the decay is ``linear``
+    :math:`\operatorname{ramp}(v, e; k, D)`, ``cosine`` :math:`e + (v - e)\frac12(1 + \cos(\pi k/D))`
+    or ``1-sqrt`` :math:`e + (v - e)(1 - \sqrt{k/D})`."""
+
+    name: Literal["warmup_stable_decay"] = "warmup_stable_decay"
+    stable_steps: Steps
+    decay_steps: PositiveSteps
+    end_value: Value = 0.0
+    decay_type: Literal["linear", "cosine", "1-sqrt"] = "linear"
+
+    def _value(self, s):
+        begin = self.warmup_steps + self.stable_steps
+        v, e, d = self.init_value, self.end_value, self.decay_steps
+        if self.decay_type == "linear":
+            decayed = _ramp(s, v, e, begin, d)
+        elif self.decay_type == "cosine":
+            decayed = _cosine(s, v, e, begin, d)
+        else:
+            decayed = e + (v - e) * (1 - _sqrt(_clip(s - begin, 0.0, d) / d))
+        # the stable phase is init_value itself, not a decay formula that rounds to it
+        return _with_warmup(self, s, _where(s < begin, _ones(s, v), decayed))
+
+
+def _ones(s: float | Tensor, value: float) -> float | Tensor:
+    return torch.full_like(s, value) if isinstance(s, Tensor) else value
+
+
+class Exponential(Schedule):
+    r"""Exponential decay (optax ``exponential_decay``; torch ``ExponentialLR`` with
+    ``transition_steps=1``): :math:`f(s) = v\,r^{p}`, :math:`p = \max(s - b, 0)/n`, floored if
+    ``staircase``; clipped at ``end_value`` (from below if :math:`r < 1`, from above if :math:`r > 1`)."""
+
+    name: Literal["exponential"] = "exponential"
+    init_value: Value
+    decay_rate: Factor
+    transition_steps: PositiveSteps = 1
+    transition_begin: Steps = 0
+    staircase: bool = False
+    end_value: Optional[Value] = None
+
+    def _value(self, s):
+        p = _clip(s - self.transition_begin, 0.0) / self.transition_steps
+        if self.staircase:
+            p = _floor(p)
+        value = self.init_value * self.decay_rate**p
+        if self.end_value is None:
+            return value
+        return _clip(value, low=self.end_value) if self.decay_rate < 1 else _clip(value, high=self.end_value)
+
+
+class Polynomial(Schedule):
+    r"""Polynomial decay (optax ``polynomial_schedule``; torch ``PolynomialLR`` with ``end_value=0``):
+    :math:`f(s) = (v - e)(1 - k/n)^{p} + e`, :math:`k = s - b` clamped to :math:`[0, n]`."""
+
+    name: Literal["polynomial"] = "polynomial"
+    init_value: Value
+    transition_steps: PositiveSteps
+    end_value: Value = 0.0
+    power: Factor = 1.0
+    transition_begin: Steps = 0
+
+    def _value(self, s):
+        n = self.transition_steps
+        k = _clip(s - self.transition_begin, 0.0, n)
+        return (self.init_value - self.end_value) * (1.0 - k / n) ** self.power + self.end_value
+
+
+class Step(Schedule):
+    r"""Piecewise constant, decayed by ``gamma`` every ``step_size`` steps (torch ``StepLR``):
+    :math:`f(s) = v\,\gamma^{\lfloor s / \text{step\_size} \rfloor}`."""
+
+    name: Literal["step"] = "step"
+    init_value: Value
+    step_size: PositiveSteps
+    gamma: Factor = 0.1
+
+    def _value(self, s):
+        return self.init_value * self.gamma ** (s // self.step_size)
+
+
+class MultiStep(Schedule):
+    r"""Piecewise constant, decayed by ``gamma`` at each milestone (torch ``MultiStepLR``; a milestone
+    listed twice decays twice): :math:`f(s) = v\,\gamma^{\#\{m \le s\}}`."""
+
+    name: Literal["multistep"] = "multistep"
+    init_value: Value
+    milestones: tuple[Steps, ...]
+    gamma: Factor = 0.1
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, milestones: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(milestones))
+
+    def _value(self, s):
+        count = _ones(s, 0.0)
+        for m in self.milestones:
+            count = count + ((s >= m).to(s.dtype) if isinstance(s, Tensor) else float(s >= m))
+        return self.init_value * self.gamma**count
+
+
+class CosineWarmRestarts(Schedule):
+    r"""Cosine annealing with warm restarts, SGDR (torch ``CosineAnnealingWarmRestarts``): cycle
+    :math:`i` lasts :math:`T_i = T_0 T_{mult}^i` steps; with :math:`t` the steps since the last restart,
+    :math:`f(s) = e + (v - e)\frac12\bigl(1 + \cos(\pi t / T_i)\bigr)`."""
+
+    name: Literal["cosine_warm_restarts"] = "cosine_warm_restarts"
+    init_value: Value
+    T_0: PositiveSteps
+    T_mult: PositiveSteps = 1
+    end_value: Value = 0.0
+
+    def _value(self, s):
+        t0, m = float(self.T_0), float(self.T_mult)
+        if self.T_mult == 1:
+            t_cur, t_i = s % t0, t0
+        else:
+            # cycle n starts at T_0 (m^n - 1)/(m - 1): invert with a log, then correct the log's
+            # rounding at the boundaries with exact integer arithmetic (floats below 2**53).
+            def start(n):
+                return t0 * (m**n - 1) / (m - 1)
+
+            n = _floor(_log(s * (m - 1) / t0 + 1) / math.log(m))
+            n = _where(s < start(n), n - 1, n)
+            n = _where(s >= start(n + 1), n + 1, n)
+            t_cur, t_i = s - start(n), t0 * m**n
+        return self.end_value + (self.init_value - self.end_value) * (1 + _cos(math.pi * t_cur / t_i)) / 2
+
+
+class OneCycle(Schedule):
+    r"""The 1cycle policy (torch ``OneCycleLR``, learning rate only): from ``max_lr/div_factor`` up to
+    ``max_lr`` until step ``pct_start·total_steps - 1``, then down to
+    ``max_lr/(div_factor·final_div_factor)`` at step ``total_steps - 1`` (with ``three_phase``, first back
+    to the start value at ``2·pct_start·total_steps - 2``), each phase annealed by ``cos``
+    :math:`y + (x - y)\frac12(\cos(\pi p) + 1)` or ``linear`` :math:`(y - x)p + x` from :math:`x` to
+    :math:`y`, :math:`p` the fraction of the phase; flat at the end value after ``total_steps - 1``
+    (where torch raises)."""
+
+    name: Literal["one_cycle"] = "one_cycle"
+    max_lr: Value
+    total_steps: PositiveSteps
+    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    div_factor: Factor = 25.0
+    final_div_factor: Factor = 1e4
+    three_phase: bool = False
+
+    def _phases(self) -> list[tuple[float, float, float]]:
+        """(end_step, start value, end value) per phase, as torch's OneCycleLR computes them."""
+        initial = self.max_lr / self.div_factor
+        low = initial / self.final_div_factor
+        first = float(self.pct_start * self.total_steps) - 1
+        last = float(self.total_steps - 1)
+        if self.three_phase:
+            second = float(2 * self.pct_start * self.total_steps) - 2
+            return [(first, initial, self.max_lr), (second, self.max_lr, initial), (last, initial, low)]
+        return [(first, initial, self.max_lr), (last, self.max_lr, low)]
+
+    @model_validator(mode="after")
+    def _phases_not_empty(self):
+        start = 0.0
+        for i, (end, _, _) in enumerate(self._phases()):
+            if end <= start:
+                raise ValueError(
+                    f"phase {i + 1} of the cycle is empty (steps {start} to {end}): total_steps={self.total_steps} "
+                    f"and pct_start={self.pct_start} leave it no step"
+                )
+            start = end
+        return self
+
+    def _anneal(self, start: float, end: float, pct):
+        if self.anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (_cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def _value(self, s):
+        phases, value = self._phases(), None
+        starts = [0.0] + [end for end, _, _ in phases[:-1]]
+        # every phase is evaluated with its fraction clamped to [0, 1] (finite for any step), then the
+        # right one is selected, from the last phase back to the first
+        for (end, x, y), start in reversed(list(zip(phases, starts))):
+            phase_value = self._anneal(x, y, _clip((s - start) / (end - start), 0.0, 1.0))
+            value = phase_value if value is None else _where(s <= end, phase_value, value)
+        return value
+
+
+class Rsqrt(_Warmup):
+    r"""Inverse square root decay after an optional linear warmup; ``warmup_steps=0`` is allowed.
+    With :math:`\tau` = ``timescale`` (default :math:`\max(W, 1)`):
+
+    .. math::
+        f(s) = \begin{cases} \operatorname{ramp}(a, v; s, W) & s < W \\
+        v / \sqrt{1 + (s - W)/\tau} & s \ge W \end{cases}
+
+    With :math:`\tau = W` this is the original optorch's :math:`v\sqrt{W}/\sqrt{s}`."""
+
+    name: Literal["rsqrt"] = "rsqrt"
+    timescale: Optional[PositiveSteps] = None
+
+    def _value(self, s):
+        tau = self.timescale if self.timescale is not None else max(self.warmup_steps, 1)
+        decayed = self.init_value / _sqrt(1 + _clip(s - self.warmup_steps, 0.0) / tau)
+        return _with_warmup(self, s, decayed)
+
+
+class LinearWarmdown(_Warmup):
+    r"""Optional linear warmup, then linear from ``init_value`` down to ``end_value`` at step
+    ``decay_steps`` (the total length, warmup included), flat after; never negative (values are
+    :math:`\ge 0`, and the result is clamped at 0 against rounding):
+
+    .. math::
+        f(s) = \begin{cases} \operatorname{ramp}(a, v; s, W) & s < W \\
+        \max\bigl(0, \operatorname{ramp}(v, e; s - W, T - W)\bigr) & s \ge W \end{cases}
+    """
+
+    name: Literal["linear_warmdown"] = "linear_warmdown"
+    init_value: NonNegativeValue
+    decay_steps: PositiveSteps
+    end_value: NonNegativeValue = 0.0
+    warmup_start_value: NonNegativeValue = 0.0
+
+    @model_validator(mode="after")
+    def _decay_after_warmup(self):
+        if self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"decay_steps ({self.decay_steps}) is the total length, warmup included, so it must be greater "
+                f"than warmup_steps ({self.warmup_steps})"
+            )
+        return self
+
+    def _value(self, s):
+        w = self.warmup_steps
+        decayed = _clip(_ramp(s, self.init_value, self.end_value, w, self.decay_steps - w), 0.0)
+        decayed = _where(s >= self.decay_steps, _ones(s, self.end_value), decayed)  # exactly end_value after
+        return _with_warmup(self, s, decayed)
+
+
+class Join(Schedule):
+    r"""Schedules joined at ``boundaries`` (optax ``join_schedules``): schedule :math:`i` runs from
+    boundary :math:`b_{i-1}` (:math:`b_{-1} = 0`) and sees the steps counted from it,
+    :math:`f(s) = f_i(s - b_{i-1})` for :math:`b_{i-1} \le s < b_i`."""
+
+    name: Literal["join"] = "join"
+    schedules: tuple["AnySchedule", ...]
+    boundaries: tuple[Steps, ...]
+
+    @model_validator(mode="after")
+    def _one_boundary_between_schedules(self):
+        if not self.schedules:
+            raise ValueError("join needs at least one schedule")
+        if len(self.boundaries) != len(self.schedules) - 1:
+            raise ValueError(
+                f"join needs one boundary between each two schedules: {len(self.schedules)} schedules need "
+                f"{len(self.schedules) - 1} boundaries, got {len(self.boundaries)}"
+            )
+        if any(b >= c for b, c in zip(self.boundaries, self.boundaries[1:])):
+            raise ValueError(f"boundaries must increase strictly, got {list(self.boundaries)}")
+        return self
+
+    def _value(self, s):
+        starts = (0,) + self.boundaries
+        if not isinstance(s, Tensor):
+            i = bisect.bisect_right(self.boundaries, s)
+            return self.schedules[i]._value(s - starts[i])
+        value = self.schedules[-1]._value(torch.clamp(s - starts[-1], min=0.0))
+        for i in range(len(self.boundaries) - 1, -1, -1):
+            earlier = self.schedules[i]._value(torch.clamp(s - starts[i], min=0.0))
+            value = torch.where(s < self.boundaries[i], earlier, value)
+        return value
+
+
+AnySchedule = Annotated[
+    Union[
+        Constant, Linear, Cosine, WarmupStableDecay, Exponential, Polynomial, Step, MultiStep,
+        CosineWarmRestarts, OneCycle, Join, Rsqrt, LinearWarmdown,
+    ],
+    Field(discriminator="name"),
+]
+"""Any schedule, told apart by its ``name`` (a pydantic discriminated union)."""
+
+Join.model_rebuild()
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    cls.model_fields["name"].default: cls
+    for cls in (Constant, Linear, Cosine, WarmupStableDecay, Exponential, Polynomial, Step, MultiStep,
+                CosineWarmRestarts, OneCycle, Join, Rsqrt, LinearWarmdown)
+}
+"""Schedule name to class."""
+
+class UnknownScheduleError(ValueError):
+    """A config names no known schedule."""
+
+
+def names() -> list[str]:
+    """The names :func:`from_config` accepts."""
+    return sorted(SCHEDULES)
+
+
+def from_config(config: Mapping[str, Any] | Schedule) -> Schedule:
+    """A schedule from a config dict such as ``{"name": "cosine", "init_value": 1e-3, "decay_steps": 1000}``
+    (a schedule is returned as is). A bad name raises :class:`UnknownScheduleError` with the known names;
+    bad values raise ``pydantic.ValidationError`` naming the field."""
+    if isinstance(config, Schedule):
+        return config
+    if not isinstance(config, Mapping):
+        raise TypeError(f"a schedule config must be a mapping, got {type(config).__name__}")
+    name = config.get("name")
+    if name not in SCHEDULES:
+        close = difflib.get_close_matches(str(name), names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        what = "has no 'name'" if name is None else f"names an unknown schedule {name!r}{hint}"
+        raise UnknownScheduleError(f"the schedule config {what}; known schedules: {', '.join(names())}")
+    return SCHEDULES[name].model_validate(dict(config))  # errors then name the class, not the union
