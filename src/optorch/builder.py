@@ -20,11 +20,12 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from . import registry
+from . import registry, schedules
 from .algorithm import Algorithm
 from .config import Config
+from .schedules import Schedule
 
-__all__ = ["ConfigError", "build", "load_config", "parse_config"]
+__all__ = ["ConfigError", "build", "load_config", "parse_config", "parse_schedules"]
 
 
 class ConfigError(ValueError):
@@ -60,14 +61,12 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tuple[Algorithm, Config]:
-    """Resolve a config dict, Config instance or file path into ``(algorithm, validated config)``."""
+    """Resolve a config dict, Config instance or file path into ``(algorithm, validated config)``
+    (a ``schedule`` entry is checked and left out: :func:`parse_schedules` reads it)."""
     if isinstance(config, Config):
         return registry.for_config(config), config
-    if isinstance(config, (str, os.PathLike)):
-        config = load_config(config)
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a dict, an optorch Config or a file path, got {type(config).__name__}")
-    values = dict(config)
+    values = _as_dict(config)
+    values.pop(SCHEDULE_KEY, None)
     if "name" not in values:
         raise ConfigError(f"config needs a 'name' key naming the optimizer, one of: {', '.join(registry.names())}")
     algorithm = registry.get(values.pop("name"))
@@ -76,7 +75,44 @@ def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tupl
     if unknown:
         hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, valid, n=1)) else repr(key) for key in unknown]
         raise ConfigError(f"unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: name, {', '.join(valid)}")
-    return algorithm, algorithm.config(**values)
+    parsed = algorithm, algorithm.config(**values)
+    parse_schedules(config, parsed[1])
+    return parsed
+
+
+SCHEDULE_KEY = "schedule"
+
+
+def parse_schedules(config: Mapping[str, Any] | Config | str | os.PathLike, parsed: Config | None = None) -> dict[str, Schedule]:
+    """The config's ``schedule`` entry, ``{hyperparameter: schedule config}``, as validated schedules::
+
+        {"name": "adam", "lr": 3e-4, "schedule": {"lr": {"name": "cosine", "init_value": 3e-4,
+                                                          "warmup_steps": 500, "decay_steps": 10000}}}
+    """
+    if isinstance(config, Config):
+        return {}
+    entry = _as_dict(config).get(SCHEDULE_KEY) or {}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"'{SCHEDULE_KEY}' must map hyperparameter names to schedule configs, got {type(entry).__name__}")
+    if parsed is None:
+        parsed = parse_config(config)[1]
+    values = parsed.hyperparameters()
+    for name in entry:
+        if name not in values or isinstance(values[name], bool) or not isinstance(values[name], (int, float)):
+            scalars = [k for k, v in values.items() if isinstance(v, float)]
+            raise ConfigError(f"'{SCHEDULE_KEY}': {name!r} is not a scalar hyperparameter of this optimizer; schedulable: {', '.join(scalars)}")
+    try:
+        return {name: schedules.from_config(schedule) for name, schedule in entry.items()}
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"'{SCHEDULE_KEY}': {error}") from error
+
+
+def _as_dict(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, an optorch Config or a file path, got {type(config).__name__}")
+    return dict(config)
 
 
 def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterable[Any], *, engine: str = "auto"):
@@ -89,4 +125,4 @@ def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterab
     from .shim import Optimizer
 
     algorithm, parsed = parse_config(config)
-    return Optimizer(params, algorithm, parsed, engine=engine)
+    return Optimizer(params, algorithm, parsed, engine=engine, schedules=parse_schedules(config, parsed))

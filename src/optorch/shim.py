@@ -27,7 +27,7 @@ import inspect
 import types
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -52,8 +52,12 @@ class Optimizer(torch.optim.Optimizer):
         engine: ``"auto"``, ``"torch"``, ``"compiled"`` or ``"eager"`` (see the module docs).
     """
 
-    def __init__(self, params: Iterable[Any], algorithm: str | Algorithm, config: Config | None = None, *, engine: str = "auto"):
+    def __init__(self, params: Iterable[Any], algorithm: str | Algorithm, config: Config | None = None, *, engine: str = "auto",
+                 schedules: Mapping[str, Callable[[int], float]] | None = None):
         self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
+        self.schedules = dict(schedules or {})
+        self.schedule_step = 0
+        self._overrides: list[set[str]] = []  # per group, the keys its dict set itself
         if config is None:
             config = self.algorithm.config()
         if type(config) is not self.algorithm.config:
@@ -62,6 +66,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self._runner: _TorchRunner | _FlatRunner | None = None
         super().__init__(params, config.hyperparameters())
+        self._apply_schedules()
         self.engine = _resolve_engine(engine, self.algorithm, self.param_groups)
         self._runner = _TorchRunner(self) if self.engine == "torch" else _FlatRunner(self, compiled=self.engine == "compiled")
 
@@ -78,6 +83,7 @@ class Optimizer(torch.optim.Optimizer):
             if key not in param_group and source in param_group:
                 param_group = {**param_group, key: param_group[source]}
         self.group_config({**self.defaults, **param_group})  # validate before anything changes
+        self._overrides.append(set(param_group) - {"params"})
         super().add_param_group(param_group)
         if self._runner is not None:
             self._runner.add_group(self.param_groups[-1])
@@ -90,11 +96,22 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- stepping ----------------------------------------------------------------------------
 
+    def _apply_schedules(self) -> None:
+        """Set each scheduled hyperparameter to its value at ``schedule_step`` in every param group
+        that did not set that key itself (a no-decay group keeps its weight decay of 0)."""
+        for name, schedule in self.schedules.items():
+            value = float(schedule(self.schedule_step))
+            for group, overrides in zip(self.param_groups, self._overrides):
+                if name not in overrides:
+                    group[name] = value
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.schedules:
+            self._apply_schedules()
         # Every group's hyperparameters and every grad are checked before any parameter changes.
         configs = [self.group_config(group) for group in self.param_groups]
         for group in self.param_groups:
@@ -102,6 +119,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self.algorithm.name} does not support sparse gradients")
         with torch.no_grad():
             self._runner.step(configs)
+        if self.schedules:
+            self.schedule_step += 1
+            self._apply_schedules()  # param_groups show the values the next step will use
         return loss
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -113,6 +133,8 @@ class Optimizer(torch.optim.Optimizer):
         state_dict = super().state_dict()
         if self._runner is not None:
             self._runner.export(state_dict)
+        if self.schedules:
+            state_dict["schedule_step"] = self.schedule_step
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -137,6 +159,9 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         self._runner.reload(state_dict)
+        if self.schedules:
+            self.schedule_step = int(state_dict.get("schedule_step", 0))
+            self._apply_schedules()
         for hook in post_hooks.values():
             hook(self)
 
