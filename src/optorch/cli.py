@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare_parser.add_argument("configs", nargs="*", metavar="CONFIG", help="builder config files (.yaml, .yml, .json); default: the repo's configs/ plus the default Config of every registered algorithm they leave out")
     compare_parser.add_argument("--out", default="optorch-compare", metavar="DIR", help="directory for table.txt, loss.png and knob-*.png (default ./optorch-compare)")
-    compare_parser.add_argument("--steps", type=_positive_int, default=500, metavar="N", help="optimizer steps per run (default 500)")
+    compare_parser.add_argument("--steps", type=_positive_int, default=1500, metavar="N", help="optimizer steps per run (default 1500)")
     compare_parser.add_argument("--batch-size", type=_positive_int, default=64, metavar="B", help="mini-batch size (default 64)")
     compare_parser.add_argument("--seed", type=int, default=0, help="seed of the init, the train/test split and the batch order (default 0)")
     compare_parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")

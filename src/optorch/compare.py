@@ -214,8 +214,10 @@ def mlp(seed: int) -> nn.Module:
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> Tensor:
     """``(steps, batch_size)`` sample indices: shuffled epochs, the same for every run."""
+    if not 1 <= batch_size <= n:
+        raise CompareError(f"the batch size must be between 1 and the {n} training samples, got {batch_size}")
     generator = torch.Generator().manual_seed(seed)
-    epochs = math.ceil(steps * batch_size / n) + 1
+    epochs = math.ceil(steps / (n // batch_size))  # each epoch drops its last, incomplete batch
     order = torch.cat([torch.randperm(n, generator=generator)[: n - n % batch_size] for _ in range(epochs)])
     return order[: steps * batch_size].view(steps, batch_size)
 
@@ -257,7 +259,7 @@ class Result:
 def compare(
     specs: Sequence[Spec],
     *,
-    steps: int = 500,
+    steps: int = 1500,
     seed: int = 0,
     device: str = "cpu",
     batch_size: int = 64,
@@ -284,7 +286,7 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
     data = digits(seed, device)
     model = mlp(seed).to(device)
     batches = batch_order(len(data.y_train), steps, batch_size, seed).to(device)
-    eval_every = eval_every or max(1, steps // 50)
+    eval_every = eval_every or max(1, steps // 100)
     # Build every optimizer first: a config the shim rejects fails before any run has started.
     runs = []
     for spec in specs:

@@ -91,6 +91,9 @@ def test_batches_are_shuffled_epochs_of_the_training_set():
     assert order.shape == (7, 30)
     epoch = order[:3].flatten()  # 90 = three whole batches of the first epoch, no sample twice
     assert len(set(epoch.tolist())) == 90 and int(order.max()) < 100
+    assert compare.batch_order(100, steps=3 * 40, batch_size=30, seed=0).shape == (120, 30)  # 40 epochs
+    with pytest.raises(compare.CompareError, match="batch size"):
+        compare.batch_order(100, steps=1, batch_size=101, seed=0)
     data = compare.digits(0)
     assert len(data.y_train) + len(data.y_test) == 1797 and len(data.y_test) == 359
     assert data.x_train.shape[1] == 64 and 0.0 <= float(data.x_train.min()) and float(data.x_train.max()) <= 1.0
