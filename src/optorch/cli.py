@@ -80,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
 
 _COMPARE_EPILOG = """\
 Every run uses the torch.optim shim (optorch.build) in an ordinary training loop. Step time is the
-median time of optimizer.step() alone (forward and backward are the same for every run), as a
-multiple of the fastest run. Any hyperparameter that changes during a run (an LR scheduler, an
+10th percentile of the times of optimizer.step() alone (forward and backward are the same for every
+run), as a multiple of the fastest run. Any hyperparameter that changes during a run (an LR scheduler, an
 adaptive rule) and any scalar of an algorithm's shared state is plotted against the step.
 
 A bad config file stops the command before any training, naming the file and the field.
