@@ -11,7 +11,8 @@ What a run records:
 * the loss on the whole training set every few steps (the loss curve) and at the end;
 * the test accuracy at the end (a fixed 20% of the data, never trained on);
 * the time of each ``optimizer.step()`` (its 10th percentile is reported, as a ratio to the fastest
-  run: forward and backward are the same for every run, so they are left out);
+  run: forward and backward are the same for every run, so they are left out). The runs take turns,
+  a few steps each, so load from other processes slows them alike;
 * the first evaluated step at which the training loss reaches the target;
 * every numeric hyperparameter of the param groups at each step, and each 0-dim entry of the
   optimizer's shared state: whatever changes over a run (an LR scheduler, an adaptive rule) is
@@ -304,10 +305,20 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
         scheduler = spec.scheduler(optimizer) if spec.scheduler is not None else None
         runs.append((spec, run_model, optimizer, scheduler))
     tqdm = _require("tqdm", "tqdm").tqdm
-    results = []
-    for spec, run_model, optimizer, scheduler in runs:
-        with tqdm(total=steps, desc=spec.label, unit="step", leave=True, disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-            results.append(_train(spec, run_model, optimizer, scheduler, data, batches, eval_every, target, bar))
+    results = [Result(spec.label, spec.source, spec.algorithm.name, _jsonable(spec.config.hyperparameters()), 0) for spec in specs]
+    bars = [
+        tqdm(total=steps, desc=spec.label, unit="step", position=i, leave=True, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for i, spec in enumerate(specs)
+    ]
+    try:
+        # The runs take turns, eval_every steps at a time, so that a burst of load from other
+        # processes slows all of them alike rather than the one that happens to be running.
+        active = [_train(result, *run[1:], data, batches, eval_every, target, bar) for result, run, bar in zip(results, runs, bars)]
+        while active:
+            active = [run for run in active if next(run, None) is not None]
+    finally:
+        for bar in bars:
+            bar.close()
     return results
 
 
@@ -317,9 +328,9 @@ def _optimizer(spec: Spec, model: nn.Module, engine: str):
     return Optimizer(model.parameters(), spec.algorithm, spec.config, engine=engine)
 
 
-def _train(spec: Spec, model: nn.Module, optimizer, scheduler, data: Data, batches: Tensor, eval_every: int, target: float, bar) -> Result:
+def _train(result: Result, model: nn.Module, optimizer, scheduler, data: Data, batches: Tensor, eval_every: int, target: float, bar):
+    """One run, filling in ``result``: a generator that pauses (yields True) after each evaluation."""
     loss_fn = nn.functional.cross_entropy
-    result = Result(spec.label, spec.source, spec.algorithm.name, _jsonable(spec.config.hyperparameters()), 0)
     cuda = data.x_train.device.type == "cuda"
 
     def evaluate(step: int) -> float:
@@ -360,10 +371,10 @@ def _train(spec: Spec, model: nn.Module, optimizer, scheduler, data: Data, batch
             if not math.isfinite(train_loss):
                 result.diverged = True
                 break
+            yield True
     result.final_train_loss = result.train_loss[-1] if not result.diverged else math.nan
     with torch.no_grad():
         result.test_accuracy = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
-    return result
 
 
 def _knobs(optimizer) -> dict[str, float]:
@@ -478,6 +489,9 @@ def plot_knobs(results: Sequence[Result], out: str | os.PathLike) -> list[Path]:
         for (label, values), (color, style) in zip(runs, _styles(len(runs))):
             ax.plot(range(1, len(values) + 1), values, color=color, linestyle=style, label=label)
         ax.set(xlabel="step", ylabel=name, title=f"{name} over the steps")
+        values = [v for _, vs in runs for v in vs]
+        if min(values) > 0 and max(values) > 10 * min(values):  # e.g. lrs of different runs, decades apart
+            ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
         path = Path(out) / f"knob-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
