@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    compare_parser.add_argument("configs", nargs="*", metavar="CONFIG", help="builder config files (.yaml, .yml, .json); default: the repo's configs/ plus the default Config of every registered algorithm they leave out")
+    compare_parser.add_argument("configs", nargs="*", metavar="CONFIG", help="builder config files (.yaml, .yml, .json) or directories of them; default: the repo's configs/ plus the default Config of every registered algorithm they leave out")
     compare_parser.add_argument("--out", default="optorch-compare", metavar="DIR", help="directory for table.txt, loss.png and knob-*.png (default ./optorch-compare)")
     compare_parser.add_argument("--steps", type=_positive_int, default=1500, metavar="N", help="optimizer steps per run (default 1500)")
     compare_parser.add_argument("--batch-size", type=_positive_int, default=64, metavar="B", help="mini-batch size (default 64)")

@@ -92,14 +92,17 @@ class Spec:
 
 
 def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
-    """Parse every config file; the first bad one raises :class:`CompareError` naming it and its field.
+    """Parse every config file (a directory: its config files, by name); the first bad one raises
+    :class:`CompareError` naming it and its field.
 
     Nothing trains before all of them have parsed, so a typo in the last file costs no time.
     """
     specs = []
-    for path in paths:
-        algorithm, config = _parse_file(Path(path))
-        specs.append(Spec(Path(path).stem, str(path), algorithm, config))
+    for path in map(Path, paths):
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES) if path.is_dir() else [path]
+        for file in files:
+            algorithm, config = _parse_file(file)
+            specs.append(Spec(file.stem, str(file), algorithm, config))
     return _unique_labels(specs)
 
 
@@ -149,8 +152,7 @@ def default_specs(config_dir: Path | None = None) -> list[Spec]:
     """Every config file in ``config_dir`` (default: :func:`default_config_dir`), then the default
     Config of each registered algorithm that none of those files names."""
     config_dir = default_config_dir() if config_dir is None else config_dir
-    files = sorted(p for p in config_dir.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES) if config_dir else []
-    specs = load_specs(files)
+    specs = load_specs([config_dir] if config_dir else [])
     covered = {spec.algorithm.name for spec in specs}
     for name in registry.names():
         if name not in covered:

@@ -138,6 +138,8 @@ def test_the_default_set_covers_every_registered_algorithm_and_the_repo_configs(
     repo_configs = Path(__file__).resolve().parents[2] / "configs"
     assert config_dir == repo_configs
     assert [s.source for s in specs if s.source != "defaults"] == [str(p) for p in sorted(repo_configs.glob("*.yaml"))]
+    # A directory argument means its config files, by name.
+    assert [s.source for s in compare.load_specs([repo_configs])] == [str(p) for p in sorted(repo_configs.glob("*.yaml"))]
 
 
 def test_without_config_files_every_algorithm_gets_its_default_config(tmp_path, monkeypatch):
