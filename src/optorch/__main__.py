@@ -1,4 +1,4 @@
-"""``python -m optorch verify``: the same command line as the ``optorch`` console script."""
+"""``python -m optorch verify`` / ``python -m optorch compare``: the same command line as the ``optorch`` console script."""
 
 from .cli import main
 

@@ -1,8 +1,11 @@
-"""The ``optorch`` command line: ``optorch verify`` (also ``python -m optorch verify``).
+"""The ``optorch`` command line: ``optorch verify`` and ``optorch compare`` (also ``python -m optorch ...``).
 
 ``verify`` runs every algorithm that has a torch.optim counterpart over its whole flag grid against
 torch.optim on this machine's devices, and prints one row per check. It exits 1 if any check fails,
 so it can gate a deployment on a new device or torch version.
+
+``compare`` trains a small MLP on scikit-learn's digits once per optimizer config (same init, same
+batches) and reports a table and plots (see :mod:`optorch.compare`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from . import registry, verify
+from . import compare, registry, verify
+from .shim import ENGINES
 
 __all__ = ["main"]
 
@@ -53,7 +57,36 @@ def _parser() -> argparse.ArgumentParser:
         default="both",
         help="drop one parameter's gradient every third step (torch skips it and its step count falls behind): off, on, or both (default)",
     )
+    compare_parser = commands.add_parser(
+        "compare",
+        help="train a small model once per optimizer config and compare the runs",
+        description="Train an MLP (64-64-10) on scikit-learn's digits once per config, from the same init on the same batches, "
+        "and report the final train loss, the test accuracy, the step time and the steps to a target loss, with plots.",
+        epilog=_COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare_parser.add_argument("configs", nargs="*", metavar="CONFIG", help="builder config files (.yaml, .yml, .json) or directories of them; default: the repo's configs/ plus the default Config of every registered algorithm they leave out")
+    compare_parser.add_argument("--out", default="optorch-compare", metavar="DIR", help="directory for table.txt, loss.png and knob-*.png (default ./optorch-compare)")
+    compare_parser.add_argument("--steps", type=_positive_int, default=1500, metavar="N", help="optimizer steps per run (default 1500)")
+    compare_parser.add_argument("--batch-size", type=_positive_int, default=64, metavar="B", help="mini-batch size (default 64)")
+    compare_parser.add_argument("--seed", type=int, default=0, help="seed of the init, the train/test split and the batch order (default 0)")
+    compare_parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    compare_parser.add_argument("--engine", choices=ENGINES, default="eager", help="the shim's engine (default eager: the same code path for every algorithm, no compile time)")
+    compare_parser.add_argument("--target", type=float, default=0.3, metavar="LOSS", help="training-set loss whose first step is reported (default 0.3)")
+    compare_parser.add_argument("--json", metavar="PATH", help="also write every run's results and curves as JSON")
+    compare_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+_COMPARE_EPILOG = """\
+Every run uses the torch.optim shim (optorch.build) in an ordinary training loop. Step time is the
+10th percentile of the times of optimizer.step() alone (forward and backward are the same for every
+run), as a multiple of the fastest run. Any hyperparameter that changes during a run (an LR scheduler, an
+adaptive rule) and any scalar of an algorithm's shared state is plotted against the step.
+
+A bad config file stops the command before any training, naming the file and the field.
+Needs the compare extra: pip install 'optorch[compare]'.
+"""
 
 
 def _positive_int(text: str) -> int:
@@ -65,14 +98,14 @@ def _positive_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # One intra-op thread: the checks' tensors are tiny, and torch's fused CPU kernels spend
+    # One intra-op thread: the tensors of both commands are tiny, and torch's CPU kernels spend
     # milliseconds per call waking more threads.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _verify(args)
-    except (registry.UnknownOptimizerError, verify.NoGridError, _UsageError) as error:
-        print(f"optorch verify: error: {error}", file=sys.stderr)
+        return compare.run(args) if args.command == "compare" else _verify(args)
+    except (registry.UnknownOptimizerError, verify.NoGridError, _UsageError, compare.CompareError) as error:
+        print(f"optorch {args.command}: error: {error}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
