@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from . import registry
 from .algorithm import Algorithm
-from .builder import ConfigError, load_config, parse_config
+from .builder import ConfigError, load_config, parse_config, parse_schedules
 from .config import Config
 
 __all__ = [
@@ -86,6 +86,8 @@ class Spec:
     """The config file, or ``"defaults"`` for an algorithm's default Config."""
     algorithm: Algorithm
     config: Config
+    schedules: dict[str, Any] = field(default_factory=dict)
+    """The config's ``schedule`` entry, parsed (see :func:`optorch.builder.parse_schedules`)."""
     scheduler: Callable[[Any], Any] | None = None
     """Optional ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, stepped after each step (for
     :func:`compare` from Python; a config file names no scheduler)."""
@@ -101,14 +103,16 @@ def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
     for path in map(Path, paths):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES) if path.is_dir() else [path]
         for file in files:
-            algorithm, config = _parse_file(file)
-            specs.append(Spec(file.stem, str(file), algorithm, config))
+            algorithm, config, schedules = _parse_file(file)
+            specs.append(Spec(file.stem, str(file), algorithm, config, schedules))
     return _unique_labels(specs)
 
 
-def _parse_file(path: Path) -> tuple[Algorithm, Config]:
+def _parse_file(path: Path) -> tuple[Algorithm, Config, dict[str, Any]]:
     try:
-        return parse_config(load_config(path))
+        values = load_config(path)
+        algorithm, config = parse_config(values)
+        return algorithm, config, parse_schedules(values, config)
     except pydantic.ValidationError as error:
         problems = "; ".join(_problem(e) for e in error.errors())
         raise CompareError(f"{path}: {problems}") from None
@@ -327,7 +331,7 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
 def _optimizer(spec: Spec, model: nn.Module, engine: str):
     from .shim import Optimizer
 
-    return Optimizer(model.parameters(), spec.algorithm, spec.config, engine=engine)
+    return Optimizer(model.parameters(), spec.algorithm, spec.config, engine=engine, schedules=spec.schedules)
 
 
 def _train(result: Result, model: nn.Module, optimizer, scheduler, data: Data, batches: Tensor, eval_every: int, target: float, bar):
