@@ -5,7 +5,7 @@ Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> s
 ``torch.optim.Optimizer`` that runs the same math in place.
 """
 
-from . import adagrad, adam, adamw, rmsprop, sgd
+from . import adagrad, adam, adamw, adopt, rmsprop, sgd
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
 from .config import Config
@@ -25,6 +25,7 @@ __all__ = [
     "adagrad",
     "adam",
     "adamw",
+    "adopt",
     "build",
     "load_config",
     "parse_config",

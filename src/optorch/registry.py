@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import adagrad, adam, adamw, rmsprop, sgd
+from . import adagrad, adam, adamw, adopt, rmsprop, sgd
 from .algorithm import Algorithm
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
@@ -23,6 +23,7 @@ _BUILTIN = (
     adamw.algorithm,
     rmsprop.algorithm,
     adagrad.algorithm,
+    adopt.algorithm,
 )
 
 ALGORITHMS: dict[str, Algorithm] = {}

@@ -56,8 +56,7 @@ def _flat(params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 def replay_pure(name: str, case: dict[str, Any]) -> list[list[torch.Tensor]]:
     """The case through ``optorch.<algorithm>.init/step`` with the config the builder parses."""
-    config = optorch.parse_config(case["config"])
-    algorithm = optorch.registry.for_config(config)
+    algorithm, config = optorch.parse_config(case["config"])
     params, x, y = _problem(name)
     state = algorithm.init(params, config)
     trajectory = []

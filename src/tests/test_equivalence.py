@@ -26,7 +26,7 @@ def _cases(paths, configs_of, marks=()):
         pytest.param(name, config, path, marks=marks, id=f"{_case_id(name, config)}-{path}")
         for name in ALGORITHMS
         for config in configs_of(name)
-        for path in paths
+        for path in verify.paths_for(name, paths)
     ]
 
 
