@@ -138,8 +138,11 @@ def _power(step, exponent):
     return step**exponent
 
 
+# beta2 near ADOPT's default: with a fast v (0.95) the normalised step stays O(1) as the gradients shrink,
+# and on verify's problem the trajectory turns chaotic near step 90 (one-ulp differences between any two
+# roundings of the same math, e.g. the compiled engine's, grow to 1e-12 by step 100, 5e-4 in float32).
 GRID = Grid(
-    fixed={"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-4},
+    fixed={"lr": 0.01, "betas": (0.8, 0.999), "eps": 1e-4},
     axes={"weight_decay": (0.0, 0.1), "decouple": (False, True), "maximize": (False, True), "clip_exponent": (0.25, 0.5, None)},
 )
 algorithm = Algorithm("adopt", Config, init_leaf, update, grid=GRID, reference=reference)
