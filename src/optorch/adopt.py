@@ -71,10 +71,9 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         g = ops.add(g, param, wd)  # before the first-call check: v starts from (g + wd*p)^2
     k = ops.step_count(state["step"], param)
     new_step = state["step"] + 1
-    first_sq = ops.addcmul(exp_avg_sq, g, g)
     if isinstance(k, numbers.Number) and k == 0:
         # The first call only initialises v (no decay, no move); a number k can branch for free.
-        return param.clone(), {"step": new_step, "exp_avg": exp_avg.clone(), "exp_avg_sq": first_sq}
+        return param.clone(), {"step": new_step, "exp_avg": exp_avg.clone(), "exp_avg_sq": ops.addcmul(exp_avg_sq, g, g)}
 
     theta = param
     if not is_zero(wd) and config.decouple:
@@ -93,7 +92,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         first = k == 0
         new_param = torch.where(first, param, new_param)
         new_avg = torch.where(first, exp_avg, new_avg)
-        new_sq = torch.where(first, first_sq, new_sq)
+        new_sq = torch.where(first, ops.addcmul(exp_avg_sq, g, g), new_sq)
     return new_param, {"step": new_step, "exp_avg": new_avg, "exp_avg_sq": new_sq}
 
 
