@@ -5,7 +5,9 @@ Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> s
 ``torch.optim.Optimizer`` that runs the same math in place.
 """
 
-from . import adagrad, adam, adamw, autosgm, dag, decoupled_adam, rmsprop, schedules, sgd
+from . import (
+    adadelta, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, schedules, sgd,
+)
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
 from .config import Config
@@ -18,24 +20,32 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
-    "Grid",
     "Config",
     "ConfigError",
+    "Grid",
     "InjectedHyperparams",
     "Optimizer",
     "UnknownOptimizerError",
-    "adagrad",
-    "adam",
-    "adamw",
-    "autosgm",
     "build",
-    "dag",
-    "decoupled_adam",
     "inject_hyperparams",
     "load_config",
     "parse_config",
     "register",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "adopt",
+    "asgd",
+    "autosgm",
+    "dag",
+    "decoupled_adam",
+    "lars",
+    "nadam",
+    "radam",
     "rmsprop",
+    "rprop",
     "schedules",
     "sgd",
 ]

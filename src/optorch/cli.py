@@ -135,7 +135,7 @@ def _verify(args: argparse.Namespace) -> int:
             for dtype in dtypes:
                 for config in grid:
                     for intermittent in none_grads:
-                        for path in paths:
+                        for path in verify.paths_for(name, paths):
                             if path != "compiled" or config in compiled_configs:
                                 cases.append((name, config, device, dtype, intermittent, path))
 

@@ -152,12 +152,18 @@ class Optimizer(torch.optim.Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         self._check_state_dict(state_dict)
         self._runner.check(state_dict)
+        # A hyperparameter the checkpoint lacks keeps this optimizer's value (torch-adopt saves no clip:
+        # its clip_lambda is passed to the constructor again), as _check_state_dict validated it.
+        current = [{name: group[name] for name in self.algorithm.config.model_fields} for group in self.param_groups]
         pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
         try:
             super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
+        for group, values in zip(self.param_groups, current):
+            for name, value in values.items():
+                group.setdefault(name, value)
         self._runner.reload(state_dict)
         if self.schedules:
             self.schedule_step = int(state_dict.get("schedule_step", 0))

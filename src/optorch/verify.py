@@ -46,6 +46,7 @@ __all__ = [
     "most_flags",
     "problem",
     "NoGridError",
+    "paths_for",
     "representative",
     "Result",
     "run_pure",
@@ -283,6 +284,13 @@ FLOAT32_TOLERANCE = 1e-5
 
 PATHS = ("pure", "torch", "eager", "compiled")
 """What ``check`` can verify: the pure stepper, or the shim with one of its engines."""
+
+
+def paths_for(name: str, paths: tuple[str, ...] | list[str] = PATHS) -> list[str]:
+    """The paths of ``paths`` that ``name`` can run: the shim's engine "torch" needs a torch.optim
+    counterpart, which an algorithm verified against an independent reference (ADOPT) does not have."""
+    has_torch = registry.get(name).torch_optimizer is not None
+    return [path for path in paths if path != "torch" or has_torch]
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
