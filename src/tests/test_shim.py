@@ -50,6 +50,30 @@ CASES: dict[str, list[dict]] = {
         {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.01},
         {"lr": 0.1, "initial_accumulator_value": 0.1, "eps": 1e-8},
     ],
+    "nadam": [
+        {"lr": 0.01, "betas": (0.8, 0.99), "weight_decay": 0.01, "momentum_decay": 0.01},
+        {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+    ],
+    "radam": [
+        {"lr": 0.01, "betas": (0.8, 0.99), "weight_decay": 0.01},
+        {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+    ],
+    "adamax": [
+        {"lr": 0.01, "betas": (0.8, 0.99), "weight_decay": 0.01},
+        {"lr": 0.01, "eps": 1e-3, "maximize": True},
+    ],
+    "adadelta": [
+        {"lr": 0.5, "rho": 0.8, "weight_decay": 0.01},
+        {"lr": 1.0, "eps": 1e-4, "maximize": True},
+    ],
+    "rprop": [
+        {"lr": 0.01, "etas": (0.4, 1.3), "step_sizes": (1e-4, 0.05)},
+        {"lr": 0.01, "maximize": True},
+    ],
+    "asgd": [  # t0=2: the averaging (ax, mu) starts within the steps these tests take
+        {"lr": 0.02, "lambd": 0.01, "alpha": 0.6, "t0": 2.0, "weight_decay": 0.01},
+        {"lr": 0.02, "maximize": True},
+    ],
 }
 ALGORITHMS = sorted(registry.ALGORITHMS)
 TORCH_ALGORITHMS = [name for name in ALGORITHMS if registry.get(name).torch_optimizer is not None]
