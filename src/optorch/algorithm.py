@@ -28,7 +28,7 @@ Two extensions cover algorithms that are not purely element-wise:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 from . import ops
 from .config import Config
 
-__all__ = ["Algorithm", "Grid", "LeafState", "Shared", "State", "SHARED_KEY"]
+__all__ = ["Algorithm", "Grid", "LeafState", "Reduction", "Shared", "State", "SHARED_KEY"]
 
 SHARED_KEY = "shared"
 
@@ -114,6 +114,21 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class Reduction:
+    """A config of an algorithm whose trajectory equals a torch.optim optimizer's, with an LR scheduler
+    where one is needed (AutoSGM reduces to SGD, heavy ball, Adam, ...). ``optorch verify`` and the
+    tests check each one live."""
+
+    label: str
+    config: Mapping[str, Any]
+    optimizer: str
+    """The torch.optim class name."""
+    kwargs: Mapping[str, Any]
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = field(default=None, compare=False)
+    """Makes the torch LR scheduler stepped after each optimizer step, if the reduction needs one."""
+
+
+@dataclass(frozen=True)
 class Algorithm:
     """One optimizer: its config class, its per-tensor math, and its torch.optim counterpart (if any)."""
 
@@ -138,6 +153,9 @@ class Algorithm:
     """An independent implementation to verify against where torch.optim has none (e.g. torch-adopt),
     imported lazily: returns the optimizer class, or None when its package is not installed. Used by
     ``optorch verify`` and the tests, never to run steps."""
+
+    reductions: tuple[Reduction, ...] = ()
+    """Configs of this algorithm equal to torch.optim optimizers (see :class:`Reduction`)."""
 
     def reference_optimizer(self) -> type[torch.optim.Optimizer] | None:
         """The optimizer class this algorithm is verified against: torch.optim's counterpart, else the

@@ -52,7 +52,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, ClassVar
 
 import torch
@@ -60,7 +59,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from . import ops
-from .algorithm import Algorithm, LeafState
+from .algorithm import Algorithm, LeafState, Reduction
 from .config import Config as _Config
 from .config import Flag, NonNegative, Probability, Scalar, UnitInterval, is_zero
 
@@ -377,25 +376,8 @@ def _numerator(w: Tensor, g: Tensor, d: Tensor, v: Tensor, state: LeafState, new
     return smoothed
 
 
-algorithm = Algorithm("autosgm", Config, init_leaf, update, elementwise=False)
-init, step = algorithm.init, algorithm.step
-
-
 # ------------------------------------------------------------------------------------------------
 # exact reductions to torch.optim (spec section 7), shared by the tests
-
-
-@dataclass(frozen=True)
-class Reduction:
-    """An AutoSGM config whose trajectory equals a torch.optim optimizer's (with a scheduler)."""
-
-    label: str
-    config: dict[str, Any]
-    optimizer: str
-    """The torch.optim class name."""
-    kwargs: dict[str, Any]
-    scheduler: Callable[[torch.optim.Optimizer], Any] | None = field(default=None, compare=False)
-    """Makes the torch lr scheduler to step after each optimizer step, if the reduction needs one."""
 
 
 _MU, _LR = 0.9, 2.0**-5
@@ -434,3 +416,6 @@ REDUCTIONS: tuple[Reduction, ...] = (
 )
 """Spec section 7: each AutoSGM config and the torch.optim optimizer (and scheduler) it reduces to
 exactly, up to float64 rounding (eps 1e-30 stands for 0: the original's (g + eps)^2 is g^2 then)."""
+
+algorithm = Algorithm("autosgm", Config, init_leaf, update, elementwise=False, reductions=REDUCTIONS)
+init, step = algorithm.init, algorithm.step

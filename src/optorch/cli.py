@@ -115,9 +115,19 @@ class _UsageError(Exception):
     pass
 
 
+def _case_label(name: str, config: dict | str, intermittent: bool) -> str:
+    if isinstance(config, str):  # a reduction, by label
+        reduction = next(r for r in registry.get(name).reductions if r.label == config)
+        return f"= {reduction.optimizer}: {reduction.label}"
+    return verify.label(config, intermittent)
+
+
 def _verify(args: argparse.Namespace) -> int:
-    names = [registry.get(name).name for name in args.algo] if args.algo else verify.grid_algorithms()
-    grids = {name: verify.flag_grid(name) for name in dict.fromkeys(names)}
+    names = [registry.get(name).name for name in args.algo] if args.algo else verify.grid_algorithms() + verify.reduction_algorithms()
+    # An algorithm is checked over its flag grid against its reference and/or through its reductions
+    # to torch.optim configs (AutoSGM); one with neither makes flag_grid say why it cannot be verified.
+    grids = {name: verify.flag_grid(name) if (name in verify.grid_algorithms() or not registry.get(name).reductions) else []
+             for name in dict.fromkeys(names)}
     paths = [p for p in dict.fromkeys(args.engine or verify.PATHS) if not (p == "compiled" and args.no_compile)]
     if not paths:
         raise _UsageError("nothing to check: --no-compile left no path")
@@ -130,7 +140,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     cases = []
     for name, grid in grids.items():
-        compiled_configs = verify.representative(name) if subset else grid
+        compiled_configs = verify.representative(name) if subset and grid else grid
         for device in devices:
             for dtype in dtypes:
                 for config in grid:
@@ -139,10 +149,17 @@ def _verify(args: argparse.Namespace) -> int:
                             if path != "compiled" or config in compiled_configs:
                                 cases.append((name, config, device, dtype, intermittent, path))
 
+        for reduction in registry.get(name).reductions:
+            for device in devices:
+                for dtype in dtypes:
+                    for path in verify.paths_for(name, paths):
+                        if path != "compiled" or not subset or reduction is registry.get(name).reductions[0]:
+                            cases.append((name, reduction.label, device, dtype, False, path))
+
     print(f"optorch verify: torch {torch.__version__}, {len(cases)} checks against torch.optim, {args.steps} steps each")
     if subset:
         print("(the compiled engine runs on a representative subset of each flag grid; --compile-all for all of it)")
-    flags_width = max([5] + [len(verify.label(c, i)) for _, c, _, _, i, _ in cases])
+    flags_width = max([5] + [len(_case_label(n, c, i)) for n, c, _, _, i, _ in cases])
     columns = (("algorithm", 9), ("flags", flags_width), ("path", 14), ("device", 6), ("dtype", 7), ("steps", 5), ("max abs diff", 12), ("tolerance", 9), ("result", 6))
     row = "  ".join(f"{{:{'>' if title in ('steps', 'max abs diff', 'tolerance') else '<'}{width}}}" for title, width in columns)
     print(row.format(*(title for title, _ in columns)).rstrip())
@@ -151,12 +168,15 @@ def _verify(args: argparse.Namespace) -> int:
     failed, start = 0, time.perf_counter()
     for name, config, device, dtype, intermittent, path in cases:
         try:
-            result = verify.check(name, config, steps=args.steps, dtype=dtype, device=device, engine=path, intermittent=intermittent)
+            if isinstance(config, str):  # a reduction, by label
+                result = verify.check_reduction(name, config, steps=args.steps, dtype=dtype, device=device, engine=path)
+            else:
+                result = verify.check(name, config, steps=args.steps, dtype=dtype, device=device, engine=path, intermittent=intermittent)
         except Exception as error:  # a check that crashes is a failed check; report it and go on
             failed += 1
             shown = "pure" if path == "pure" else f"shim:{path}"
             tolerance = f"{verify.default_tolerance(getattr(torch, dtype)):.0e}"
-            print(row.format(name, verify.label(config, intermittent), shown, device, dtype, args.steps, "-", tolerance, "ERROR").rstrip())
+            print(row.format(name, _case_label(name, config, intermittent), shown, device, dtype, args.steps, "-", tolerance, "ERROR").rstrip())
             print(f"    {type(error).__name__}: {error}", flush=True)
             continue
         failed += not result.passed

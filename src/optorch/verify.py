@@ -39,8 +39,10 @@ __all__ = [
     "check",
     "default_tolerance",
     "describe",
+    "check_reduction",
     "flag_grid",
     "grid_algorithms",
+    "reduction_algorithms",
     "label",
     "max_abs_diff",
     "most_flags",
@@ -344,6 +346,72 @@ def check(
     diff = max_abs_diff(candidate, reference)
     flags = label({"name": algorithm.name, **config}, intermittent)
     return Result(algorithm.name, flags, steps, str(dtype).removeprefix("torch."), device, path, diff, limit, diff <= limit)
+
+
+def reduction_algorithms() -> list[str]:
+    """Registered algorithms with configs that reduce to torch.optim optimizers (``Algorithm.reductions``)."""
+    return [name for name in registry.names() if registry.get(name).reductions]
+
+
+def check_reduction(
+    name: str,
+    label: str,
+    *,
+    steps: int = 100,
+    dtype: torch.dtype | str = torch.float64,
+    device: str = "cpu",
+    engine: str = "pure",
+    tolerance: float | None = None,
+) -> Result:
+    """Run the reduction ``label`` of algorithm ``name`` (a config of it that equals a torch.optim
+    optimizer and scheduler) against that torch.optim optimizer, all trainable params in one group."""
+    algorithm = registry.get(name)
+    reduction = next((r for r in algorithm.reductions if r.label == label), None)
+    if reduction is None:
+        raise ValueError(f"{name} has no reduction {label!r}; it has {', '.join(r.label for r in algorithm.reductions) or 'none'}")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    limit = default_tolerance(dtype) if tolerance is None else tolerance
+    torch_class = getattr(torch.optim, reduction.optimizer)
+    reference = _run_one_group(lambda ps: torch_class(ps, **reduction.kwargs), reduction.scheduler, steps, dtype, device)
+    if engine == "pure":
+        candidate, path = _run_one_group_pure(algorithm, algorithm.config(**reduction.config), steps, dtype, device), "pure"
+    else:
+        from .builder import build
+
+        config = {"name": algorithm.name, **reduction.config}
+        candidate, path = _run_one_group(lambda ps: build(config, ps, engine=engine), None, steps, dtype, device), f"shim:{engine}"
+    diff = max_abs_diff(candidate, reference)
+    flags = f"= {reduction.optimizer}: {reduction.label}"
+    return Result(algorithm.name, flags, steps, str(dtype).removeprefix("torch."), device, path, diff, limit, diff <= limit)
+
+
+def _run_one_group(make_optimizer, make_scheduler, steps: int, dtype: torch.dtype, device: str) -> Trajectory:
+    initial, x, y = problem(dtype, device)
+    params = {name: p.clone().requires_grad_(name in TRAINABLE) for name, p in initial.items()}
+    optimizer = make_optimizer([params[name] for name in TRAINABLE])
+    scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
+    trajectory = []
+    for step in range(steps):
+        for name, grad in _gradients(params, x, y, step, intermittent=False).items():
+            params[name].grad = grad
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        trajectory.append({name: p.detach().clone() for name, p in params.items()})
+    return trajectory
+
+
+def _run_one_group_pure(algorithm, config, steps: int, dtype: torch.dtype, device: str) -> Trajectory:
+    params, x, y = problem(dtype, device)
+    trainable = {n: params[n] for n in TRAINABLE}
+    state = algorithm.init(trainable, config)
+    trajectory = []
+    for step in range(steps):
+        grads = _gradients(params, x, y, step, intermittent=False)
+        trainable, state = algorithm.step(trainable, {n: grads[n] for n in trainable}, state, config)
+        params = {**params, **trainable}
+        trajectory.append(dict(params))
+    return trajectory
 
 
 @functools.lru_cache(maxsize=32)

@@ -64,3 +64,12 @@ def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "optorch", "verify", "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--no-compile" in result.stdout and "representative subset" in result.stdout
+
+
+def test_reductions_are_verified_against_their_torch_optimizers(capsys):
+    """AutoSGM has no single reference class: verify checks each of its torch.optim reductions."""
+    assert cli.main(["verify", "--algo", "autosgm", "--dtype", "float64", "--device", "cpu", "--engine", "pure", "--engine", "eager", "--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    reductions = optorch.autosgm.REDUCTIONS
+    assert f"OK: {2 * len(reductions)} checks" in out
+    assert "= SGD: heavy-ball " in out and "= Adam: adam-cosine-restarts" in out
