@@ -40,9 +40,10 @@ class Config(_Config):
 
 def _scalar(value, like: torch.Tensor) -> torch.Tensor:
     """A per-tensor scalar state entry (``like``'s dtype and device) holding ``value``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=like.device, dtype=like.dtype, copy=True)
-    return torch.full_like(like, value)
+    # torch's ASGD makes the new value a tensor of the default dtype before copying it into the state,
+    # so a float64 state (after a checkpoint load) still holds float32-rounded values.
+    value = value.to(torch.get_default_dtype()) if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    return value.to(device=like.device, dtype=like.dtype, copy=True)
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:

@@ -372,6 +372,15 @@ class _Bucket:
     def leaf_state(self, index: int, keys: tuple[str, ...]) -> dict[str, Tensor]:
         return {key: self.scalars[key][index] if key in self.scalars else self.views[key][index] for key in keys}
 
+    def adopt_dtypes(self, loaded: dict[str, Any]) -> None:
+        """Per-tensor scalars take the dtype a loaded checkpoint gives them. torch.optim's loader casts
+        every state value but ``step`` to the param's dtype (NAdam's float32 ``mu_product`` becomes
+        float64 for float64 params), so a resumed torch optimizer computes in that dtype: so does this."""
+        for key, values in self.scalars.items():
+            value = loaded.get(key)
+            if key != "step" and isinstance(value, Tensor) and value.dtype != values.dtype:
+                self.scalars[key] = values.to(value.dtype)  # before any param's state view is made
+
     def check_uniform(self) -> None:
         self.uniform = all(bool((values == values[0]).all()) for values in self.scalars.values())
 
@@ -579,6 +588,8 @@ class _FlatRunner:
                         bucket.reset(index, config)
                         continue
                     loaded = self.algorithm.state_from_torch(loaded)
+                    if self.algorithm.torch_optimizer is not None:
+                        bucket.adopt_dtypes(loaded)
                     leaf = bucket.leaf_state(index, keys)
                     for key in keys:
                         leaf[key].copy_(torch.as_tensor(loaded[key]).reshape(leaf[key].shape))
