@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import adagrad, adam, adamw, decoupled_adam, rmsprop, sgd
+from . import adafactor, adagrad, adam, adamw, decoupled_adam, rmsprop, sgd
 from .algorithm import Algorithm
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
@@ -24,6 +24,7 @@ _BUILTIN = (
     decoupled_adam.algorithm,
     rmsprop.algorithm,
     adagrad.algorithm,
+    adafactor.algorithm,
 )
 
 ALGORITHMS: dict[str, Algorithm] = {}
