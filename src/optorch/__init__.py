@@ -6,7 +6,7 @@ Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> s
 """
 
 from . import (
-    adadelta, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, schedules, sgd,
+    adadelta, adafactor, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, schedules, sgd,
 )
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
@@ -32,6 +32,7 @@ __all__ = [
     "parse_config",
     "register",
     "adadelta",
+    "adafactor",
     "adagrad",
     "adam",
     "adamax",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import adadelta, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, sgd
+from . import adadelta, adafactor, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, sgd
 from .algorithm import Algorithm
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
@@ -34,6 +34,7 @@ _BUILTIN = (
     autosgm.algorithm,
     lars.algorithm,
     adopt.algorithm,
+    adafactor.algorithm,
 )
 
 ALGORITHMS: dict[str, Algorithm] = {}

@@ -323,6 +323,7 @@ class _Bucket:
         self.buffers: dict[str, Tensor] = {}  # per-element state, flat
         self.views: dict[str, list[Tensor]] = {}
         self.scalars: dict[str, Tensor] = {}  # per-tensor state, one entry per param
+        self.packed: dict[str, tuple[Tensor, tuple[torch.Size, ...]]] = {}  # state of other shapes, flat
         self.uniform = True  # all per-tensor scalars equal, so one flat step serves all params
         self.hyper: dict[str, Tensor] = {}  # hyperparameters as 0-dim tensors, refilled each step
         self.exposed: list[bool] = [False] * len(params)  # which params have an optimizer.state entry
@@ -337,7 +338,9 @@ class _Bucket:
 
         Per-element state (shaped like each param) goes into one flat buffer per key, per-tensor
         scalars into one vector per key. A non-element-wise algorithm may also keep state of other
-        shapes (Adafactor's row and column factors): that stays one tensor per param.
+        shapes (Adafactor's row and column factors): one flat buffer per key too, each param's entry a
+        view of its own shape (a compiled step writes its inputs back reliably only when they are not
+        0-dim, so entries are never passed one by one).
         """
         missing = [k for k in keys if k not in self.views and k not in self.scalars]
         if not missing:
@@ -358,7 +361,9 @@ class _Bucket:
             elif all(v.shape == shape for v, shape in zip(values, self.shapes)):
                 self._flat_buffer(key, torch.cat([v.reshape(-1) for v in values]))
             else:
-                self.views[key] = [v.clone() for v in values]
+                shapes = tuple(v.shape for v in values)
+                self.packed[key] = (torch.cat([v.reshape(-1) for v in values]), shapes)
+                self.views[key] = _split_as(self.packed[key][0], shapes)
 
     def _flat_buffer(self, key: str, buffer: Tensor) -> None:
         self.buffers[key] = buffer
@@ -385,6 +390,10 @@ class _Bucket:
         self.uniform = all(bool((values == values[0]).all()) for values in self.scalars.values())
 
 
+def _split_as(flat: Tensor, shapes: tuple[torch.Size, ...]) -> list[Tensor]:
+    return [chunk.view(shape) for chunk, shape in zip(flat.split([shape.numel() for shape in shapes]), shapes)]
+
+
 def _flat_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], buffers: dict[str, Tensor], config: Config, *shared):
     """One element-wise step of every param of a bucket at once; per-tensor scalars are all equal."""
     leaf_state = {**{key: values[0] for key, values in scalars.items()}, **buffers}
@@ -397,15 +406,15 @@ def _flat_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], 
     return contributions[0] if contributions else None
 
 
-def _segment_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], buffers: dict[str, Tensor], config: Config, sizes, shapes, lists, *shared):
+def _segment_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], buffers: dict[str, Tensor], config: Config, sizes, shapes, packed, *shared):
     """One step of every param of a bucket, each on its own segment of the flat buffers (for
-    algorithms that reduce over a tensor); ``lists`` holds state of other shapes, one tensor per
-    param. Returns the summed contributions to the shared state."""
+    algorithms that reduce over a tensor); ``packed`` holds state of other shapes, each key as a flat
+    buffer and its entries' shapes. Returns the summed contributions to the shared state."""
     def split(flat: Tensor) -> list[Tensor]:
         return [chunk.view(shape) for chunk, shape in zip(flat.split(sizes), shapes)]
 
     params, grads = split(param), split(grad)
-    views = {**{key: split(buffer) for key, buffer in buffers.items()}, **lists}
+    views = {**{key: split(buffer) for key, buffer in buffers.items()}, **{key: _split_as(*entry) for key, entry in packed.items()}}
     contributions = []
     for i in range(len(sizes)):
         leaf_state = {**{key: values[i] for key, values in scalars.items()}, **{key: v[i] for key, v in views.items()}}
@@ -515,8 +524,8 @@ class _FlatRunner:
                 param.grad = view  # the next backward accumulates straight into the flat buffer
         scalars = {key: bucket.scalars[key] for key in keys if key in bucket.scalars}
         buffers = {key: bucket.buffers[key] for key in keys if key in bucket.buffers}
-        lists = {key: bucket.views[key] for key in keys if key in bucket.views and key not in bucket.buffers}
-        layout = () if self.algorithm.elementwise else (bucket.sizes, bucket.shapes, lists)
+        packed = {key: bucket.packed[key] for key in keys if key in bucket.packed}
+        layout = () if self.algorithm.elementwise else (bucket.sizes, bucket.shapes, packed)
         # Compiled, numbers travel as tensors so a new value never recompiles; eagerly, numbers keep
         # torch's fused kernels and skip zero terms.
         step_config = self._tensor_config(bucket, config) if self.compiled else config

@@ -136,8 +136,15 @@ def describe(config: dict[str, Any]) -> str:
         if value is True:
             parts.append(key)
         elif value not in (False, 0, None):
-            parts.append(f"{key}={value:g}")
+            parts.append(f"{key}={_short(value)}")
     return ",".join(parts) or "-"
+
+
+def _short(value: Any) -> str:
+    # a tuple-valued axis (Adafactor's eps pairs) as (a,b); None stays None
+    if isinstance(value, tuple):
+        return "(" + ",".join(_short(v) for v in value) + ")"
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def label(config: dict[str, Any], intermittent: bool = False) -> str:
