@@ -20,7 +20,6 @@ State per parameter: ``step``, ``exp_avg`` (:math:`m`), ``exp_avg_sq`` (:math:`v
 from __future__ import annotations
 
 import torch
-from pydantic import field_validator
 
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
@@ -38,11 +37,6 @@ class Config(_Config):
     amsgrad: Flag = False
     maximize: Flag = False
     decoupled_weight_decay: Flag = False
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_as_tuple(cls, value):
-        return tuple(value) if isinstance(value, list) else value
 
     def decay_rate(self):
         """The fraction of the parameter that decoupled decay removes per step: lr * weight_decay."""

@@ -17,7 +17,6 @@ State per parameter: ``step``, ``exp_avg`` (:math:`m`), ``exp_inf`` (:math:`u`).
 from __future__ import annotations
 
 import torch
-from pydantic import field_validator
 
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
@@ -33,11 +32,6 @@ class Config(_Config):
     eps: NonNegative = 1e-8
     weight_decay: NonNegative = 0.0
     maximize: Flag = False
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_as_tuple(cls, value):
-        return tuple(value) if isinstance(value, list) else value
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:

@@ -33,7 +33,6 @@ import functools
 import numbers
 
 import torch
-from pydantic import field_validator
 
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
@@ -52,11 +51,6 @@ class Config(_Config):
     weight_decay: NonNegative = 0.0
     decouple: Flag = False
     maximize: Flag = False
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_as_tuple(cls, value):
-        return tuple(value) if isinstance(value, list) else value
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:

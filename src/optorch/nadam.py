@@ -21,7 +21,6 @@ so it is rounded to float32 every step), ``exp_avg`` (:math:`m`), ``exp_avg_sq``
 from __future__ import annotations
 
 import torch
-from pydantic import field_validator
 
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
@@ -39,11 +38,6 @@ class Config(_Config):
     momentum_decay: NonNegative = 4e-3
     decoupled_weight_decay: Flag = False
     maximize: Flag = False
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_as_tuple(cls, value):
-        return tuple(value) if isinstance(value, list) else value
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:

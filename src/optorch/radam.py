@@ -21,7 +21,6 @@ State per parameter: ``step``, ``exp_avg`` (:math:`m`), ``exp_avg_sq`` (:math:`v
 from __future__ import annotations
 
 import torch
-from pydantic import field_validator
 
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
@@ -38,11 +37,6 @@ class Config(_Config):
     weight_decay: NonNegative = 0.0
     decoupled_weight_decay: Flag = False
     maximize: Flag = False
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_as_tuple(cls, value):
-        return tuple(value) if isinstance(value, list) else value
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
