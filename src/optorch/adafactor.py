@@ -151,8 +151,13 @@ def from_torch(state: LeafState) -> LeafState:
     return state
 
 
+# lr 0.1: the relative step min(lr, 1/sqrt(t)) is the lr's until step 100. At lr 0.3 the problem turns
+# chaotic (a 1e-4 change of lr moves the float64 trajectory by 0.48; compiled reductions then drift to
+# 1.3e-11); at 0.1 it moves it by 7e-3 and compiled agrees to 2.5e-13. In float32, torch's own foreach
+# kernel drifts 3.4e-3 from its for-loop kernel here (clipped, RMS-scaled steps near convergence), so
+# float32 is not verifiable on this problem: test_adafactor checks it on other shapes, bit for bit.
 GRID = Grid(
-    fixed={"lr": 0.3},
+    fixed={"lr": 0.1},
     axes={
         "eps": ((None, 1e-3), (1e-3, 0.1)),
         "beta2_decay": (-0.8, -0.5),
@@ -160,6 +165,7 @@ GRID = Grid(
         "weight_decay": (0.0, 0.1),
         "maximize": (False, True),
     },
+    float32=False,
 )
 algorithm = Algorithm("adafactor", Config, init_leaf, update, torch.optim.Adafactor, from_torch, to_torch, grid=GRID, elementwise=False)
 init, step = algorithm.init, algorithm.step

@@ -143,6 +143,8 @@ def _verify(args: argparse.Namespace) -> int:
         compiled_configs = verify.representative(name) if subset and grid else grid
         for device in devices:
             for dtype in dtypes:
+                if dtype == "float32" and name not in verify.float32_algorithms():
+                    continue  # torch's own float32 kernels disagree on this problem (Grid.float32)
                 for config in grid:
                     for intermittent in none_grads:
                         for path in verify.paths_for(name, paths):

@@ -50,8 +50,10 @@ def test_config_validates(path: Path):
     # Every key written in the file is a config field and keeps the value written there; a nested
     # dict of settings (DAG's hyper) is merged over its defaults, so it keeps the keys written.
     values = config.hyperparameters()
+    schedules = builder.parse_schedules(raw, config)
+    assert set(schedules) == set(raw.get(builder.SCHEDULE_KEY, {})), f"{path.name}: schedule"
     for key, value in raw.items():
-        if key == "name":
+        if key in ("name", builder.SCHEDULE_KEY):
             continue
         expected = tuple(value) if isinstance(value, list) else value
         if isinstance(value, dict):
@@ -70,6 +72,7 @@ def test_config_keys_are_the_torch_constructor_keywords(path: Path):
         pytest.skip(f"{algorithm.name} has no torch.optim counterpart")
     values = builder.load_config(path)
     values.pop("name")
+    values.pop(builder.SCHEDULE_KEY, None)  # the builder's, not a constructor keyword
     algorithm.torch_optimizer([torch.zeros(2, requires_grad=True)], **values)
 
 
@@ -80,6 +83,7 @@ ENGINES = ["auto", "eager", pytest.param("compiled", marks=pytest.mark.compile)]
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_config_builds_and_trains(path: Path, engine: str):
     _, config = builder.parse_config(path)
+    lr_schedule = builder.parse_schedules(path).get("lr")
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     initial = [p.detach().clone() for p in model.parameters()]
@@ -87,7 +91,7 @@ def test_config_builds_and_trains(path: Path, engine: str):
     optimizer = optorch.build(path, model.parameters()) if engine == "auto" else optorch.build(path, model.parameters(), engine=engine)
 
     assert isinstance(optimizer, torch.optim.Optimizer)
-    assert optimizer.param_groups[0]["lr"] == config.lr
+    assert optimizer.param_groups[0]["lr"] == (config.lr if lr_schedule is None else lr_schedule(0))
     for before, param in zip(initial, model.parameters()):
         torch.testing.assert_close(param.detach(), before, rtol=0, atol=0, msg="building must not change params")
 

@@ -70,6 +70,16 @@ CONFIGS = {
     "asgd": st.fixed_dictionaries(
         {"lr": small, "lambd": st.floats(0.0, 0.1), "alpha": st.floats(0.0, 1.0), "t0": st.floats(0.0, 10.0), "weight_decay": small, "maximize": flag}
     ),
+    "adafactor": st.fixed_dictionaries(
+        {
+            "lr": small,
+            "beta2_decay": st.floats(-1.0, -0.1),
+            "eps": st.tuples(st.one_of(st.none(), st.floats(1e-10, 1e-2)), st.floats(1e-4, 1e-1)),
+            "d": st.floats(1.0, 3.0),
+            "weight_decay": small,
+            "maximize": flag,
+        }
+    ),
 }
 
 

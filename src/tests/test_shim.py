@@ -74,6 +74,10 @@ CASES: dict[str, list[dict]] = {
         {"lr": 0.02, "lambd": 0.01, "alpha": 0.6, "t0": 2.0, "weight_decay": 0.01},
         {"lr": 0.02, "maximize": True},
     ],
+    "adafactor": [
+        {"lr": 0.01, "beta2_decay": -0.5, "d": 1.2, "weight_decay": 0.01},
+        {"lr": 0.01, "eps": (1e-3, 1e-3), "maximize": True},
+    ],
 }
 ALGORITHMS = sorted(registry.ALGORITHMS)
 TORCH_ALGORITHMS = [name for name in ALGORITHMS if registry.get(name).torch_optimizer is not None]
