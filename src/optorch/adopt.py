@@ -75,8 +75,10 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     denom = torch.clamp(exp_avg_sq.sqrt(), min=ops.like(config.eps, param))
     u = g / denom
     if config.clip_exponent is not None:
+        # Once per step: compiled, a float64 pow inlined into the element-wise loop would run per vector.
         bound = ops.like(k**config.clip_exponent, param)
-        u = torch.clamp(u, -bound, bound)
+        low, high = ops.once(-bound, bound)
+        u = torch.clamp(u, low, high)
     new_avg = ops.lerp(exp_avg, u, 1 - beta1)
     new_param = ops.add(theta, new_avg, -lr)
     new_sq = ops.addcmul(exp_avg_sq * beta2, g, g, 1 - beta2)

@@ -76,6 +76,8 @@ def once(*scalars: Any) -> tuple[Any, ...]:
     """
     if not torch.compiler.is_compiling() or not all(isinstance(x, Tensor) for x in scalars):
         return scalars
+    if len(scalars) == 1:  # Inductor folds a one-element stack back into the loop: give it a pair
+        return torch.stack((scalars[0], scalars[0])).unbind()[:1]
     return tuple(torch.stack(scalars).unbind())
 
 
