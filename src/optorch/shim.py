@@ -216,10 +216,20 @@ def _resolve_engine(engine: str, algorithm: Algorithm, groups: list[dict[str, An
         raise ValueError(f"engine 'torch' needs a torch.optim counterpart, and {algorithm.name} has none")
     if engine == "auto":
         # torch's fused kernel where it has one for these params; elsewhere the compiled flat step
-        # beats torch's foreach and for-loop kernels.
+        # beats torch's foreach and for-loop kernels. A non-element-wise algorithm compiles one
+        # segment per tensor, unrolled: its compile time and step time grow with the tensor count
+        # (DAG, 200 tensors: 543 s to compile, then 90x Adam fused), so beyond a few tensors it runs
+        # eagerly.
         fused = torch_class is not None and "fused" in inspect.signature(torch_class.__init__).parameters
-        return "torch" if fused and _fused_supported(groups) else "compiled"
+        if fused and _fused_supported(groups):
+            return "torch"
+        tensors = sum(len(group["params"]) for group in groups)
+        return "compiled" if algorithm.elementwise or tensors <= MAX_COMPILED_SEGMENTS else "eager"
     return engine
+
+
+MAX_COMPILED_SEGMENTS = 8
+"""The most tensors "auto" compiles for a non-element-wise algorithm (see ``_resolve_engine``)."""
 
 
 # ------------------------------------------------------------------------------------------------
