@@ -266,7 +266,12 @@ class Result:
         return times[len(times) // 10] if times else math.nan
 
     def changing_knobs(self) -> dict[str, list[float]]:
-        return {name: values for name, values in self.knobs.items() if len(set(values)) > 1}
+        """The knobs that change during the run, step counters (DAG's ``global_step``) left out."""
+        return {name: values for name, values in self.knobs.items() if len(set(values)) > 1 and not _is_counter(values)}
+
+
+def _is_counter(values: list[float]) -> bool:
+    return all(b - a == 1 for a, b in zip(values, values[1:]))
 
 
 def compare(

@@ -195,3 +195,9 @@ def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "optorch", "compare", "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "CONFIG" in result.stdout and "--json PATH" in result.stdout and "before any training" in result.stdout
+
+
+def test_step_counters_are_not_plotted_as_knobs():
+    knobs = {"lr": [0.1, 0.05, 0.025], "shared.global_step": [0.0, 1.0, 2.0], "shared.d_total": [5.0, 5.0, 5.0]}
+    result = compare.Result("dag", "defaults", "dag", {}, 3, knobs=knobs)
+    assert result.changing_knobs() == {"lr": [0.1, 0.05, 0.025]}
