@@ -24,7 +24,7 @@ import torch
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
-from .config import Flag, NonNegative, Probability, is_zero
+from .config import Flag, NonNegative, Probability
 
 __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
@@ -54,12 +54,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     lr, (beta1, beta2), wd = config.lr, config.betas, config.weight_decay
     g = -grad if config.maximize else grad
     step = state["step"] + 1
-    if is_zero(wd):
-        pass
-    elif config.decoupled_weight_decay:
-        param = param * (1 - config.decay_rate())
-    else:
-        g = ops.add(g, param, wd)
+    param, g = ops.weight_decay(param, g, wd, config.decay_rate() if config.decoupled_weight_decay else None)
     exp_avg = ops.lerp(state["exp_avg"], g, 1 - beta1)
     exp_avg_sq = ops.addcmul(state["exp_avg_sq"] * beta2, g, g, 1 - beta2)
     new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}

@@ -87,6 +87,13 @@ def _positive(value: Any) -> Any:
     return value
 
 
+def _kind(value: int, count: int, meanings: str) -> int:
+    """``value`` if it is one of the ``count`` kinds 0, 1, ..., else an error listing them."""
+    if value not in range(count):
+        raise ValueError(f"must be 0-{count - 1} ({meanings}), got {value}")
+    return value
+
+
 class Config(_Config):
     """AutoSGM's hyperparameters under names; the original's tuples are accepted too (see ``TUPLES``)."""
 
@@ -161,22 +168,17 @@ class Config(_Config):
     @field_validator("numerator")
     @classmethod
     def _numerator(cls, value):
-        if value not in range(5):
-            raise ValueError(f"must be 0-4 (0 unity, 1 partial correlation, 2 clipped partial correlation, 3 moment, 4 = 0), got {value}")
-        return value
+        return _kind(value, 5, "0 unity, 1 partial correlation, 2 clipped partial correlation, 3 moment, 4 = 0")
 
     @field_validator("window")
     @classmethod
     def _window(cls, value):
-        if value not in range(7):
-            raise ValueError(f"must be 0-6 (0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic), got {value}")
-        return value
+        return _kind(value, 7, "0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic")
 
     @field_validator("window_sequence")
     @classmethod
     def _sequence(cls, value):
-        if value not in (0, 1):
-            raise ValueError(f"must be 0 (uniform) or 1 (Kronecker), got {value}")
+        _kind(value, 2, "0 uniform, 1 Kronecker")
         if value == 1:
             warnings.warn("autosgm: window_sequence (inseq) = 1 is ignored, as in the original: the uniform sequence is used", UserWarning, stacklevel=2)
         return value

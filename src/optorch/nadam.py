@@ -25,7 +25,7 @@ import torch
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
-from .config import Flag, NonNegative, Probability, is_zero
+from .config import Flag, NonNegative, Probability
 
 __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
@@ -50,12 +50,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     g = -grad if config.maximize else grad
     step = state["step"] + 1
     t = ops.step_count(step, param)
-    if is_zero(wd):
-        pass
-    elif config.decoupled_weight_decay:
-        param = param * (1 - lr * wd)
-    else:
-        g = ops.add(g, param, wd)
+    param, g = ops.weight_decay(param, g, wd, lr * wd if config.decoupled_weight_decay else None)
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
     # The product lives in float32 (torch's scalar dtype) and is read back from there each step.

@@ -40,6 +40,17 @@ def addcdiv(a: Tensor, b: Tensor, c: Tensor, value: Any = 1.0) -> Tensor:
     return torch.addcdiv(a, b, c, value=value) if _is_number(value) else a + value * b / c
 
 
+def weight_decay(param: Tensor, grad: Tensor, weight_decay: Any, decoupled_rate: Any = None) -> tuple[Tensor, Tensor]:
+    """Weight decay as torch.optim applies it, returning ``(param, grad)``: decoupled,
+    ``param * (1 - decoupled_rate)`` (AdamW's rate is ``lr * weight_decay``), when a rate is given;
+    else coupled (L2), ``grad + weight_decay * param``. Nothing when ``weight_decay`` is the number 0."""
+    if _is_number(weight_decay) and weight_decay == 0:
+        return param, grad
+    if decoupled_rate is not None:
+        return param * (1 - decoupled_rate), grad
+    return param, add(grad, param, weight_decay)
+
+
 def step_count(step: Tensor, like: Tensor) -> float | Tensor:
     """A step counter, ready for per-step scalar math (bias corrections, decayed learning rates).
 

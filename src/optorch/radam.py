@@ -25,7 +25,7 @@ import torch
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
-from .config import Flag, NonNegative, Probability, is_zero
+from .config import Flag, NonNegative, Probability
 
 __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
@@ -48,12 +48,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     g = -grad if config.maximize else grad
     step = state["step"] + 1
     t = ops.step_count(step, param)
-    if is_zero(wd):
-        pass
-    elif config.decoupled_weight_decay:
-        param = param * (1 - lr * wd)
-    else:
-        g = ops.add(g, param, wd)
+    param, g = ops.weight_decay(param, g, wd, lr * wd if config.decoupled_weight_decay else None)
     exp_avg = ops.lerp(state["exp_avg"], g, 1 - beta1)
     exp_avg_sq = ops.addcmul(state["exp_avg_sq"] * beta2, g, g, 1 - beta2)
     new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}

@@ -183,7 +183,22 @@ class _Warmup(Schedule):
     warmup_start_value: Value = 0.0
 
 
-class Cosine(_Warmup):
+class _WarmupThenDecay(_Warmup):
+    """A warmup followed by a decay that ends at ``decay_steps``, the total length, warmup included."""
+
+    decay_steps: PositiveSteps
+
+    @model_validator(mode="after")
+    def _decay_after_warmup(self):
+        if self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"decay_steps ({self.decay_steps}) is the total length, warmup included, so it must be greater "
+                f"than warmup_steps ({self.warmup_steps})"
+            )
+        return self
+
+
+class Cosine(_WarmupThenDecay):
     r"""Optional linear warmup, then half a cosine from ``init_value`` to ``end_value``, flat at
     ``end_value`` after ``decay_steps`` (optax ``warmup_cosine_decay_schedule``; torch
     ``CosineAnnealingLR`` without warmup). ``decay_steps`` is the total length, warmup included:
@@ -195,17 +210,7 @@ class Cosine(_Warmup):
     """
 
     name: Literal["cosine"] = "cosine"
-    decay_steps: PositiveSteps
     end_value: Value = 0.0
-
-    @model_validator(mode="after")
-    def _decay_after_warmup(self):
-        if self.decay_steps <= self.warmup_steps:
-            raise ValueError(
-                f"decay_steps ({self.decay_steps}) is the total length, warmup included, so it must be greater "
-                f"than warmup_steps ({self.warmup_steps})"
-            )
-        return self
 
     def _value(self, s):
         w = self.warmup_steps
@@ -420,7 +425,7 @@ class Rsqrt(_Warmup):
         return _with_warmup(self, s, decayed)
 
 
-class LinearWarmdown(_Warmup):
+class LinearWarmdown(_WarmupThenDecay):
     r"""Optional linear warmup, then linear from ``init_value`` down to ``end_value`` at step
     ``decay_steps`` (the total length, warmup included), flat after; never negative (values are
     :math:`\ge 0`, and the result is clamped at 0 against rounding):
@@ -432,18 +437,8 @@ class LinearWarmdown(_Warmup):
 
     name: Literal["linear_warmdown"] = "linear_warmdown"
     init_value: NonNegativeValue
-    decay_steps: PositiveSteps
     end_value: NonNegativeValue = 0.0
     warmup_start_value: NonNegativeValue = 0.0
-
-    @model_validator(mode="after")
-    def _decay_after_warmup(self):
-        if self.decay_steps <= self.warmup_steps:
-            raise ValueError(
-                f"decay_steps ({self.decay_steps}) is the total length, warmup included, so it must be greater "
-                f"than warmup_steps ({self.warmup_steps})"
-            )
-        return self
 
     def _value(self, s):
         w = self.warmup_steps

@@ -211,17 +211,26 @@ Trajectory = list[dict[str, Tensor]]
 
 
 def _run_live(make_optimizer, config: dict[str, Any], steps: int, dtype: torch.dtype, device: str, intermittent: bool) -> Trajectory:
-    """Train leaf params with a torch.optim-style optimizer, setting ``.grad`` from the current params."""
+    """Train leaf params in verify's two param groups with a torch.optim-style optimizer."""
+    hyper = _group_hyperparameters(config)
+    groups_of = lambda params: [{"params": [params[n] for n in names], "lr": h["lr"]} for names, h in zip(GROUPS, hyper)]  # noqa: E731
+    return _train_live(lambda params: make_optimizer(groups_of(params)), None, steps, dtype, device, intermittent)
+
+
+def _train_live(make_optimizer, make_scheduler, steps: int, dtype: torch.dtype, device: str, intermittent: bool) -> Trajectory:
+    """``make_optimizer(params by name)`` trains the problem's leaf params, setting ``.grad`` from the
+    current params each step (and stepping ``make_scheduler(optimizer)`` after, if given)."""
     initial, x, y = problem(dtype, device)
     params = {name: p.clone().requires_grad_(name in TRAINABLE) for name, p in initial.items()}
-    hyper = _group_hyperparameters(config)
-    groups = [{"params": [params[name] for name in names], "lr": h["lr"]} for names, h in zip(GROUPS, hyper)]
-    optimizer = make_optimizer(groups)
+    optimizer = make_optimizer(params)
+    scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
     trajectory = []
     for step in range(steps):
         for name, grad in _gradients(params, x, y, step, intermittent).items():
             params[name].grad = grad
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         trajectory.append({name: p.detach().clone() for name, p in params.items()})
     return trajectory
 
@@ -409,19 +418,8 @@ def check_reduction(
 
 
 def _run_one_group(make_optimizer, make_scheduler, steps: int, dtype: torch.dtype, device: str) -> Trajectory:
-    initial, x, y = problem(dtype, device)
-    params = {name: p.clone().requires_grad_(name in TRAINABLE) for name, p in initial.items()}
-    optimizer = make_optimizer([params[name] for name in TRAINABLE])
-    scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
-    trajectory = []
-    for step in range(steps):
-        for name, grad in _gradients(params, x, y, step, intermittent=False).items():
-            params[name].grad = grad
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        trajectory.append({name: p.detach().clone() for name, p in params.items()})
-    return trajectory
+    trainable = lambda params: [params[name] for name in TRAINABLE]  # noqa: E731
+    return _train_live(lambda params: make_optimizer(trainable(params)), make_scheduler, steps, dtype, device, intermittent=False)
 
 
 def _run_one_group_pure(algorithm, config, steps: int, dtype: torch.dtype, device: str) -> Trajectory:
