@@ -72,6 +72,10 @@ class Config(BaseModel):
     """``{key: source}``: in the shim, a param group that leaves ``key`` out takes it from its own
     ``source`` (e.g. ``initial_lr`` from the group's ``lr``) rather than from the optimizer defaults."""
 
+    global_keys: ClassVar[tuple[str, ...]] = ()
+    """Fields that hold one value for all params (an algorithm's shared state reads them once per
+    step), so the shim refuses them in a param group."""
+
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some fields changed (``dataclasses.replace`` for configs)."""
         return type(self)(**{**self.hyperparameters(), **changes})

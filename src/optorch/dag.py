@@ -196,6 +196,7 @@ class Config(_Config):
     sigma_every: Every = 1
     sat_every: Every = 10
 
+    global_keys: ClassVar[tuple[str, ...]] = ("k_val", "k_sched", "hyper", "shrink", "use_exact_sigma", "sigma_every", "sat_every")
     accepted_keys: ClassVar[tuple[str, ...]] = ("lambda_rms", "s_min")
     """The README's quick-start passes these two shrink settings at the top level (a TypeError in the
     original); accepted, and folded into ``shrink``, overriding its values."""

@@ -82,7 +82,12 @@ class Optimizer(torch.optim.Optimizer):
         for key, source in self.algorithm.config.linked_defaults.items():
             if key not in param_group and source in param_group:
                 param_group = {**param_group, key: param_group[source]}
-        self.group_config({**self.defaults, **param_group})  # validate before anything changes
+        config = self.group_config({**self.defaults, **param_group})  # validate before anything changes
+        defaults = self.group_config(self.defaults)
+        differing = [key for key in self.algorithm.config.global_keys if getattr(config, key) != getattr(defaults, key)]
+        if differing:
+            raise ValueError(f"{self.algorithm.name}: {', '.join(map(repr, differing))} hold one value for all param groups; "
+                             "set them on the optimizer, not in a param group")
         self._overrides.append(set(param_group) - {"params"})
         super().add_param_group(param_group)
         if self._runner is not None:
@@ -187,6 +192,11 @@ class Optimizer(torch.optim.Optimizer):
             except ValueError as error:
                 raise ValueError(f"{name}: param group {i} of the state_dict has invalid hyperparameters: {error}") from error
             params_by_index.update({index: (param, config) for index, param in zip(saved["params"], group["params"])})
+            if i == 0:
+                first = config
+            differing = [key for key in self.algorithm.config.global_keys if getattr(config, key) != getattr(first, key)]
+            if differing:
+                raise ValueError(f"{name}: param group {i} of the state_dict sets {', '.join(map(repr, differing))}, which hold one value for all param groups, unlike group 0")
         for index, leaf in state_dict["state"].items():
             if index not in params_by_index:
                 raise ValueError(f"{name}: the state_dict has state for parameter {index!r}, which no param group lists")

@@ -369,3 +369,19 @@ def test_pure_step_compiles_to_one_graph_and_equals_eager():
     for a, b in zip(torch.utils._pytree.tree_leaves((eager_params, eager_state)), torch.utils._pytree.tree_leaves((compiled_params, compiled_state))):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_global_keys_are_refused_in_param_groups():
+    """k_val, hyper, shrink, ... feed the shared state once per step: a group cannot have its own."""
+    params = [torch.nn.Parameter(torch.randn(3, dtype=DTYPE)), torch.nn.Parameter(torch.randn(2, dtype=DTYPE))]
+    with pytest.raises(ValueError, match=r"'k_val'.*one value for all param groups"):
+        optorch.build({"name": "dag", "lr": 0.1}, [{"params": params[:1]}, {"params": params[1:], "k_val": 3.0}])
+    with pytest.raises(ValueError, match=r"'hyper'"):
+        optorch.build({"name": "dag"}, [{"params": params, "hyper": {"tau": 2.0}}])
+    # Per-group keys and a group repeating the optimizer's value stay allowed.
+    opt = optorch.build({"name": "dag", "k_val": 3.0}, [{"params": params[:1], "lr": 0.5, "k_val": 3.0}, {"params": params[1:]}])
+    saved = opt.state_dict()
+    saved["param_groups"][1]["k_val"] = 4.0
+    with pytest.raises(ValueError, match=r"param group 1 of the state_dict sets 'k_val'"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[1]["k_val"] == 3.0
