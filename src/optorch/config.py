@@ -37,6 +37,7 @@ def _bounded(check: Callable[[float], bool], text: str) -> AfterValidator:
             raise ValueError(f"must be {text}, got {value!r}")
         return value
 
+    validate.constraint = text  # what the config reference (optorch.docgen) shows
     return AfterValidator(validate)
 
 
