@@ -5,7 +5,7 @@ r"""Hyperparameters as state: schedules and online rules without recompiling (op
 real-valued hyperparameter as a 0-dim tensor::
 
     stepper = optorch.inject_hyperparams(optorch.adam.algorithm, optorch.adam.Config(lr=1e-3),
-                                         lr=optorch.schedules.cosine(init_value=1e-3, decay_steps=1000))
+                                         lr=optorch.schedules.Cosine(init_value=1e-3, decay_steps=1000))
     state = stepper.init(params)
     params, state = stepper.step(params, grads, state)
     state["hyperparams"]["lr"]        # the learning rate the last step used
@@ -18,7 +18,7 @@ Unscheduled hyperparameters can be changed between steps by writing a new tensor
 (what an adaptive rule does), and ``torch.func.grad`` differentiates with respect to them.
 
 A tuple field (``betas``) is a tuple of tensors; its schedule is a tuple with a schedule or None per
-member, e.g. ``betas=(None, schedules.linear(...))``.
+member, e.g. ``betas=(None, schedules.Linear(...))``.
 """
 
 from __future__ import annotations
