@@ -8,6 +8,7 @@ Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> s
 from . import (
     adadelta, adafactor, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, schedules, sgd,
 )
+from . import amp
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
 from .config import Config
@@ -38,6 +39,7 @@ __all__ = [
     "adamax",
     "adamw",
     "adopt",
+    "amp",
     "asgd",
     "autosgm",
     "dag",

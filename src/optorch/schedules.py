@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 from torch import Tensor
 
 from .ops import scalar_dtype
@@ -38,6 +38,7 @@ from .ops import scalar_dtype
 __all__ = [
     "SCHEDULES",
     "AnySchedule",
+    "AutosgmWindow",
     "Constant",
     "Cosine",
     "CosineWarmRestarts",
@@ -481,10 +482,52 @@ class Join(Schedule):
         return value
 
 
+class AutosgmWindow(Schedule):
+    r"""AutoSGM's window (its cyclic learning-rate schedule, :func:`optorch.autosgm.window`) as a
+    schedule: :math:`f(s) = v\,\rho_{s + 1}`, with :math:`v` = ``init_value`` (default 1, the window
+    itself) and :math:`\rho_t` the window at AutoSGM's 1-based step :math:`t`. Steps count from 0, as
+    every schedule's (and the steppers' and the shim's step counters), so step :math:`s` is AutoSGM's
+    :math:`t = s + 1`: an AutoSGM run with ``window=0`` and this schedule on ``lr`` is the same run as
+    one with the window in its config. The keys are AutoSGM's ``window*`` config keys (the kind is
+    ``window``), validated by ``optorch.autosgm.Config``; AutoSGM's ignored ``window_sequence`` is left
+    out. The window math is autosgm's own, called, not copied."""
+
+    name: Literal["autosgm_window"] = "autosgm_window"
+    window: StrictInt
+    init_value: Value = 1.0
+    window_floor: float = 0.0
+    window_order: float = 2.0
+    window_full: StrictBool = False
+    window_epochs: StrictInt = 1000
+    window_steps_per_epoch: StrictInt = 1
+    window_unit: StrictInt = 1
+    window_flat_top: float = 0.0
+
+    @model_validator(mode="after")
+    def _valid_for_autosgm(self):
+        from . import autosgm  # autosgm imports nothing from here; lazily all the same
+
+        try:
+            autosgm.Config(**self.model_dump(exclude={"name", "init_value"}))
+        except ValidationError as error:  # re-raised as a ValueError so that pydantic names this class
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors())
+            raise ValueError(f"invalid AutoSGM window: {problems}") from None
+        return self
+
+    def _value(self, s):
+        from . import autosgm
+
+        # autosgm.window reads only the window_* keys, which this schedule has under the same names
+        rho = autosgm.window(s + 1, self)
+        if isinstance(s, Tensor) and not isinstance(rho, Tensor):  # the flat window is the number 1
+            rho = torch.full_like(s, rho)
+        return self.init_value * rho
+
+
 AnySchedule = Annotated[
     Union[
         Constant, Linear, Cosine, WarmupStableDecay, Exponential, Polynomial, Step, MultiStep,
-        CosineWarmRestarts, OneCycle, Join, Rsqrt, LinearWarmdown,
+        CosineWarmRestarts, OneCycle, Join, Rsqrt, LinearWarmdown, AutosgmWindow,
     ],
     Field(discriminator="name"),
 ]
@@ -495,7 +538,7 @@ Join.model_rebuild()
 SCHEDULES: dict[str, type[Schedule]] = {
     cls.model_fields["name"].default: cls
     for cls in (Constant, Linear, Cosine, WarmupStableDecay, Exponential, Polynomial, Step, MultiStep,
-                CosineWarmRestarts, OneCycle, Join, Rsqrt, LinearWarmdown)
+                CosineWarmRestarts, OneCycle, Join, Rsqrt, LinearWarmdown, AutosgmWindow)
 }
 """Schedule name to class."""
 

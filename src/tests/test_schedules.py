@@ -145,6 +145,8 @@ def _all_schedules() -> list[S.Schedule]:
         S.LinearWarmdown(init_value=1.0, decay_steps=100, warmup_steps=10, end_value=0.0),
         S.Join(schedules=[S.Constant(value=1.0), S.Join(schedules=[S.Rsqrt(init_value=0.5), S.Constant(value=0.1)],
                                                         boundaries=[50])], boundaries=[25]),
+        S.AutosgmWindow(window=1, window_epochs=5, window_steps_per_epoch=6, window_floor=0.1, window_flat_top=0.2),
+        S.AutosgmWindow(window=5, window_order=1.5, window_epochs=40, window_unit=3, window_full=True, init_value=0.5),
     ]
     return cases
 
@@ -152,7 +154,7 @@ def _all_schedules() -> list[S.Schedule]:
 ALL = [pytest.param(s, id=f"{i}-{s.name}") for i, s in enumerate(_all_schedules())]
 # one of each code path (warmups, staircase and clips, T_mult > 1, three phases, decay types, nesting),
 # for the slower compile test
-PATHS = [ALL[i] for i in (0, 1, 3, 5, 6, 7, 9, 12, 13, 15, 16, 17, 19, 20, 21, 22, 23, 25, 27, 29, 30, 31)]
+PATHS = [ALL[i] for i in (0, 1, 3, 5, 6, 7, 9, 12, 13, 15, 16, 17, 19, 20, 21, 22, 23, 25, 27, 29, 30, 31, 32, 33)]
 
 
 def test_every_schedule_is_covered():
@@ -334,7 +336,7 @@ def test_from_config_example():
 
 @pytest.mark.parametrize("config, error, match", [
     ({"name": "cosin", "init_value": 1.0}, S.UnknownScheduleError, "did you mean 'cosine'"),
-    ({"init_value": 1.0}, S.UnknownScheduleError, "has no 'name'.*known schedules: constant"),
+    ({"init_value": 1.0}, S.UnknownScheduleError, "has no 'name'.*known schedules: .*constant, cosine"),
     ({"name": "cosine", "init_value": 1.0}, pydantic.ValidationError, "decay_steps\n  Field required"),
     ({"name": "cosine", "init_value": 1.0, "decay_steps": 10, "warmup": 3}, pydantic.ValidationError, "warmup\n  Extra"),
     ({"name": "cosine", "init_value": "high", "decay_steps": 10}, pydantic.ValidationError, "init_value"),
