@@ -10,6 +10,8 @@ from . import (
 )
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
+from . import combinators
+from .combinators import bind
 from .config import Config
 from .inject import InjectedHyperparams, inject_hyperparams
 from .registry import ALGORITHMS, UnknownOptimizerError, register
@@ -26,6 +28,7 @@ __all__ = [
     "InjectedHyperparams",
     "Optimizer",
     "UnknownOptimizerError",
+    "bind",
     "build",
     "inject_hyperparams",
     "load_config",
@@ -40,6 +43,7 @@ __all__ = [
     "adopt",
     "asgd",
     "autosgm",
+    "combinators",
     "dag",
     "decoupled_adam",
     "lars",

@@ -608,6 +608,9 @@ class InPlace:
         self.ema: list[Tensor] = []
         self.last_grad_norm: Tensor | None = None
         """The global gradient norm the last step clipped with (``clip_grad_norm`` only)."""
+        self.stepped = False
+        """Whether the last ``optimizer.step()`` updated the params (False for an accumulating call or
+        a skipped non-finite step): step a torch LR scheduler only then, to count updates."""
         if settings.ema is not None:
             self._extend_ema()
 
@@ -620,6 +623,7 @@ class InPlace:
 
     @torch.no_grad()
     def before_step(self) -> bool:
+        self.stepped = False
         params = self._params()
         k = self.settings.accumulate_steps
         if k > 1:
@@ -649,6 +653,7 @@ class InPlace:
 
     @torch.no_grad()
     def after_step(self) -> None:
+        self.stepped = True
         if self.settings.ema is None:
             return
         self._extend_ema()
