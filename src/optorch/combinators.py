@@ -42,7 +42,7 @@ import contextlib
 import difflib
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StrictBool, field_validator, model_validator
@@ -362,14 +362,24 @@ def labels_from_patterns(params: Any, patterns: Mapping[str, str | Sequence[str]
 
         labels_from_patterns(params, {"no_decay": ["*.bias", "*norm*"]}, default="decay")
     """
-    names = param_names(params)
-    rules = [(label, [p] if isinstance(p, str) else list(p)) for label, p in patterns.items()]
-    for label, globs in rules:
+    rules = {label: [p] if isinstance(p, str) else list(p) for label, p in patterns.items()}
+    labels = _match(param_names(params), rules, default, lambda label: f"label {label!r}: ")
+    return pytree.tree_unflatten(labels, pytree.tree_flatten(params)[1])
+
+
+def _match(names: Sequence[str], rules: Mapping[str, Sequence[str]], default: str, where: Callable[[str], str]) -> list[str]:
+    """Each name's label: the first rule's (in order) with a pattern that matches it, else ``default``.
+    A pattern that matches no name, or a rule whose names were all taken by earlier rules, is an
+    error (``where(label)`` says which rule)."""
+    for label, globs in rules.items():
         for glob in globs:
             if not any(fnmatch.fnmatchcase(name, glob) for name in names):
-                raise ValueError(f"pattern {glob!r} (label {label!r}) matches no parameter; names are: {_shown(names)}")
-    labels = [next((label for label, globs in rules if any(fnmatch.fnmatchcase(name, g) for g in globs)), default) for name in names]
-    return pytree.tree_unflatten(labels, pytree.tree_flatten(params)[1])
+                raise ValueError(f"{where(label)}pattern {glob!r} matches no parameter; names are: {_shown(list(names))}")
+    labels = [next((label for label, globs in rules.items() if any(fnmatch.fnmatchcase(name, g) for g in globs)), default) for name in names]
+    for label in rules:
+        if label not in labels:
+            raise ValueError(f"{where(label)}every parameter it matches was taken by an earlier entry (the first match wins)")
+    return labels
 
 
 def _shown(names: list[str], limit: int = 12) -> str:
@@ -500,15 +510,8 @@ class Combinators(_Settings):
     def labels(self, names: Sequence[str]) -> list[str]:
         """The param group of each name: ``"param_groups.<i>"`` for the first entry that matches it,
         else ``"default"``. Raises ``ValueError`` for a pattern or an entry that matches nothing."""
-        for i, rule in enumerate(self.param_groups):
-            for glob in rule.match:
-                if not any(fnmatch.fnmatchcase(name, glob) for name in names):
-                    raise ValueError(f"param_groups[{i}]: pattern {glob!r} matches no parameter; names are: {_shown(list(names))}")
-        labels = [next((f"param_groups.{i}" for i, rule in enumerate(self.param_groups) if any(fnmatch.fnmatchcase(n, g) for g in rule.match)), "default") for n in names]
-        for i in range(len(self.param_groups)):
-            if f"param_groups.{i}" not in labels:
-                raise ValueError(f"param_groups[{i}]: every parameter it matches was taken by an earlier entry (the first match wins)")
-        return labels
+        rules = {f"param_groups.{i}": rule.match for i, rule in enumerate(self.param_groups)}
+        return _match(names, rules, "default", lambda label: f"param_groups[{label.split('.')[1]}]: ")
 
     def wrap(self, stepper: Stepper) -> Stepper:
         """``stepper`` inside this config's combinators, in the shim's order:

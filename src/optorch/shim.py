@@ -50,6 +50,9 @@ class Optimizer(torch.optim.Optimizer):
         algorithm: a registered name (``"adam"``) or an :class:`~optorch.algorithm.Algorithm`.
         config: the algorithm's ``Config``; its defaults when omitted.
         engine: ``"auto"``, ``"torch"``, ``"compiled"`` or ``"eager"`` (see the module docs).
+        combinators: an :class:`optorch.combinators.Combinators` (a config's ``clip_grad_norm``,
+            ``skip_nonfinite``, ``accumulate_steps`` and ``ema`` entries), run around each step;
+            ``optimizer.combinators`` is then its runtime (``skipped``, ``stepped``, ``last_grad_norm``).
     """
 
     def __init__(self, params: Iterable[Any], algorithm: str | Algorithm, config: Config | None = None, *, engine: str = "auto",

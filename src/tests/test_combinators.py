@@ -198,7 +198,7 @@ def test_partition_names_nested_dicts_by_their_path():
 
 
 def test_partition_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"pattern '\*norm_\*' \(label 'no_decay'\) matches no parameter; names are: linear.weight"):
+    with pytest.raises(ValueError, match=r"label 'no_decay': pattern '\*norm_\*' matches no parameter; names are: linear.weight"):
         C.labels_from_patterns(_params(), {"no_decay": ["*.bias", "*norm_*"]})
     stepper = C.partition({"decay": C.bind("sgd")}, lambda p: C.labels_from_patterns(p, {"no_decay": "*.bias"}, default="decay"))
     with pytest.raises(ValueError, match="no stepper for label.*'no_decay'"):
