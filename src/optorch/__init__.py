@@ -11,6 +11,8 @@ from . import (
 from . import amp
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
+from . import combinators
+from .combinators import bind
 from .config import Config
 from .inject import InjectedHyperparams, inject_hyperparams
 from .registry import ALGORITHMS, UnknownOptimizerError, register
@@ -27,6 +29,7 @@ __all__ = [
     "InjectedHyperparams",
     "Optimizer",
     "UnknownOptimizerError",
+    "bind",
     "build",
     "inject_hyperparams",
     "load_config",
@@ -42,6 +45,7 @@ __all__ = [
     "amp",
     "asgd",
     "autosgm",
+    "combinators",
     "dag",
     "decoupled_adam",
     "lars",

@@ -20,12 +20,12 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from . import registry, schedules
+from . import combinators, registry, schedules
 from .algorithm import Algorithm
 from .config import Config
 from .schedules import Schedule
 
-__all__ = ["ConfigError", "build", "load_config", "parse_config", "parse_schedules"]
+__all__ = ["ConfigError", "build", "load_config", "parse_combinators", "parse_config", "parse_schedules"]
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,8 @@ def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tupl
         return registry.for_config(config), config
     values = _as_dict(config)
     values.pop(SCHEDULE_KEY, None)
+    for key in combinators.KEYS:  # clip_grad_norm, ...: parse_combinators reads them
+        values.pop(key, None)
     if "name" not in values:
         raise ConfigError(f"config needs a 'name' key naming the optimizer, one of: {', '.join(registry.names())}")
     algorithm = registry.get(values.pop("name"))
@@ -77,6 +79,7 @@ def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tupl
         raise ConfigError(f"unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: name, {', '.join(valid)}")
     parsed = algorithm, algorithm.config(**values)
     parse_schedules(config, parsed[1])
+    parse_combinators(config, parsed)
     return parsed
 
 
@@ -107,6 +110,22 @@ def parse_schedules(config: Mapping[str, Any] | Config | str | os.PathLike, pars
         raise ConfigError(f"'{SCHEDULE_KEY}': {error}") from error
 
 
+def parse_combinators(config: Mapping[str, Any] | Config | str | os.PathLike, parsed: tuple[Algorithm, Config] | None = None) -> combinators.Combinators | None:
+    """The config's ``clip_grad_norm``, ``skip_nonfinite``, ``accumulate_steps``, ``ema`` and
+    ``param_groups`` entries, validated (:class:`optorch.combinators.Combinators`); None if it has none."""
+    if isinstance(config, Config):
+        return None
+    values = _as_dict(config)
+    try:
+        return combinators.Combinators.from_config(values, *(parsed or parse_config(values)))
+    except ValueError as error:
+        raise ConfigError(f"{_where(config)}{error}") from error
+
+
+def _where(config: Any) -> str:
+    return f"{config}: " if isinstance(config, (str, os.PathLike)) else ""
+
+
 def _as_dict(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
@@ -119,10 +138,16 @@ def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterab
     """A :class:`optorch.Optimizer` (a ``torch.optim.Optimizer``) for ``params``.
 
     ``params`` is what torch.optim accepts: an iterable of tensors, or of param-group dicts whose keys
-    override the config for that group. ``engine`` picks how the step executes (see
+    override the config for that group; or an ``nn.Module`` or ``model.named_parameters()``, which a
+    ``param_groups`` entry needs (it matches names). ``engine`` picks how the step executes (see
     :class:`optorch.Optimizer`); the math is the algorithm's either way.
     """
     from .shim import Optimizer
 
     algorithm, parsed = parse_config(config)
-    return Optimizer(params, algorithm, parsed, engine=engine, schedules=parse_schedules(config, parsed))
+    settings = parse_combinators(config, (algorithm, parsed))
+    try:
+        params = combinators.torch_param_groups(params, settings)
+    except ValueError as error:
+        raise ConfigError(f"{_where(config)}{error}") from error
+    return Optimizer(params, algorithm, parsed, engine=engine, schedules=parse_schedules(config, parsed), combinators=settings)

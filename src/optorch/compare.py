@@ -1,6 +1,6 @@
 """``optorch compare``: train one small real model once per optimizer config and compare the runs.
 
-The model is an MLP (64-64-10, ReLU) on scikit-learn's digits (8x8 images of handwritten digits,
+The model is an MLP (64-64-10, LayerNorm and ReLU, layers named ``hidden``, ``norm``, ``out``) on scikit-learn's digits (8x8 images of handwritten digits,
 1797 samples that ship with scikit-learn: nothing is downloaded). Every run starts from the same
 initial weights and sees the same mini-batches in the same order, so the runs differ only by their
 optimizer. Each run steps through the :class:`optorch.Optimizer` shim, the way a torch training loop
@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,7 +47,8 @@ from torch import Tensor, nn
 
 from . import registry
 from .algorithm import Algorithm
-from .builder import ConfigError, load_config, parse_config, parse_schedules
+from .builder import ConfigError, load_config, parse_combinators, parse_config, parse_schedules
+from .combinators import torch_param_groups
 from .config import Config
 
 __all__ = [
@@ -91,6 +93,9 @@ class Spec:
     scheduler: Callable[[Any], Any] | None = None
     """Optional ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, stepped after each step (for
     :func:`compare` from Python; a config file names no scheduler)."""
+    combinators: Any = None
+    """The config's combinator entries (clip_grad_norm, param_groups, ...; see
+    :func:`optorch.builder.parse_combinators`), or None."""
 
 
 def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
@@ -103,16 +108,16 @@ def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
     for path in map(Path, paths):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES) if path.is_dir() else [path]
         for file in files:
-            algorithm, config, schedules = _parse_file(file)
-            specs.append(Spec(file.stem, str(file), algorithm, config, schedules))
+            algorithm, config, schedules, combinators = _parse_file(file)
+            specs.append(Spec(file.stem, str(file), algorithm, config, schedules, combinators=combinators))
     return _unique_labels(specs)
 
 
-def _parse_file(path: Path) -> tuple[Algorithm, Config, dict[str, Any]]:
+def _parse_file(path: Path) -> tuple[Algorithm, Config, dict[str, Any], Any]:
     try:
         values = load_config(path)
         algorithm, config = parse_config(values)
-        return algorithm, config, parse_schedules(values, config)
+        return algorithm, config, parse_schedules(values, config), parse_combinators(values, (algorithm, config))
     except pydantic.ValidationError as error:
         problems = "; ".join(_problem(e) for e in error.errors())
         raise CompareError(f"{path}: {problems}") from None
@@ -216,10 +221,11 @@ def _load_digits():
 
 
 def mlp(seed: int) -> nn.Module:
-    """The model every run starts from: 64 pixels, 64 hidden ReLU units, 10 classes."""
+    """The model every run starts from: 64 pixels, 64 hidden units (LayerNorm, ReLU), 10 classes."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        # named layers, and a norm, so that recipes with param_groups (no decay on "*norm*") apply
+        return nn.Sequential(OrderedDict(hidden=nn.Linear(64, 64), norm=nn.LayerNorm(64), act=nn.ReLU(), out=nn.Linear(64, 10)))
 
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> Tensor:
@@ -336,7 +342,8 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
 def _optimizer(spec: Spec, model: nn.Module, engine: str):
     from .shim import Optimizer
 
-    return Optimizer(model.parameters(), spec.algorithm, spec.config, engine=engine, schedules=spec.schedules)
+    params = torch_param_groups(model.named_parameters(), spec.combinators)  # param_groups match names
+    return Optimizer(params, spec.algorithm, spec.config, engine=engine, schedules=spec.schedules, combinators=spec.combinators)
 
 
 def _train(result: Result, model: nn.Module, optimizer, scheduler, data: Data, batches: Tensor, eval_every: int, target: float, bar):
@@ -574,7 +581,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(
-        f"optorch compare: {len(specs)} configs, MLP 64-64-10 on digits, {args.steps} steps of batch {args.batch_size}, "
+        f"optorch compare: {len(specs)} configs, MLP 64-64-10 (LayerNorm) on digits, {args.steps} steps of batch {args.batch_size}, "
         f"seed {args.seed}, {args.device}, engine {args.engine}",
         flush=True,
     )
@@ -597,7 +604,7 @@ def run(args) -> int:
     if args.json:
         meta = {
             "torch": torch.__version__,
-            "task": "MLP 64-64-10 (ReLU) on sklearn digits, cross-entropy",
+            "task": "MLP 64-64-10 (LayerNorm, ReLU) on sklearn digits, cross-entropy",
             "steps": args.steps,
             "batch_size": args.batch_size,
             "seed": args.seed,

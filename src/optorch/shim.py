@@ -50,10 +50,13 @@ class Optimizer(torch.optim.Optimizer):
         algorithm: a registered name (``"adam"``) or an :class:`~optorch.algorithm.Algorithm`.
         config: the algorithm's ``Config``; its defaults when omitted.
         engine: ``"auto"``, ``"torch"``, ``"compiled"`` or ``"eager"`` (see the module docs).
+        combinators: an :class:`optorch.combinators.Combinators` (a config's ``clip_grad_norm``,
+            ``skip_nonfinite``, ``accumulate_steps`` and ``ema`` entries), run around each step;
+            ``optimizer.combinators`` is then its runtime (``skipped``, ``stepped``, ``last_grad_norm``).
     """
 
     def __init__(self, params: Iterable[Any], algorithm: str | Algorithm, config: Config | None = None, *, engine: str = "auto",
-                 schedules: Mapping[str, Callable[[int], float]] | None = None):
+                 schedules: Mapping[str, Callable[[int], float]] | None = None, combinators: Any = None):
         self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
         self.schedules = dict(schedules or {})
         self.schedule_step = 0
@@ -69,6 +72,8 @@ class Optimizer(torch.optim.Optimizer):
         self._apply_schedules()
         self.engine = _resolve_engine(engine, self.algorithm, self.param_groups)
         self._runner = _TorchRunner(self) if self.engine == "torch" else _FlatRunner(self, compiled=self.engine == "compiled")
+        # Clipping, non-finite skipping, accumulation, EMA (optorch.combinators.Combinators): run around the step.
+        self.combinators = combinators.attach(self) if combinators is not None else None
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -122,12 +127,28 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError(f"{self.algorithm.name} does not support sparse gradients")
+        if self.combinators is not None and not self.combinators.before_step():
+            return loss  # an accumulating call or a non-finite gradient: nothing changes
         with torch.no_grad():
             self._runner.step(configs)
         if self.schedules:
             self.schedule_step += 1
             self._apply_schedules()  # param_groups show the values the next step will use
+        if self.combinators is not None:
+            self.combinators.after_step()
         return loss
+
+    def ema_params(self) -> list[Tensor]:
+        """The EMA of each param (config entry ``ema``), in ``param_groups`` order."""
+        if self.combinators is None:
+            raise RuntimeError("this optimizer keeps no EMA: add an 'ema' entry to its config")
+        return self.combinators.ema_params()
+
+    def swap_ema(self):
+        """A context manager: within it the params hold their EMA (``with opt.swap_ema(): evaluate()``)."""
+        if self.combinators is None:
+            raise RuntimeError("this optimizer keeps no EMA: add an 'ema' entry to its config")
+        return self.combinators.swap_ema()
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -140,6 +161,8 @@ class Optimizer(torch.optim.Optimizer):
             self._runner.export(state_dict)
         if self.schedules:
             state_dict["schedule_step"] = self.schedule_step
+        if self.combinators is not None:
+            state_dict["combinators"] = self.combinators.state_dict()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -157,6 +180,8 @@ class Optimizer(torch.optim.Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         self._check_state_dict(state_dict)
         self._runner.check(state_dict)
+        if self.combinators is not None:
+            self.combinators.check(state_dict.get("combinators"))
         # A hyperparameter the checkpoint lacks keeps this optimizer's value (torch-adopt saves no clip:
         # its clip_lambda is passed to the constructor again), as _check_state_dict validated it.
         current = [{name: group[name] for name in self.algorithm.config.model_fields} for group in self.param_groups]
@@ -173,6 +198,8 @@ class Optimizer(torch.optim.Optimizer):
         if self.schedules:
             self.schedule_step = int(state_dict.get("schedule_step", 0))
             self._apply_schedules()
+        if self.combinators is not None:
+            self.combinators.load(state_dict.get("combinators"))
         for hook in post_hooks.values():
             hook(self)
 

@@ -6,17 +6,33 @@ without an example config (and without this test building and stepping it).
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 import pytest
 import torch
 
 import optorch
-from optorch import builder, registry
+from optorch import builder, combinators, registry
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+BUILDER_KEYS = ("name", builder.SCHEDULE_KEY, *combinators.KEYS)
+"""Top-level keys that configure what surrounds the algorithm, not the algorithm itself."""
+
+
+class _Model(torch.nn.Module):
+    """A linear layer and a norm, with names (``linear.bias``, ``norm.weight``) for param_groups."""
+
+    in_features, out_features = 4, 3
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm = torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)
+
+    def forward(self, x):
+        return self.norm(self.linear(x))
 
 
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
@@ -52,8 +68,11 @@ def test_config_validates(path: Path):
     values = config.hyperparameters()
     schedules = builder.parse_schedules(raw, config)
     assert set(schedules) == set(raw.get(builder.SCHEDULE_KEY, {})), f"{path.name}: schedule"
+    settings = builder.parse_combinators(raw, (algorithm, config))
+    entries = {key for key in raw if key in combinators.KEYS}
+    assert (settings.model_fields_set if settings else set()) == entries, f"{path.name}: combinator entries"
     for key, value in raw.items():
-        if key in ("name", builder.SCHEDULE_KEY):
+        if key in BUILDER_KEYS:
             continue
         expected = tuple(value) if isinstance(value, list) else value
         if isinstance(value, dict):
@@ -71,9 +90,13 @@ def test_config_keys_are_the_torch_constructor_keywords(path: Path):
     if algorithm.torch_optimizer is None:
         pytest.skip(f"{algorithm.name} has no torch.optim counterpart")
     values = builder.load_config(path)
-    values.pop("name")
-    values.pop(builder.SCHEDULE_KEY, None)  # the builder's, not a constructor keyword
-    algorithm.torch_optimizer([torch.zeros(2, requires_grad=True)], **values)
+    groups = values.get("param_groups", [])
+    for key in BUILDER_KEYS:  # the builder's, not constructor keywords
+        values.pop(key, None)
+    # Each param_groups entry's overrides are torch param-group keys too.
+    params = [{"params": [torch.zeros(2, requires_grad=True)]}]
+    params += [{"params": [torch.zeros(2, requires_grad=True)], **{k: v for k, v in group.items() if k != "match"}} for group in groups]
+    algorithm.torch_optimizer(params, **values)
 
 
 ENGINES = ["auto", "eager", pytest.param("compiled", marks=pytest.mark.compile)]
@@ -84,18 +107,28 @@ ENGINES = ["auto", "eager", pytest.param("compiled", marks=pytest.mark.compile)]
 def test_config_builds_and_trains(path: Path, engine: str):
     _, config = builder.parse_config(path)
     lr_schedule = builder.parse_schedules(path).get("lr")
+    settings = builder.parse_combinators(path) or combinators.Combinators()
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
+    model = _Model()
     initial = [p.detach().clone() for p in model.parameters()]
 
-    optimizer = optorch.build(path, model.parameters()) if engine == "auto" else optorch.build(path, model.parameters(), engine=engine)
+    # Named params, as param_groups needs (plain tensors work for configs without it: test_builder).
+    optimizer = optorch.build(path, model.named_parameters()) if engine == "auto" else optorch.build(path, model.named_parameters(), engine=engine)
 
     assert isinstance(optimizer, torch.optim.Optimizer)
     assert optimizer.param_groups[0]["lr"] == (config.lr if lr_schedule is None else lr_schedule(0))
     for before, param in zip(initial, model.parameters()):
         torch.testing.assert_close(param.detach(), before, rtol=0, atol=0, msg="building must not change params")
 
-    _train(model, optimizer)
+    # Each param_groups entry's overrides reach the params it matches (the first match wins).
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            rule = next((r for r in settings.param_groups if any(fnmatch.fnmatchcase(names[id(param)], g) for g in r.match)), None)
+            for key, value in (rule.overrides if rule else {}).items():
+                assert group[key] == value, f"{path.name}: {names[id(param)]} has {key}={group[key]!r}"
+
+    _train(model, optimizer, steps=3 * settings.accumulate_steps)
 
     for (name, param), before in zip(model.named_parameters(), initial):
         assert torch.isfinite(param).all(), f"{path.name}: {name} is not finite after 3 steps"

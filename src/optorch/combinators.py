@@ -1,0 +1,736 @@
+r"""Combinators: gradient clipping, non-finite skipping, gradient accumulation, per-subset
+optimizers and parameter EMA, as pure wrappers around steppers, and the same from a builder config.
+
+A *stepper* is any object with ``init(params) -> state`` and ``step(params, grads, state) -> (params,
+state)``: :func:`bind` makes one from an algorithm and its config, :func:`optorch.inject_hyperparams`
+makes one whose hyperparameters live in the state. Each combinator takes a stepper and is a stepper,
+so they nest::
+
+    inner = optorch.bind("adamw", {"lr": 1e-3, "weight_decay": 0.01})
+    stepper = multi_steps(apply_if_finite(clip_by_global_norm(ema(inner, 0.999), 1.0)), every_k=4)
+    state = stepper.init(params)
+    params, state = stepper.step(params, grads, state)
+
+Every wrapper is pure (inputs are never modified) and decides with ``torch.where`` on tensors, never
+with a Python branch on a value, so a composed step runs under ``torch.compile(fullgraph=True)`` and
+``torch.func``. The state of a wrapper is a dict that keeps the wrapped stepper's state under
+``"inner"`` (:func:`partition`: under each label).
+
+With :math:`g_i` the gradient leaves and :math:`\|g\| = \sqrt{\sum_i \|g_i\|_2^2}`:
+
+* :func:`clip_by_global_norm`: :math:`g_i \leftarrow g_i \cdot \min(1, c / (\|g\| + 10^{-6}))`,
+  exactly ``torch.nn.utils.clip_grad_norm_(max_norm=c)``.
+* :func:`apply_if_finite`: the inner step is applied only if every :math:`g_i` is finite; otherwise
+  params and inner state are returned bit-identical and the skip is counted.
+* :func:`multi_steps`: :math:`a \leftarrow a + g` on each call; on every :math:`k`-th call the inner
+  step runs with :math:`a / k` (the mean) and :math:`a \leftarrow 0`; params stay unchanged otherwise.
+* :func:`partition`: each label's stepper steps the parameters with that label, as if alone.
+* :func:`ema`: after each inner step :math:`\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta`
+  (``torch.lerp``), :math:`\bar\theta_0 = \theta_0`; with ``warmup``,
+  :math:`\beta_t = \min(\beta, (1+t)/(10+t))` at the :math:`t`-th step.
+
+The builder's top-level entries ``clip_grad_norm``, ``skip_nonfinite``, ``accumulate_steps``, ``ema``
+and ``param_groups`` are validated by :class:`Combinators`. :func:`from_config` turns a config into
+the composed pure stepper, and ``optorch.build`` runs the same logic around the shim's step (through
+:class:`InPlace`, which calls the functions here on ``.grad``), in this order: accumulate, skip if
+non-finite, clip, step, EMA. That is ``multi_steps(apply_if_finite(clip_by_global_norm(ema(inner))))``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StrictBool, field_validator, model_validator
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from . import ops, registry
+from .algorithm import Algorithm
+from .config import Config
+
+__all__ = [
+    "KEYS",
+    "ApplyIfFinite",
+    "Bound",
+    "ClipByGlobalNorm",
+    "Combinators",
+    "Ema",
+    "EmaSettings",
+    "GroupRule",
+    "InPlace",
+    "MultiSteps",
+    "Partition",
+    "Stepper",
+    "apply_if_finite",
+    "bind",
+    "clip_by_global_norm",
+    "ema",
+    "ema_params",
+    "from_config",
+    "labels_from_patterns",
+    "multi_steps",
+    "param_names",
+    "partition",
+    "torch_param_groups",
+]
+
+
+class Stepper(Protocol):
+    def init(self, params: Any) -> Any: ...
+
+    def step(self, params: Any, grads: Any, state: Any) -> tuple[Any, Any]: ...
+
+
+# -- the math, shared by the pure wrappers and the shim -------------------------------------------
+
+
+def global_norm(grads: Sequence[Tensor]) -> Tensor:
+    """:math:`\\|g\\|_2` over all tensors: the 2-norm of the per-tensor 2-norms, as
+    ``torch.nn.utils.get_total_norm`` computes it."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device) for g in grads]))
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: Any) -> Tensor:
+    """:math:`\\min(1, c / (\\|g\\| + 10^{-6}))`, the factor ``clip_grad_norm_`` multiplies by."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+def all_finite(grads: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: no NaN and no inf in any of ``grads`` (read on the device, no sync)."""
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all()
+
+
+def finite_counters(finite: Tensor, counters: Mapping[str, Tensor], max_consecutive_errors: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Whether to apply a step, and the updated skip counters (optax's ``apply_if_finite``)::
+
+        notfinite_count  consecutive non-finite steps (0 after a finite one)
+        total_notfinite  non-finite steps so far
+        last_finite      whether this step's gradients were finite
+
+    A non-finite step is applied anyway once ``notfinite_count`` exceeds ``max_consecutive_errors``."""
+    count = torch.where(finite, torch.zeros_like(counters["notfinite_count"]), counters["notfinite_count"] + 1)
+    apply = finite if max_consecutive_errors is None else finite | (count > max_consecutive_errors)
+    return apply, {"notfinite_count": count, "total_notfinite": counters["total_notfinite"] + (~finite).to(count.dtype), "last_finite": finite}
+
+
+def ema_decay(decay: Any, count: Tensor, warmup: bool) -> Any:
+    """The decay of the ``count``-th EMA update: ``decay``, or with warmup ``min(decay, (1+t)/(10+t))``."""
+    if not warmup:
+        return decay
+    t = count.to(ops.scalar_dtype(count))
+    return torch.clamp((1 + t) / (10 + t), max=decay)
+
+
+def ema_update(averages: Sequence[Tensor], params: Sequence[Tensor], decay: Any) -> list[Tensor]:
+    """:math:`\\bar\\theta + (1-\\beta)(\\theta - \\bar\\theta)` per tensor (``torch.lerp``, as
+    ``torch.optim.swa_utils.get_ema_multi_avg_fn``)."""
+    return [ops.lerp(a, p.to(a.device), 1 - decay) for a, p in zip(averages, params)]
+
+
+# -- pytree helpers ---------------------------------------------------------------------------------
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _grad_leaves(grads: Any) -> list[Tensor]:
+    return [g for g in pytree.tree_leaves(grads) if g is not None]
+
+
+def _select(condition: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``condition`` holds, else ``old``, leaf by leaf (bit-identical either way)."""
+    return pytree.tree_map(lambda a, b: torch.where(condition, a, b), new, old)
+
+
+def _like_first(params: Any) -> Tensor:
+    leaves = pytree.tree_leaves(params)
+    return leaves[0] if leaves else torch.zeros(())
+
+
+def _counter(params: Any) -> Tensor:
+    return torch.zeros((), dtype=torch.int64, device=_like_first(params).device)
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
+def param_names(params: Any) -> list[str]:
+    """The name of each leaf of a params pytree: its dict keys (and list indices) joined by dots,
+    ``{"encoder": {"norm": {"weight": t}}}`` -> ``["encoder.norm.weight"]``; a flat dict from
+    ``model.named_parameters()`` keeps its names."""
+    return [_path_name(path) for path, _ in pytree.tree_flatten_with_path(params)[0]]
+
+
+# -- the steppers -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A plain algorithm with a fixed config, as a stepper (:func:`bind`)."""
+
+    algorithm: Algorithm
+    config: Config
+
+    def init(self, params: Any) -> Any:
+        return self.algorithm.init(params, self.config)
+
+    def step(self, params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
+        return self.algorithm.step(params, grads, state, self.config)
+
+
+def bind(algorithm: str | Algorithm, config: Config | Mapping[str, Any] | None = None) -> Bound:
+    """``algorithm`` (a registered name or an :class:`~optorch.Algorithm`) with ``config`` (its
+    ``Config``, a dict of its keys, or None for the defaults), as a stepper."""
+    algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
+    if config is None:
+        config = algorithm.config()
+    elif isinstance(config, Mapping):
+        config = algorithm.config(**config)
+    elif type(config) is not algorithm.config:
+        raise TypeError(f"expected optorch.{algorithm.name}.Config, got {type(config).__name__}")
+    return Bound(algorithm, config)
+
+
+@dataclass(frozen=True)
+class ClipByGlobalNorm:
+    r"""Scale the gradients by :math:`\min(1, c / (\|g\| + 10^{-6}))` before the inner step.
+
+    The state is the inner stepper's, unchanged in layout. ``max_norm`` may be a 0-dim tensor."""
+
+    inner: Stepper
+    max_norm: Any
+
+    def init(self, params: Any) -> Any:
+        return self.inner.init(params)
+
+    def step(self, params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
+        coefficient = clip_coefficient(global_norm(_grad_leaves(grads)), self.max_norm)
+        return self.inner.step(params, pytree.tree_map(lambda g: g * coefficient.to(g.device), grads), state)
+
+
+def clip_by_global_norm(stepper: Stepper, max_norm: Any) -> ClipByGlobalNorm:
+    """``stepper`` with its gradients clipped to a global 2-norm of at most ``max_norm``, exactly as
+    ``torch.nn.utils.clip_grad_norm_`` clips them."""
+    if not isinstance(max_norm, Tensor) and not max_norm > 0:
+        raise ValueError(f"clip_by_global_norm: max_norm must be > 0, got {max_norm!r}")
+    return ClipByGlobalNorm(stepper, max_norm)
+
+
+@dataclass(frozen=True)
+class ApplyIfFinite:
+    """Apply the inner step only when every gradient is finite.
+
+    State: ``{"notfinite_count", "total_notfinite", "last_finite", "inner"}`` (see
+    :func:`finite_counters`). A skipped step returns params and ``inner`` bit-identical."""
+
+    inner: Stepper
+    max_consecutive_errors: int | None = None
+
+    def init(self, params: Any) -> dict[str, Any]:
+        zero = _counter(params)
+        return {"notfinite_count": zero, "total_notfinite": zero.clone(), "last_finite": torch.ones_like(zero, dtype=torch.bool), "inner": self.inner.init(params)}
+
+    def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        apply, counters = finite_counters(all_finite(_grad_leaves(grads)).to(state["notfinite_count"].device), state, self.max_consecutive_errors)
+        new_params, inner = self.inner.step(params, grads, state["inner"])
+        return _select(apply, new_params, params), {**counters, "inner": _select(apply, inner, state["inner"])}
+
+
+def apply_if_finite(stepper: Stepper, max_consecutive_errors: int | None = None) -> ApplyIfFinite:
+    """``stepper``, skipping any step whose gradients hold a NaN or an inf; with
+    ``max_consecutive_errors=n``, the (n+1)-th non-finite step in a row is applied anyway."""
+    if max_consecutive_errors is not None and (isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) or max_consecutive_errors < 0):
+        raise ValueError(f"apply_if_finite: max_consecutive_errors must be None or an int >= 0, got {max_consecutive_errors!r}")
+    return ApplyIfFinite(stepper, max_consecutive_errors)
+
+
+@dataclass(frozen=True)
+class MultiSteps:
+    """Accumulate gradients over ``every_k`` calls; the ``every_k``-th runs the inner step on their mean.
+
+    State: ``{"mini_step": calls since the last inner step, "grad_acc": the sum of their gradients
+    (shaped like params), "inner"}``. A ``None`` gradient counts as zero. The inner step is traced on
+    every call and its result kept only on the k-th (``torch.where``), so nothing branches on the host."""
+
+    inner: Stepper
+    every_k: int
+
+    def init(self, params: Any) -> dict[str, Any]:
+        return {"mini_step": _counter(params), "grad_acc": pytree.tree_map(torch.zeros_like, params), "inner": self.inner.init(params)}
+
+    def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        acc, spec = pytree.tree_flatten(state["grad_acc"])
+        grad_leaves, grad_spec = pytree.tree_flatten(grads, is_leaf=_is_none)
+        if grad_spec != spec:
+            raise ValueError(f"multi_steps: grads must have the structure of params.\n params: {spec}\n grads: {grad_spec}")
+        acc = [a if g is None else a + g for a, g in zip(acc, grad_leaves)]
+        final = state["mini_step"] == self.every_k - 1
+        mean = pytree.tree_unflatten([a / self.every_k for a in acc], spec)
+        new_params, inner = self.inner.step(params, mean, state["inner"])
+        acc = [torch.where(final, torch.zeros_like(a), a) for a in acc]
+        return _select(final, new_params, params), {
+            "mini_step": torch.where(final, torch.zeros_like(state["mini_step"]), state["mini_step"] + 1),
+            "grad_acc": pytree.tree_unflatten(acc, spec),
+            "inner": _select(final, inner, state["inner"]),
+        }
+
+
+def multi_steps(stepper: Stepper, every_k: int) -> MultiSteps:
+    """``stepper`` stepping once every ``every_k`` calls, on the mean of their gradients."""
+    if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
+        raise ValueError(f"multi_steps: every_k must be an int >= 1, got {every_k!r}")
+    return MultiSteps(stepper, every_k)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Each label's stepper on the parameters with that label.
+
+    ``labels`` is a pytree of label strings shaped like params, or a function ``params -> labels``
+    (e.g. ``lambda p: labels_from_patterns(p, {...})``). Each stepper sees its subset as a flat dict
+    ``{name: tensor}`` (names as :func:`param_names`), so it steps exactly as if run on that dict
+    alone. State: ``{label: that stepper's state}`` for each label in use."""
+
+    steppers: Mapping[str, Stepper]
+    labels: Any
+
+    def _split(self, params: Any) -> tuple[list[str], list[str], Any]:
+        labels = self.labels(params) if callable(self.labels) else self.labels
+        path_leaves, spec = pytree.tree_flatten_with_path(params)
+        label_leaves, label_spec = pytree.tree_flatten(labels)
+        if label_spec != spec:
+            raise ValueError(f"partition: labels must have the structure of params.\n params: {spec}\n labels: {label_spec}")
+        missing = sorted({label for label in label_leaves if label not in self.steppers})
+        if missing:
+            raise ValueError(f"partition: no stepper for label(s) {', '.join(map(repr, missing))}; steppers are given for {', '.join(map(repr, self.steppers))}")
+        return [_path_name(path) for path, _ in path_leaves], label_leaves, spec
+
+    @staticmethod
+    def _subset(names: list[str], labels: list[str], leaves: list[Any], label: str) -> dict[str, Any]:
+        return {name: leaf for name, leaf_label, leaf in zip(names, labels, leaves) if leaf_label == label}
+
+    def init(self, params: Any) -> dict[str, Any]:
+        names, labels, _ = self._split(params)
+        leaves = pytree.tree_leaves(params)
+        return {label: self.steppers[label].init(self._subset(names, labels, leaves, label)) for label in dict.fromkeys(labels)}
+
+    def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        names, labels, spec = self._split(params)
+        leaves = pytree.tree_leaves(params)
+        grad_leaves, grad_spec = pytree.tree_flatten(grads, is_leaf=_is_none)
+        if grad_spec != spec:
+            raise ValueError(f"partition: grads must have the structure of params.\n params: {spec}\n grads: {grad_spec}")
+        new_leaves, new_state = dict(zip(names, leaves)), {}
+        for label in dict.fromkeys(labels):
+            subset, subset_grads = self._subset(names, labels, leaves, label), self._subset(names, labels, grad_leaves, label)
+            stepped, new_state[label] = self.steppers[label].step(subset, subset_grads, state[label])
+            new_leaves.update(stepped)
+        return pytree.tree_unflatten([new_leaves[name] for name in names], spec), new_state
+
+
+def partition(steppers_by_label: Mapping[str, Stepper], labels: Any) -> Partition:
+    """Different steppers for different parameters; see :class:`Partition` and
+    :func:`labels_from_patterns`."""
+    if not steppers_by_label:
+        raise ValueError("partition: give at least one stepper")
+    return Partition(dict(steppers_by_label), labels)
+
+
+def labels_from_patterns(params: Any, patterns: Mapping[str, str | Sequence[str]], default: str = "default") -> Any:
+    """A label per parameter, from name patterns: the first label (in ``patterns``' order) with an
+    ``fnmatch`` pattern (case-sensitive) that matches the parameter's name (:func:`param_names`),
+    else ``default``. A pattern that matches no name at all raises ``ValueError``::
+
+        labels_from_patterns(params, {"no_decay": ["*.bias", "*norm*"]}, default="decay")
+    """
+    rules = {label: [p] if isinstance(p, str) else list(p) for label, p in patterns.items()}
+    labels = _match(param_names(params), rules, default, lambda label: f"label {label!r}: ")
+    return pytree.tree_unflatten(labels, pytree.tree_flatten(params)[1])
+
+
+def _match(names: Sequence[str], rules: Mapping[str, Sequence[str]], default: str, where: Callable[[str], str]) -> list[str]:
+    """Each name's label: the first rule's (in order) with a pattern that matches it, else ``default``.
+    A pattern that matches no name, or a rule whose names were all taken by earlier rules, is an
+    error (``where(label)`` says which rule)."""
+    for label, globs in rules.items():
+        for glob in globs:
+            if not any(fnmatch.fnmatchcase(name, glob) for name in names):
+                raise ValueError(f"{where(label)}pattern {glob!r} matches no parameter; names are: {_shown(list(names))}")
+    labels = [next((label for label, globs in rules.items() if any(fnmatch.fnmatchcase(name, g) for g in globs)), default) for name in names]
+    for label in rules:
+        if label not in labels:
+            raise ValueError(f"{where(label)}every parameter it matches was taken by an earlier entry (the first match wins)")
+    return labels
+
+
+def _shown(names: list[str], limit: int = 12) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+@dataclass(frozen=True)
+class Ema:
+    r"""Keep an exponential moving average of the params, updated after each inner step.
+
+    State: ``{"count": inner steps so far, "ema_params": the averages (shaped like params),
+    "inner"}``; :func:`ema_params` finds them in a nested state."""
+
+    inner: Stepper
+    decay: Any
+    warmup: bool = False
+
+    def init(self, params: Any) -> dict[str, Any]:
+        return {"count": _counter(params), "ema_params": pytree.tree_map(lambda p: p.detach().clone(), params), "inner": self.inner.init(params)}
+
+    def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        params, inner = self.inner.step(params, grads, state["inner"])
+        count = state["count"] + 1
+        averages, spec = pytree.tree_flatten(state["ema_params"])
+        averages = ema_update(averages, pytree.tree_leaves(params), ema_decay(self.decay, count, self.warmup))
+        return params, {"count": count, "ema_params": pytree.tree_unflatten(averages, spec), "inner": inner}
+
+
+def ema(stepper: Stepper, decay: Any, *, warmup: bool = False) -> Ema:
+    """``stepper`` plus an EMA of its params with ``decay`` in [0, 1] (see :class:`Ema`)."""
+    if not isinstance(decay, Tensor) and not 0.0 <= decay <= 1.0:
+        raise ValueError(f"ema: decay must be in [0, 1], got {decay!r}")
+    return Ema(stepper, decay, warmup)
+
+
+def ema_params(state: Any) -> Any:
+    """The EMA params in a (possibly nested) combinator state: the outermost :class:`Ema`'s, found by
+    following ``"inner"``; None when there is none. (Inside a :func:`partition`, look per label.)"""
+    while isinstance(state, Mapping):
+        if "ema_params" in state:
+            return state["ema_params"]
+        state = state.get("inner")
+    return None
+
+
+# -- builder config ---------------------------------------------------------------------------------
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EmaSettings(_Settings):
+    """The ``ema`` entry: ``{decay: 0.999, warmup: false}``, or just the decay."""
+
+    decay: float = Field(ge=0.0, le=1.0)
+    warmup: StrictBool = False
+
+
+class GroupRule(BaseModel):
+    """One ``param_groups`` entry: ``match`` (fnmatch patterns on parameter names, a string or a list)
+    and the algorithm's config keys to override for the parameters it matches."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    match: list[str] = Field(min_length=1)
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _one_pattern(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Combinators(_Settings):
+    """The builder's top-level combinator entries, next to the algorithm's keys::
+
+        name: adamw
+        lr: 1e-3
+        clip_grad_norm: 1.0          # clip_grad_norm_ on the gradients, every step
+        skip_nonfinite: true         # a step with a NaN/inf gradient changes nothing, and is counted
+        accumulate_steps: 4          # step every 4th call, on the mean of the 4 gradients
+        ema: {decay: 0.999}          # or ema: 0.999; optimizer.ema_params(), optimizer.swap_ema()
+        param_groups:                # by parameter name, first match wins; needs named params
+          - {match: ["*.bias", "*norm*"], weight_decay: 0.0}
+    """
+
+    clip_grad_norm: Optional[PositiveFloat] = None
+    skip_nonfinite: StrictBool = False
+    accumulate_steps: PositiveInt = 1
+    ema: Optional[EmaSettings] = None
+    param_groups: list[GroupRule] = Field(default_factory=list)
+
+    @field_validator("ema", mode="before")
+    @classmethod
+    def _decay_only(cls, value: Any) -> Any:
+        return {"decay": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _no_inf(self) -> "Combinators":
+        if self.clip_grad_norm is not None and self.clip_grad_norm == float("inf"):
+            raise ValueError("clip_grad_norm must be finite (leave it out to not clip)")
+        return self
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any], algorithm: Algorithm, config: Config) -> "Combinators | None":
+        """The entries of a config dict, validated (each ``param_groups`` entry against ``algorithm``'s
+        Config too); None when the config has none of them. Raises ``ValueError`` naming the entry."""
+        entries = {key: values[key] for key in KEYS if key in values}
+        if not entries:
+            return None
+        settings = cls(**entries)
+        fields = list(algorithm.config.model_fields)
+        for i, rule in enumerate(settings.param_groups):
+            unknown = [key for key in rule.overrides if key not in fields]
+            if unknown:
+                hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, fields, n=1)) else repr(key) for key in unknown]
+                raise ValueError(f"param_groups[{i}]: unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: match, {', '.join(fields)}")
+            try:
+                config.replace(**rule.overrides)
+            except ValueError as error:
+                raise ValueError(f"param_groups[{i}]: {error}") from error
+        return settings
+
+    def labels(self, names: Sequence[str]) -> list[str]:
+        """The param group of each name: ``"param_groups.<i>"`` for the first entry that matches it,
+        else ``"default"``. Raises ``ValueError`` for a pattern or an entry that matches nothing."""
+        rules = {f"param_groups.{i}": rule.match for i, rule in enumerate(self.param_groups)}
+        return _match(names, rules, "default", lambda label: f"param_groups[{label.split('.')[1]}]: ")
+
+    def wrap(self, stepper: Stepper) -> Stepper:
+        """``stepper`` inside this config's combinators, in the shim's order:
+        ``multi_steps(apply_if_finite(clip_by_global_norm(ema(stepper))))``, each only if set."""
+        if self.ema is not None:
+            stepper = ema(stepper, self.ema.decay, warmup=self.ema.warmup)
+        if self.clip_grad_norm is not None:
+            stepper = clip_by_global_norm(stepper, self.clip_grad_norm)
+        if self.skip_nonfinite:
+            stepper = apply_if_finite(stepper)
+        if self.accumulate_steps > 1:
+            stepper = multi_steps(stepper, self.accumulate_steps)
+        return stepper
+
+    def attach(self, optimizer: Any) -> "InPlace | None":
+        """The in-place runtime for an ``optorch.Optimizer`` (None when nothing runs around its step)."""
+        if self.clip_grad_norm is None and not self.skip_nonfinite and self.accumulate_steps == 1 and self.ema is None:
+            return None
+        return InPlace(self, optimizer)
+
+
+KEYS = tuple(Combinators.model_fields)
+"""The top-level builder keys that :class:`Combinators` reads (``parse_config`` leaves them out)."""
+
+
+def from_config(config: Mapping[str, Any] | str | Any, params: Any = None) -> Stepper:
+    """The pure stepper a builder config describes: its algorithm (with ``inject_hyperparams`` when it
+    has a ``schedule``), partitioned by ``param_groups`` (``params``, a dict pytree, gives the names),
+    wrapped in its combinators as :meth:`Combinators.wrap` orders them. It steps as
+    ``optorch.build(config, model)`` does."""
+    from . import builder
+    from .inject import inject_hyperparams
+
+    algorithm, config_ = builder.parse_config(config)
+    schedules = builder.parse_schedules(config, config_)
+    settings = builder.parse_combinators(config, (algorithm, config_)) or Combinators()
+
+    def core(overrides: Mapping[str, Any]) -> Stepper:
+        group_config = config_.replace(**overrides) if overrides else config_
+        kept = {name: schedule for name, schedule in schedules.items() if name not in overrides}
+        return inject_hyperparams(algorithm, group_config, **kept) if kept else bind(algorithm, group_config)
+
+    stepper: Stepper = core({})
+    if settings.param_groups:
+        if params is None:
+            raise ValueError("param_groups: from_config needs the params (a dict pytree) to match the patterns to names")
+        labels = settings.labels(param_names(params))
+        steppers = {f"param_groups.{i}": core(rule.overrides) for i, rule in enumerate(settings.param_groups)}
+        if "default" in labels:
+            steppers["default"] = stepper
+        stepper = partition(steppers, pytree.tree_unflatten(labels, pytree.tree_flatten(params)[1]))
+    return settings.wrap(stepper)
+
+
+def torch_param_groups(params: Any, settings: Combinators | None) -> Any:
+    """What to hand ``torch.optim.Optimizer``: ``params`` as given (tensors or param-group dicts), or,
+    from an ``nn.Module`` or ``named_parameters()``, the tensors, split into the groups that
+    ``settings.param_groups`` describes (the unmatched ones first, with no overrides)."""
+    if isinstance(params, torch.nn.Module):
+        params = params.named_parameters()
+    if isinstance(params, Tensor):
+        params = [params]
+    params = list(params)
+    named = bool(params) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Tensor) for p in params)
+    rules = settings.param_groups if settings is not None else []
+    if not rules:
+        return [p for _, p in params] if named else params
+    if not named:
+        got = "param-group dicts" if any(isinstance(p, Mapping) for p in params) else "unnamed tensors"
+        raise ValueError(f"param_groups matches parameters by name: pass the model or model.named_parameters(), not {got}")
+    labels = settings.labels([name for name, _ in params])
+    groups = [{"params": [p for (_, p), label in zip(params, labels) if label == "default"]}]
+    groups += [{"params": [p for (_, p), label in zip(params, labels) if label == f"param_groups.{i}"], **rule.overrides} for i, rule in enumerate(rules)]
+    return [group for group in groups if group["params"]]
+
+
+# -- the shim ---------------------------------------------------------------------------------------
+
+
+class InPlace:
+    """The combinators around an ``optorch.Optimizer``'s step, on ``.grad`` in place.
+
+    ``Optimizer.step`` calls :meth:`before_step` (accumulate, check, clip: it returns False to skip
+    the engine step, and the shim then also leaves its schedules where they are) and, after a step,
+    :meth:`after_step` (EMA). The math is this module's functions, so a built optimizer steps as
+    :func:`from_config`'s pure stepper does.
+    """
+
+    def __init__(self, settings: Combinators, optimizer: Any):
+        self.settings = settings
+        self.optimizer = optimizer
+        self.micro_step = 0
+        self.accumulated: dict[int, Tensor] = {}
+        device = self._params()[0].device if self._params() else None
+        self.counters = {"notfinite_count": torch.zeros((), dtype=torch.int64), "total_notfinite": torch.zeros((), dtype=torch.int64), "last_finite": torch.ones((), dtype=torch.bool)}
+        self.ema_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.ema: list[Tensor] = []
+        self.last_grad_norm: Tensor | None = None
+        """The global gradient norm the last step clipped with (``clip_grad_norm`` only)."""
+        self.stepped = False
+        """Whether the last ``optimizer.step()`` updated the params (False for an accumulating call or
+        a skipped non-finite step): step a torch LR scheduler only then, to count updates."""
+        if settings.ema is not None:
+            self._extend_ema()
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _extend_ema(self) -> None:
+        # a param group added later starts its average at its current value
+        self.ema += [p.detach().clone() for p in self._params()[len(self.ema):]]
+
+    @torch.no_grad()
+    def before_step(self) -> bool:
+        self.stepped = False
+        params = self._params()
+        k = self.settings.accumulate_steps
+        if k > 1:
+            for i, p in enumerate(params):
+                if p.grad is not None:  # zeros + g, as multi_steps sums (a first -0.0 becomes 0.0 in both)
+                    self.accumulated[i] = (self.accumulated[i] if i in self.accumulated else torch.zeros_like(p.grad)) + p.grad
+            self.micro_step += 1
+            if self.micro_step < k:
+                return False
+            for i, acc in self.accumulated.items():
+                if params[i].grad is None:
+                    params[i].grad = acc / k
+                else:
+                    params[i].grad.copy_(acc / k)
+            self.micro_step, self.accumulated = 0, {}
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.settings.skip_nonfinite:
+            apply, self.counters = finite_counters(all_finite(grads).cpu(), self.counters, None)
+            if not apply.item():
+                return False
+        if self.settings.clip_grad_norm is not None and grads:
+            self.last_grad_norm = global_norm(grads)
+            coefficient = clip_coefficient(self.last_grad_norm, self.settings.clip_grad_norm)
+            for grad in grads:
+                grad.mul_(coefficient.to(grad.device))
+        return True
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.stepped = True
+        if self.settings.ema is None:
+            return
+        self._extend_ema()
+        self.ema_count += 1
+        decay = ema_decay(self.settings.ema.decay, self.ema_count, self.settings.ema.warmup)
+        for average, new in zip(self.ema, ema_update(self.ema, self._params(), decay)):
+            average.copy_(new)
+
+    def ema_params(self) -> list[Tensor]:
+        """The EMA of each param, in ``param_groups`` order (live tensors: read, don't write)."""
+        if self.settings.ema is None:
+            raise RuntimeError("this optimizer keeps no EMA: add an 'ema' entry to its config")
+        self._extend_ema()
+        return list(self.ema)
+
+    @contextlib.contextmanager
+    def swap_ema(self) -> Iterator[None]:
+        """Within the block the params hold their EMA (e.g. to evaluate); restored on exit."""
+        averages, params = self.ema_params(), self._params()
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            for p, average in zip(params, averages):
+                p.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self.settings.accumulate_steps > 1:
+            state["micro_step"] = self.micro_step
+            state["accumulated"] = {i: acc.clone() for i, acc in self.accumulated.items()}
+        if self.settings.skip_nonfinite:
+            state.update({key: value.item() for key, value in self.counters.items()})
+        if self.settings.ema is not None:
+            state["ema_count"] = int(self.ema_count)
+            state["ema"] = [average.clone() for average in self.ema_params()]
+        return state
+
+    def check(self, saved: Any) -> None:
+        """Raise ``ValueError`` if ``saved`` (a :meth:`state_dict`, or None: nothing to load) does not fit."""
+        if saved is None:
+            return
+        expected = set(self.state_dict())
+        if not isinstance(saved, Mapping) or set(saved) != expected:
+            found = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+            raise ValueError(f"the state_dict's 'combinators' entry has keys {found}, expected {sorted(expected)} (for this config's combinators)")
+        params = self._params()
+        tensors = {**dict(saved.get("accumulated", {})), **dict(enumerate(saved.get("ema", [])))}
+        if "ema" in saved and len(saved["ema"]) != len(params):
+            raise ValueError(f"the state_dict has {len(saved['ema'])} EMA tensors, this optimizer has {len(params)} params")
+        for i, value in tensors.items():
+            if not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(value, Tensor) or value.shape != params[i].shape:
+                raise ValueError(f"the state_dict's combinator state for parameter {i!r} does not match it (shape {tuple(params[i].shape) if isinstance(i, int) and 0 <= i < len(params) else '?'})")
+
+    def load(self, saved: Any) -> None:
+        if saved is None:
+            return
+        params = self._params()
+        if "micro_step" in saved:
+            self.micro_step = int(saved["micro_step"])
+            self.accumulated = {i: value.to(params[i].device, params[i].dtype).clone() for i, value in saved["accumulated"].items()}
+        if "notfinite_count" in saved:
+            self.counters = {key: torch.tensor(saved[key], dtype=self.counters[key].dtype) for key in self.counters}
+        if "ema" in saved:
+            self.ema_count.fill_(int(saved["ema_count"]))
+            self.ema = [value.to(p.device, p.dtype).clone() for value, p in zip(saved["ema"], params)]
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite gradient so far."""
+        return int(self.counters["total_notfinite"])
