@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from .combinators import all_finite, select
 from .ops import scalar_dtype
 
 __all__ = ["Scaled", "ScalerConfig", "ScalerState", "init", "scale_loss", "scaled", "unscale", "update"]
@@ -117,14 +118,9 @@ def unscale(grads: Any, state: ScalerState, *, allow_fp16: bool = False) -> tupl
             raise ValueError("Attempting to unscale FP16 gradients (fp16 parameters have no float32 master "
                              "weights); pass allow_fp16=True to unscale them anyway.")
     scale = state.scale
-    found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
     if not tensors:
-        return grads, found_inf
-    # One fused pass where the device has a multi-tensor kernel: max |g| is inf or NaN (it propagates)
-    # exactly when some element is.
-    peaks = torch._foreach_norm(tensors, float("inf"))
-    peaks = torch.stack([p.to(device=scale.device, dtype=torch.float32) for p in peaks])
-    found_inf = (~torch.isfinite(peaks)).any().to(torch.float32)
+        return grads, torch.zeros((), dtype=torch.float32, device=scale.device)
+    found_inf = (~all_finite(tensors)).to(device=scale.device, dtype=torch.float32)
     inv_scale = scale.to(scalar_dtype(scale)).reciprocal().to(torch.float32)
     unscaled = iter([_times(g, inv_scale) for g in tensors])
     return pytree.tree_unflatten([None if g is None else next(unscaled) for g in leaves], spec), found_inf
@@ -186,21 +182,11 @@ class Scaled:
         grads, found_inf = unscale(grads, scaler, allow_fp16=self.allow_fp16)
         new_params, new_inner = self.inner.step(params, grads, state["inner"])
         found = found_inf != 0
-        keep = lambda old, new: _select(found, old, new)  # noqa: E731
-        return pytree.tree_map(keep, params, new_params), {
+        return select(found, params, new_params), {
             "scaler": update(scaler, found_inf, self.config),
-            "inner": pytree.tree_map(keep, state["inner"], new_inner),
+            "inner": select(found, state["inner"], new_inner),
             "skipped": state["skipped"] + found.to(state["skipped"].device, torch.int64),
         }
-
-
-def _select(found: Tensor, old: Any, new: Any) -> Any:
-    if isinstance(old, Tensor):
-        return torch.where(found.to(old.device), old, new)
-    if old != new:  # a Python leaf the inner step changed: it cannot be rolled back without a sync
-        raise TypeError(f"scaled(): the inner stepper changed a non-tensor state leaf ({old!r} -> {new!r}); keep state in tensors")
-    return old
-
 
 def scaled(stepper: Any, config: ScalerConfig | dict[str, Any] | None = None, *, allow_fp16: bool = False) -> Scaled:
     """``stepper`` behind a loss scaler (see :class:`Scaled`); ``config`` is a :class:`ScalerConfig`

@@ -103,10 +103,18 @@ def clip_coefficient(total_norm: Tensor, max_norm: Any) -> Tensor:
 
 
 def all_finite(grads: Sequence[Tensor]) -> Tensor:
-    """A 0-dim bool tensor: no NaN and no inf in any of ``grads`` (read on the device, no sync)."""
+    """A 0-dim bool tensor on the first grad's device: no NaN and no inf in any of ``grads`` (no sync).
+
+    Eagerly, one multi-tensor pass (max |g| is inf or NaN exactly when some element is: NaN
+    propagates through the max). Compiled (Inductor fuses the checks anyway) and under ``torch.func``
+    transforms (no batching rule for the multi-tensor kernel), one ``isfinite`` per tensor."""
     if not grads:
         return torch.ones((), dtype=torch.bool)
-    return torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all()
+    device = grads[0].device
+    if torch.compiler.is_compiling() or any(ops._is_transformed(g) for g in grads):
+        return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
+    peaks = torch._foreach_norm(list(grads), float("inf"))
+    return torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all()
 
 
 def finite_counters(finite: Tensor, counters: Mapping[str, Tensor], max_consecutive_errors: int | None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -147,7 +155,7 @@ def _grad_leaves(grads: Any) -> list[Tensor]:
     return [g for g in pytree.tree_leaves(grads) if g is not None]
 
 
-def _select(condition: Tensor, new: Any, old: Any) -> Any:
+def select(condition: Tensor, new: Any, old: Any) -> Any:
     """``new`` where ``condition`` holds, else ``old``, leaf by leaf (bit-identical either way)."""
     return pytree.tree_map(lambda a, b: torch.where(condition, a, b), new, old)
 
@@ -252,7 +260,7 @@ class ApplyIfFinite:
     def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         apply, counters = finite_counters(all_finite(_grad_leaves(grads)).to(state["notfinite_count"].device), state, self.max_consecutive_errors)
         new_params, inner = self.inner.step(params, grads, state["inner"])
-        return _select(apply, new_params, params), {**counters, "inner": _select(apply, inner, state["inner"])}
+        return select(apply, new_params, params), {**counters, "inner": select(apply, inner, state["inner"])}
 
 
 def apply_if_finite(stepper: Stepper, max_consecutive_errors: int | None = None) -> ApplyIfFinite:
@@ -287,10 +295,10 @@ class MultiSteps:
         mean = pytree.tree_unflatten([a / self.every_k for a in acc], spec)
         new_params, inner = self.inner.step(params, mean, state["inner"])
         acc = [torch.where(final, torch.zeros_like(a), a) for a in acc]
-        return _select(final, new_params, params), {
+        return select(final, new_params, params), {
             "mini_step": torch.where(final, torch.zeros_like(state["mini_step"]), state["mini_step"] + 1),
             "grad_acc": pytree.tree_unflatten(acc, spec),
-            "inner": _select(final, inner, state["inner"]),
+            "inner": select(final, inner, state["inner"]),
         }
 
 

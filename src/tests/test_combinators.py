@@ -561,3 +561,17 @@ def test_params_may_be_a_module_named_parameters_or_tensors():
         optimizer = optorch.build({"name": "adam", "lr": 0.1}, params)
         assert [p for p in optimizer.param_groups[0]["params"]] == list(model.parameters())
     assert optorch.build({"name": "adam"}, model).combinators is None  # nothing wraps a plain config
+
+
+def test_all_finite_eager_compiled_and_under_vmap():
+    """The eager multi-tensor check, the compiled one and the per-tensor one under vmap agree."""
+    from optorch.combinators import all_finite
+
+    nan, inf = float("nan"), float("inf")
+    cases = [[torch.ones(3), torch.zeros(2, 2)], [torch.ones(3), torch.tensor([1.0, nan])], [torch.tensor([-inf]), torch.ones(2)]]
+    expected = [True, False, False]
+    assert [bool(all_finite(c)) for c in cases] == expected
+    compiled = torch.compile(all_finite, fullgraph=True, backend="eager")
+    assert [bool(compiled(c)) for c in cases] == expected
+    batched = torch.func.vmap(lambda a, b: all_finite([a, b]))(torch.stack([c[0][:1] for c in cases]), torch.stack([c[1].flatten()[:2] for c in cases]))
+    assert batched.tolist() == expected
