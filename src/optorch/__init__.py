@@ -8,6 +8,8 @@ Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> s
 from . import (
     adadelta, adafactor, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, schedules, sgd,
 )
+from . import adaptive
+from .adaptive import AdaptiveConfig, AdaptiveOpt
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
 from .config import Config
@@ -19,6 +21,8 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
     "ALGORITHMS",
+    "AdaptiveConfig",
+    "AdaptiveOpt",
     "Algorithm",
     "Config",
     "ConfigError",
@@ -33,6 +37,7 @@ __all__ = [
     "register",
     "adadelta",
     "adafactor",
+    "adaptive",
     "adagrad",
     "adam",
     "adamax",

@@ -18,14 +18,15 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import pydantic
 import yaml
 
-from . import registry, schedules
+from . import adaptive, registry, schedules
 from .algorithm import Algorithm
 from .config import Config
 from .schedules import Schedule
 
-__all__ = ["ConfigError", "build", "load_config", "parse_config", "parse_schedules"]
+__all__ = ["ConfigError", "build", "load_config", "parse_adaptive", "parse_config", "parse_schedules"]
 
 
 class ConfigError(ValueError):
@@ -67,16 +68,21 @@ def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tupl
         return registry.for_config(config), config
     values = _as_dict(config)
     values.pop(SCHEDULE_KEY, None)
+    if isinstance(values.get(ADAPTIVE_KEY), (Mapping, adaptive.AdaptiveConfig)):
+        values.pop(ADAPTIVE_KEY)  # the builder's entry; any other value is an algorithm's own key (AutoSGM's flag)
     if "name" not in values:
         raise ConfigError(f"config needs a 'name' key naming the optimizer, one of: {', '.join(registry.names())}")
     algorithm = registry.get(values.pop("name"))
     valid = [*algorithm.config.model_fields, *algorithm.config.accepted_keys]
     unknown = [key for key in values if key not in valid]
+    if ADAPTIVE_KEY in unknown:
+        raise ConfigError(f"'{ADAPTIVE_KEY}' must map AdaptiveOpt keys (lr_rule, momentum_rule, ...) to values, got {values[ADAPTIVE_KEY]!r}")
     if unknown:
         hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, valid, n=1)) else repr(key) for key in unknown]
         raise ConfigError(f"unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: name, {', '.join(valid)}")
     parsed = algorithm, algorithm.config(**values)
     parse_schedules(config, parsed[1])
+    parse_adaptive(config, parsed[1])
     return parsed
 
 
@@ -107,6 +113,44 @@ def parse_schedules(config: Mapping[str, Any] | Config | str | os.PathLike, pars
         raise ConfigError(f"'{SCHEDULE_KEY}': {error}") from error
 
 
+ADAPTIVE_KEY = "adaptive"
+
+
+def parse_adaptive(config: Mapping[str, Any] | Config | str | os.PathLike, parsed: Config | None = None) -> adaptive.AdaptiveConfig | None:
+    """The config's ``adaptive`` entry (a mapping of :class:`optorch.AdaptiveConfig` keys) validated,
+    or None. A value that is not a mapping is an algorithm's own key (AutoSGM's ``adaptive`` flag)::
+
+        {"name": "sgd", "lr": 0.1, "momentum": 0.9,
+         "adaptive": {"lr_rule": "trend+cosine_restart", "momentum_rule": "relative", "cycle_length": 200}}
+
+    A rule for a knob the optimizer lacks, or for a hyperparameter the ``schedule`` entry also sets,
+    is an error.
+    """
+    if isinstance(config, Config):
+        return None
+    values = _as_dict(config)
+    entry = values.get(ADAPTIVE_KEY)
+    if not isinstance(entry, (Mapping, adaptive.AdaptiveConfig)):
+        return None  # none, or an algorithm's own `adaptive` key (parse_config checks it)
+    try:
+        rules = adaptive.parse_entry(entry)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<entry>'}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"'{ADAPTIVE_KEY}': {problems}") from None
+    except ValueError as error:
+        raise ConfigError(f"'{ADAPTIVE_KEY}': {error}") from None
+    if parsed is None:
+        parsed = parse_config(config)[1]
+    places = adaptive.locations(parsed.hyperparameters())
+    scheduled = values.get(SCHEDULE_KEY) or {}
+    for knob in rules.rules():
+        if knob not in places:
+            raise ConfigError(f"'{ADAPTIVE_KEY}': a rule for {knob}, which this optimizer does not have (it has {', '.join(places) or 'none'})")
+        if places[knob][0] in scheduled:
+            raise ConfigError(f"'{ADAPTIVE_KEY}': a rule for {knob}, which '{SCHEDULE_KEY}' also sets; use one of them")
+    return rules
+
+
 def _as_dict(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
@@ -125,4 +169,8 @@ def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterab
     from .shim import Optimizer
 
     algorithm, parsed = parse_config(config)
-    return Optimizer(params, algorithm, parsed, engine=engine, schedules=parse_schedules(config, parsed))
+    optimizer = Optimizer(params, algorithm, parsed, engine=engine, schedules=parse_schedules(config, parsed))
+    rules = parse_adaptive(config, parsed)
+    if rules is not None:
+        optimizer.adaptive = adaptive.AdaptiveOpt(optimizer, config=rules)  # its state rides in optimizer.state_dict()
+    return optimizer

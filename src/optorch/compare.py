@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from . import registry
 from .algorithm import Algorithm
-from .builder import ConfigError, load_config, parse_config, parse_schedules
+from .builder import ConfigError, load_config, parse_adaptive, parse_config, parse_schedules
 from .config import Config
 
 __all__ = [
@@ -91,6 +91,8 @@ class Spec:
     scheduler: Callable[[Any], Any] | None = None
     """Optional ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, stepped after each step (for
     :func:`compare` from Python; a config file names no scheduler)."""
+    adaptive: Any = None
+    """The config's ``adaptive`` entry, parsed (an :class:`optorch.AdaptiveConfig`), or None."""
 
 
 def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
@@ -103,16 +105,16 @@ def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
     for path in map(Path, paths):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES) if path.is_dir() else [path]
         for file in files:
-            algorithm, config, schedules = _parse_file(file)
-            specs.append(Spec(file.stem, str(file), algorithm, config, schedules))
+            algorithm, config, schedules, adaptive = _parse_file(file)
+            specs.append(Spec(file.stem, str(file), algorithm, config, schedules, adaptive=adaptive))
     return _unique_labels(specs)
 
 
-def _parse_file(path: Path) -> tuple[Algorithm, Config, dict[str, Any]]:
+def _parse_file(path: Path) -> tuple[Algorithm, Config, dict[str, Any], Any]:
     try:
         values = load_config(path)
         algorithm, config = parse_config(values)
-        return algorithm, config, parse_schedules(values, config)
+        return algorithm, config, parse_schedules(values, config), parse_adaptive(values, config)
     except pydantic.ValidationError as error:
         problems = "; ".join(_problem(e) for e in error.errors())
         raise CompareError(f"{path}: {problems}") from None
@@ -334,9 +336,13 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
 
 
 def _optimizer(spec: Spec, model: nn.Module, engine: str):
+    from .adaptive import AdaptiveOpt
     from .shim import Optimizer
 
-    return Optimizer(model.parameters(), spec.algorithm, spec.config, engine=engine, schedules=spec.schedules)
+    optimizer = Optimizer(model.parameters(), spec.algorithm, spec.config, engine=engine, schedules=spec.schedules)
+    if spec.adaptive is not None:
+        optimizer.adaptive = AdaptiveOpt(optimizer, config=spec.adaptive)
+    return optimizer
 
 
 def _train(result: Result, model: nn.Module, optimizer, scheduler, data: Data, batches: Tensor, eval_every: int, target: float, bar):
@@ -363,6 +369,8 @@ def _train(result: Result, model: nn.Module, optimizer, scheduler, data: Data, b
         if not math.isfinite(batch_loss):
             result.diverged = True
             break
+        if getattr(optimizer, "adaptive", None) is not None:
+            optimizer.adaptive.step_loss(batch_loss)  # the knobs recorded next are the ones this step uses
         for name, value in _knobs(optimizer).items():
             result.knobs.setdefault(name, []).append(value)
         if cuda:

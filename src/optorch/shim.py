@@ -57,6 +57,7 @@ class Optimizer(torch.optim.Optimizer):
         self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
         self.schedules = dict(schedules or {})
         self.schedule_step = 0
+        self.adaptive = None  # an optorch.AdaptiveOpt adapting this optimizer (optorch.build attaches it)
         self._overrides: list[set[str]] = []  # per group, the keys its dict set itself
         if config is None:
             config = self.algorithm.config()
@@ -135,6 +136,8 @@ class Optimizer(torch.optim.Optimizer):
             self._runner.export(state_dict)
         if self.schedules:
             state_dict["schedule_step"] = self.schedule_step
+        if self.adaptive is not None:
+            state_dict["adaptive"] = self.adaptive.state_dict()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -152,6 +155,8 @@ class Optimizer(torch.optim.Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         self._check_state_dict(state_dict)
         self._runner.check(state_dict)
+        if self.adaptive is not None and "adaptive" in state_dict:
+            self.adaptive.check_state_dict(state_dict["adaptive"])
         # A hyperparameter the checkpoint lacks keeps this optimizer's value (torch-adopt saves no clip:
         # its clip_lambda is passed to the constructor again), as _check_state_dict validated it.
         current = [{name: group[name] for name in self.algorithm.config.model_fields} for group in self.param_groups]
@@ -168,6 +173,8 @@ class Optimizer(torch.optim.Optimizer):
         if self.schedules:
             self.schedule_step = int(state_dict.get("schedule_step", 0))
             self._apply_schedules()
+        if self.adaptive is not None and "adaptive" in state_dict:
+            self.adaptive.load_state_dict(state_dict["adaptive"])
         for hook in post_hooks.values():
             hook(self)
 

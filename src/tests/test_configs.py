@@ -25,6 +25,8 @@ def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int 
     for _ in range(steps):
         loss = torch.nn.functional.mse_loss(model(inputs), targets)
         loss.backward()
+        if optimizer.adaptive is not None:
+            optimizer.adaptive.step_loss(loss)
         optimizer.step()
         optimizer.zero_grad()
 
@@ -52,6 +54,12 @@ def test_config_validates(path: Path):
     values = config.hyperparameters()
     schedules = builder.parse_schedules(raw, config)
     assert set(schedules) == set(raw.get(builder.SCHEDULE_KEY, {})), f"{path.name}: schedule"
+    # An `adaptive` mapping is the builder's AdaptiveOpt entry (another value is an algorithm's own key).
+    entry = raw.pop(builder.ADAPTIVE_KEY) if isinstance(raw.get(builder.ADAPTIVE_KEY), dict) else None
+    rules = builder.parse_adaptive({**raw, builder.ADAPTIVE_KEY: entry}, config)
+    assert (rules is None) == (entry is None), f"{path.name}: adaptive"
+    for key, value in (entry or {}).items():
+        assert getattr(rules, key) == (tuple(value) if isinstance(value, list) else value), f"{path.name}: adaptive: {key}"
     for key, value in raw.items():
         if key in ("name", builder.SCHEDULE_KEY):
             continue
@@ -73,6 +81,8 @@ def test_config_keys_are_the_torch_constructor_keywords(path: Path):
     values = builder.load_config(path)
     values.pop("name")
     values.pop(builder.SCHEDULE_KEY, None)  # the builder's, not a constructor keyword
+    if isinstance(values.get(builder.ADAPTIVE_KEY), dict):
+        values.pop(builder.ADAPTIVE_KEY)  # the builder's AdaptiveOpt entry
     algorithm.torch_optimizer([torch.zeros(2, requires_grad=True)], **values)
 
 
@@ -95,6 +105,7 @@ def test_config_builds_and_trains(path: Path, engine: str):
     for before, param in zip(initial, model.parameters()):
         torch.testing.assert_close(param.detach(), before, rtol=0, atol=0, msg="building must not change params")
 
+    assert (optimizer.adaptive is not None) == isinstance(builder.load_config(path).get(builder.ADAPTIVE_KEY), dict)
     _train(model, optimizer)
 
     for (name, param), before in zip(model.named_parameters(), initial):
