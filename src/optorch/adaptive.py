@@ -344,8 +344,9 @@ def knob_value(knob: str, base: Any, factor: Any, config: AdaptiveConfig) -> Ten
 
     A decay-type knob whose base is not in (0, 1), and a weight decay of 0, come back as the base.
     """
-    factor = torch.as_tensor(factor)
-    base = torch.as_tensor(base, device=factor.device).to(factor.dtype if factor.is_floating_point() else torch.float64)
+    factor = factor if isinstance(factor, Tensor) else torch.tensor(factor, dtype=torch.float64)
+    factor = factor if factor.is_floating_point() else factor.to(torch.float64)
+    base = (base if isinstance(base, Tensor) else torch.tensor(base, dtype=torch.float64)).to(device=factor.device, dtype=factor.dtype)
     if knob == "lr":
         low, high = config.lr_bounds
         value = torch.minimum(torch.maximum(base * factor, low * base), high * base)
@@ -562,12 +563,17 @@ class AdaptiveOpt:
     def state_dict(self) -> dict[str, Any]:
         """The rule state (statistics, window, each rule's state, t) and the per-group bases. The
         history is not saved (it grows with the run)."""
-        return {"state": pytree.tree_map(lambda x: x.clone(), self.state), "bases": [dict(b) for b in self.bases]}
+        return {"state": pytree.tree_map(lambda x: x.clone(), self.state), "bases": [dict(b) for b in self.bases], "rules": self._rule_strings()}
+
+    def _rule_strings(self) -> dict[str, str]:
+        return {knob: "+".join(terms) for knob, terms in self.rules.items()}
 
     def check_state_dict(self, state_dict: Any) -> None:
         """Raise ``ValueError`` naming the mismatch if ``state_dict`` does not fit these rules."""
-        if not isinstance(state_dict, Mapping) or set(state_dict) != {"state", "bases"}:
-            raise ValueError("an AdaptiveOpt state_dict is a dict with 'state' and 'bases'")
+        if not isinstance(state_dict, Mapping) or set(state_dict) != {"state", "bases", "rules"}:
+            raise ValueError("an AdaptiveOpt state_dict is a dict with 'state', 'bases' and 'rules'")
+        if state_dict["rules"] != self._rule_strings():
+            raise ValueError(f"AdaptiveOpt: the checkpoint's rules {state_dict['rules']} are not these rules {self._rule_strings()}")
         expected_leaves, expected_spec = pytree.tree_flatten(self.state)
         try:
             leaves, spec = pytree.tree_flatten(state_dict["state"])
@@ -578,7 +584,8 @@ class AdaptiveOpt:
                              f"saved {pytree.tree_unflatten([0] * len(leaves), spec)}, expected {pytree.tree_unflatten([0] * len(expected_leaves), expected_spec)}")
         for saved, expected in zip(leaves, expected_leaves):
             if not isinstance(saved, Tensor) or saved.shape != expected.shape:
-                raise ValueError(f"AdaptiveOpt: a saved state entry is {saved!r}, expected a tensor of shape {tuple(expected.shape)}")
+                shape = tuple(saved.shape) if isinstance(saved, Tensor) else type(saved).__name__
+                raise ValueError(f"AdaptiveOpt: the saved rule state has another layout (another var_window?): an entry of shape {shape}, expected {tuple(expected.shape)}")
         bases_ = state_dict["bases"]
         if not isinstance(bases_, list) or len(bases_) > len(self.optimizer.param_groups):
             raise ValueError(f"AdaptiveOpt: 'bases' must list at most {len(self.optimizer.param_groups)} param groups")
