@@ -9,6 +9,8 @@ from . import (
     adadelta, adafactor, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, schedules, sgd,
 )
 from . import amp
+from . import adaptive
+from .adaptive import AdaptiveConfig, AdaptiveOpt
 from .algorithm import Algorithm, Grid
 from .builder import ConfigError, build, load_config, parse_config
 from . import combinators
@@ -22,6 +24,8 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
     "ALGORITHMS",
+    "AdaptiveConfig",
+    "AdaptiveOpt",
     "Algorithm",
     "Config",
     "ConfigError",
@@ -37,6 +41,7 @@ __all__ = [
     "register",
     "adadelta",
     "adafactor",
+    "adaptive",
     "adagrad",
     "adam",
     "adamax",

@@ -18,14 +18,15 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import pydantic
 import yaml
 
-from . import combinators, registry, schedules
+from . import adaptive, combinators, registry, schedules
 from .algorithm import Algorithm
 from .config import Config
 from .schedules import Schedule
 
-__all__ = ["ConfigError", "build", "load_config", "parse_combinators", "parse_config", "parse_schedules"]
+__all__ = ["ConfigError", "build", "load_config", "parse_adaptive", "parse_combinators", "parse_config", "parse_schedules"]
 
 
 class ConfigError(ValueError):
@@ -66,8 +67,7 @@ def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tupl
     if isinstance(config, Config):
         return registry.for_config(config), config
     values = _as_dict(config)
-    values.pop(SCHEDULE_KEY, None)
-    for key in combinators.KEYS:  # clip_grad_norm, ...: parse_combinators reads them
+    for key in ENTRY_KEYS:  # the surroundings' entries: parse_schedules, ... read them
         values.pop(key, None)
     if "name" not in values:
         raise ConfigError(f"config needs a 'name' key naming the optimizer, one of: {', '.join(registry.names())}")
@@ -80,10 +80,15 @@ def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tupl
     parsed = algorithm, algorithm.config(**values)
     parse_schedules(config, parsed[1])
     parse_combinators(config, parsed)
+    parse_adaptive(config, parsed[1])
     return parsed
 
 
 SCHEDULE_KEY = "schedule"
+ADAPTIVE_KEY = "adapt"
+ENTRY_KEYS = (SCHEDULE_KEY, ADAPTIVE_KEY, *combinators.KEYS)
+"""Top-level entries that configure what surrounds the algorithm (its schedules, adaptive rules and
+combinators) rather than the algorithm itself."""
 
 
 def parse_schedules(config: Mapping[str, Any] | Config | str | os.PathLike, parsed: Config | None = None) -> dict[str, Schedule]:
@@ -126,6 +131,45 @@ def _where(config: Any) -> str:
     return f"{config}: " if isinstance(config, (str, os.PathLike)) else ""
 
 
+
+
+def parse_adaptive(config: Mapping[str, Any] | Config | str | os.PathLike, parsed: Config | None = None) -> adaptive.AdaptiveConfig | None:
+    """The config's ``adapt`` entry (a mapping of :class:`optorch.AdaptiveConfig` keys) validated, or
+    None::
+
+        {"name": "sgd", "lr": 0.1, "momentum": 0.9,
+         "adapt": {"lr_rule": "trend+cosine_restart", "momentum_rule": "relative", "cycle_length": 200}}
+
+    A rule for a knob the optimizer lacks, or for a hyperparameter the ``schedule`` entry also sets,
+    is an error.
+    """
+    if isinstance(config, Config):
+        return None
+    values = _as_dict(config)
+    entry = values.get(ADAPTIVE_KEY)
+    if entry is None:
+        return None
+    if not isinstance(entry, (Mapping, adaptive.AdaptiveConfig)):
+        raise ConfigError(f"'{ADAPTIVE_KEY}' must map AdaptiveOpt keys (lr_rule, momentum_rule, ...) to values, got {entry!r}")
+    try:
+        rules = adaptive.parse_entry(entry)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<entry>'}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"'{ADAPTIVE_KEY}': {problems}") from None
+    except ValueError as error:
+        raise ConfigError(f"'{ADAPTIVE_KEY}': {error}") from None
+    if parsed is None:
+        parsed = parse_config(config)[1]
+    places = adaptive.locations(parsed.hyperparameters())
+    scheduled = values.get(SCHEDULE_KEY) or {}
+    for knob in rules.rules():
+        if knob not in places:
+            raise ConfigError(f"'{ADAPTIVE_KEY}': a rule for {knob}, which this optimizer does not have (it has {', '.join(places) or 'none'})")
+        if places[knob][0] in scheduled:
+            raise ConfigError(f"'{ADAPTIVE_KEY}': a rule for {knob}, which '{SCHEDULE_KEY}' also sets; use one of them")
+    return rules
+
+
 def _as_dict(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
@@ -142,12 +186,25 @@ def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterab
     ``param_groups`` entry needs (it matches names). ``engine`` picks how the step executes (see
     :class:`optorch.Optimizer`); the math is the algorithm's either way.
     """
+    algorithm, parsed = parse_config(config)
+    try:
+        return assemble(params, algorithm, parsed, engine=engine, schedules=parse_schedules(config, parsed),
+                        settings=parse_combinators(config, (algorithm, parsed)), rules=parse_adaptive(config, parsed))
+    except ConfigError as error:  # a param_groups pattern that matches none of the params' names
+        raise ConfigError(f"{_where(config)}{error}") from error
+
+
+def assemble(params: Iterable[Any], algorithm: Algorithm, config: Config, *, engine: str = "auto", schedules: Mapping[str, Schedule] | None = None,
+             settings: combinators.Combinators | None = None, rules: adaptive.AdaptiveConfig | None = None):
+    """The optimizer for the parsed parts of a config (:func:`build` after parsing): ``settings`` are
+    its combinator entries, ``rules`` its ``adapt`` entry."""
     from .shim import Optimizer
 
-    algorithm, parsed = parse_config(config)
-    settings = parse_combinators(config, (algorithm, parsed))
     try:
         params = combinators.torch_param_groups(params, settings)
     except ValueError as error:
-        raise ConfigError(f"{_where(config)}{error}") from error
-    return Optimizer(params, algorithm, parsed, engine=engine, schedules=parse_schedules(config, parsed), combinators=settings)
+        raise ConfigError(str(error)) from error
+    optimizer = Optimizer(params, algorithm, config, engine=engine, schedules=schedules, combinators=settings)
+    if rules is not None:
+        optimizer.adaptive = adaptive.AdaptiveOpt(optimizer, config=rules)  # its state rides in optimizer.state_dict()
+    return optimizer

@@ -444,7 +444,9 @@ class EmaSettings(_Settings):
     """The ``ema`` entry: ``{decay: 0.999, warmup: false}``, or just the decay."""
 
     decay: float = Field(ge=0.0, le=1.0)
+    """The EMA's decay beta: ema <- beta * ema + (1 - beta) * param after each step."""
     warmup: StrictBool = False
+    """Use min(decay, (1 + t) / (10 + t)) at the t-th update, so early averages forget the start."""
 
 
 class GroupRule(BaseModel):
@@ -454,6 +456,7 @@ class GroupRule(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     match: list[str] = Field(min_length=1)
+    """fnmatch patterns (case-sensitive) on parameter names; a string is one pattern."""
 
     @field_validator("match", mode="before")
     @classmethod
@@ -466,23 +469,22 @@ class GroupRule(BaseModel):
 
 
 class Combinators(_Settings):
-    """The builder's top-level combinator entries, next to the algorithm's keys::
-
-        name: adamw
-        lr: 1e-3
-        clip_grad_norm: 1.0          # clip_grad_norm_ on the gradients, every step
-        skip_nonfinite: true         # a step with a NaN/inf gradient changes nothing, and is counted
-        accumulate_steps: 4          # step every 4th call, on the mean of the 4 gradients
-        ema: {decay: 0.999}          # or ema: 0.999; optimizer.ema_params(), optimizer.swap_ema()
-        param_groups:                # by parameter name, first match wins; needs named params
-          - {match: ["*.bias", "*norm*"], weight_decay: 0.0}
-    """
+    """The builder's top-level combinator entries, one key each next to the algorithm's keys, e.g.
+    ``clip_grad_norm: 1.0``, ``skip_nonfinite: true``, ``accumulate_steps: 4``, ``ema: {decay:
+    0.999}`` (then ``optimizer.ema_params()`` and ``optimizer.swap_ema()``), and ``param_groups:
+    [{match: ["*.bias", "*norm*"], weight_decay: 0.0}]`` (by parameter name, first match wins; needs
+    named params)."""
 
     clip_grad_norm: Optional[PositiveFloat] = None
+    """Scale the gradients so their global 2-norm is at most this (``clip_grad_norm_``)."""
     skip_nonfinite: StrictBool = False
+    """Skip (and count) a step whose gradients hold a NaN or an inf."""
     accumulate_steps: PositiveInt = 1
+    """Step every k-th call, on the mean of the k calls' gradients."""
     ema: Optional[EmaSettings] = None
+    """Keep an EMA of the params: ``{decay, warmup}`` or just the decay."""
     param_groups: list[GroupRule] = Field(default_factory=list)
+    """Param groups by name: ``[{match: [patterns], <config key>: value, ...}]``, first match wins."""
 
     @field_validator("ema", mode="before")
     @classmethod

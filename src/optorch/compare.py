@@ -47,8 +47,7 @@ from torch import Tensor, nn
 
 from . import registry
 from .algorithm import Algorithm
-from .builder import ConfigError, load_config, parse_combinators, parse_config, parse_schedules
-from .combinators import torch_param_groups
+from .builder import ConfigError, assemble, load_config, parse_adaptive, parse_combinators, parse_config, parse_schedules
 from .config import Config
 
 __all__ = [
@@ -96,6 +95,8 @@ class Spec:
     combinators: Any = None
     """The config's combinator entries (clip_grad_norm, param_groups, ...; see
     :func:`optorch.builder.parse_combinators`), or None."""
+    adaptive: Any = None
+    """The config's ``adaptive`` entry, parsed (an :class:`optorch.AdaptiveConfig`), or None."""
 
 
 def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
@@ -108,16 +109,16 @@ def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
     for path in map(Path, paths):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES) if path.is_dir() else [path]
         for file in files:
-            algorithm, config, schedules, combinators = _parse_file(file)
-            specs.append(Spec(file.stem, str(file), algorithm, config, schedules, combinators=combinators))
+            algorithm, config, schedules, combinators, adaptive = _parse_file(file)
+            specs.append(Spec(file.stem, str(file), algorithm, config, schedules, combinators=combinators, adaptive=adaptive))
     return _unique_labels(specs)
 
 
-def _parse_file(path: Path) -> tuple[Algorithm, Config, dict[str, Any], Any]:
+def _parse_file(path: Path) -> tuple[Algorithm, Config, dict[str, Any], Any, Any]:
     try:
         values = load_config(path)
         algorithm, config = parse_config(values)
-        return algorithm, config, parse_schedules(values, config), parse_combinators(values, (algorithm, config))
+        return algorithm, config, parse_schedules(values, config), parse_combinators(values, (algorithm, config)), parse_adaptive(values, config)
     except pydantic.ValidationError as error:
         problems = "; ".join(_problem(e) for e in error.errors())
         raise CompareError(f"{path}: {problems}") from None
@@ -340,10 +341,9 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
 
 
 def _optimizer(spec: Spec, model: nn.Module, engine: str):
-    from .shim import Optimizer
-
-    params = torch_param_groups(model.named_parameters(), spec.combinators)  # param_groups match names
-    return Optimizer(params, spec.algorithm, spec.config, engine=engine, schedules=spec.schedules, combinators=spec.combinators)
+    # named params: a param_groups entry matches names
+    return assemble(model.named_parameters(), spec.algorithm, spec.config, engine=engine, schedules=spec.schedules,
+                    settings=spec.combinators, rules=spec.adaptive)
 
 
 def _train(result: Result, model: nn.Module, optimizer, scheduler, data: Data, batches: Tensor, eval_every: int, target: float, bar):
@@ -370,6 +370,8 @@ def _train(result: Result, model: nn.Module, optimizer, scheduler, data: Data, b
         if not math.isfinite(batch_loss):
             result.diverged = True
             break
+        if getattr(optimizer, "adaptive", None) is not None:
+            optimizer.adaptive.step_loss(batch_loss)  # the knobs recorded next are the ones this step uses
         for name, value in _knobs(optimizer).items():
             result.knobs.setdefault(name, []).append(value)
         if cuda:

@@ -34,7 +34,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from . import builder, config, registry, schedules
+from . import adaptive, builder, combinators, config, registry, schedules
 
 __all__ = ["DESCRIPTIONS", "ENTRIES", "Entry", "PAGE", "main", "render"]
 
@@ -61,6 +61,14 @@ ENTRIES: tuple[Entry, ...] = (
           "Schedules a scalar hyperparameter of the algorithm (`lr`, `weight_decay`, ...): the shim sets it "
           "to `schedule(step)` before every step. A schedule config names its kind under `name`; the "
           "formulas are on the [schedules page](../schedules.md)."),
+    Entry(builder.ADAPTIVE_KEY, "{AdaptiveOpt key: value}", adaptive.AdaptiveConfig,
+          "Adapts lr, momentum, betas, alpha or weight decay online from the loss: the built optimizer "
+          "carries an `optorch.AdaptiveOpt` as `optimizer.adaptive`; call `optimizer.adaptive.step_loss(loss)` "
+          "before each step. The rules are on the [adaptive rules page](../rules.md)."),
+    Entry(", ".join(combinators.KEYS), "one top-level key each", combinators.Combinators,
+          "Run around the step: gradient clipping by global norm, skipping non-finite steps, gradient "
+          "accumulation, a parameter EMA, and param groups chosen by name pattern. See the "
+          "[combinators page](../combinators.md)."),
 )
 """The builder's top-level entries, one line each: add one here with the entry (the page lists them all)."""
 

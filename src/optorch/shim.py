@@ -60,6 +60,7 @@ class Optimizer(torch.optim.Optimizer):
         self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
         self.schedules = dict(schedules or {})
         self.schedule_step = 0
+        self.adaptive = None  # an optorch.AdaptiveOpt adapting this optimizer (optorch.build attaches it)
         self._overrides: list[set[str]] = []  # per group, the keys its dict set itself
         if config is None:
             config = self.algorithm.config()
@@ -163,6 +164,8 @@ class Optimizer(torch.optim.Optimizer):
             state_dict["schedule_step"] = self.schedule_step
         if self.combinators is not None:
             state_dict["combinators"] = self.combinators.state_dict()
+        if self.adaptive is not None:
+            state_dict["adaptive"] = self.adaptive.state_dict()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -182,6 +185,8 @@ class Optimizer(torch.optim.Optimizer):
         self._runner.check(state_dict)
         if self.combinators is not None:
             self.combinators.check(state_dict.get("combinators"))
+        if self.adaptive is not None and "adaptive" in state_dict:
+            self.adaptive.check_state_dict(state_dict["adaptive"])
         # A hyperparameter the checkpoint lacks keeps this optimizer's value (torch-adopt saves no clip:
         # its clip_lambda is passed to the constructor again), as _check_state_dict validated it.
         current = [{name: group[name] for name in self.algorithm.config.model_fields} for group in self.param_groups]
@@ -200,6 +205,8 @@ class Optimizer(torch.optim.Optimizer):
             self._apply_schedules()
         if self.combinators is not None:
             self.combinators.load(state_dict.get("combinators"))
+        if self.adaptive is not None and "adaptive" in state_dict:
+            self.adaptive.load_state_dict(state_dict["adaptive"])
         for hook in post_hooks.values():
             hook(self)
 
