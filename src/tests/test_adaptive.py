@@ -695,10 +695,10 @@ def test_a_bad_shim_checkpoint_leaves_optimizer_and_rules_unchanged():
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"lr_rule": "trend", "cycle_lenght": 3}, r"'adaptive': unknown key\(s\) 'cycle_lenght' \(did you mean 'cycle_length'\?\)"),
-        ({"lr_rule": "tren"}, r"'adaptive': lr_rule: Value error, unknown term 'tren'"),
-        ({"alpha_rule": "stable"}, r"'adaptive': a rule for alpha, which this optimizer does not have"),
-        ("trend", r"'adaptive' must map AdaptiveOpt keys"),
+        ({"lr_rule": "trend", "cycle_lenght": 3}, r"'adapt': unknown key\(s\) 'cycle_lenght' \(did you mean 'cycle_length'\?\)"),
+        ({"lr_rule": "tren"}, r"'adapt': lr_rule: Value error, unknown term 'tren'"),
+        ({"alpha_rule": "stable"}, r"'adapt': a rule for alpha, which this optimizer does not have"),
+        ("trend", r"'adapt' must map AdaptiveOpt keys"),
     ],
 )
 def test_builder_errors_name_the_entry_and_the_field(entry, message):

@@ -127,6 +127,16 @@ def test_config_builds_and_trains(path: Path, engine: str):
     for before, param in zip(initial, model.parameters()):
         torch.testing.assert_close(param.detach(), before, rtol=0, atol=0, msg="building must not change params")
 
+    # Each param_groups entry's overrides reach the params it matches (the first match wins).
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            rule = next((r for r in settings.param_groups if any(fnmatch.fnmatchcase(names[id(param)], g) for g in r.match)), None)
+            for key, value in (rule.overrides if rule else {}).items():
+                assert group[key] == value, f"{path.name}: {names[id(param)]} has {key}={group[key]!r}"
+
+    assert (optimizer.adaptive is not None) == (builder.ADAPTIVE_KEY in builder.load_config(path))
+    _train(model, optimizer, steps=3 * settings.accumulate_steps)
 
     for (name, param), before in zip(model.named_parameters(), initial):
         assert torch.isfinite(param).all(), f"{path.name}: {name} is not finite after 3 steps"
