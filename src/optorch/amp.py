@@ -56,8 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .combinators import all_finite, select
-from .ops import scalar_dtype
+from .ops import all_finite, scalar_dtype, select
 
 __all__ = ["Scaled", "ScalerConfig", "ScalerState", "init", "scale_loss", "scaled", "unscale", "update"]
 

@@ -49,8 +49,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, S
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import ops, registry
+from . import amp, ops, registry
 from .algorithm import Algorithm
+from .amp import ScalerConfig
 from .config import Config
 
 __all__ = [
@@ -102,21 +103,6 @@ def clip_coefficient(total_norm: Tensor, max_norm: Any) -> Tensor:
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
-def all_finite(grads: Sequence[Tensor]) -> Tensor:
-    """A 0-dim bool tensor on the first grad's device: no NaN and no inf in any of ``grads`` (no sync).
-
-    Eagerly, one multi-tensor pass (max |g| is inf or NaN exactly when some element is: NaN
-    propagates through the max). Compiled (Inductor fuses the checks anyway) and under ``torch.func``
-    transforms (no batching rule for the multi-tensor kernel), one ``isfinite`` per tensor."""
-    if not grads:
-        return torch.ones((), dtype=torch.bool)
-    device = grads[0].device
-    if torch.compiler.is_compiling() or any(ops._is_transformed(g) for g in grads):
-        return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
-    peaks = torch._foreach_norm(list(grads), float("inf"))
-    return torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all()
-
-
 def finite_counters(finite: Tensor, counters: Mapping[str, Tensor], max_consecutive_errors: int | None) -> tuple[Tensor, dict[str, Tensor]]:
     """Whether to apply a step, and the updated skip counters (optax's ``apply_if_finite``)::
 
@@ -153,11 +139,6 @@ def _is_none(x: Any) -> bool:
 
 def _grad_leaves(grads: Any) -> list[Tensor]:
     return [g for g in pytree.tree_leaves(grads) if g is not None]
-
-
-def select(condition: Tensor, new: Any, old: Any) -> Any:
-    """``new`` where ``condition`` holds, else ``old``, leaf by leaf (bit-identical either way)."""
-    return pytree.tree_map(lambda a, b: torch.where(condition, a, b), new, old)
 
 
 def _like_first(params: Any) -> Tensor:
@@ -258,9 +239,9 @@ class ApplyIfFinite:
         return {"notfinite_count": zero, "total_notfinite": zero.clone(), "last_finite": torch.ones_like(zero, dtype=torch.bool), "inner": self.inner.init(params)}
 
     def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-        apply, counters = finite_counters(all_finite(_grad_leaves(grads)).to(state["notfinite_count"].device), state, self.max_consecutive_errors)
+        apply, counters = finite_counters(ops.all_finite(_grad_leaves(grads)).to(state["notfinite_count"].device), state, self.max_consecutive_errors)
         new_params, inner = self.inner.step(params, grads, state["inner"])
-        return select(apply, new_params, params), {**counters, "inner": select(apply, inner, state["inner"])}
+        return ops.select(apply, new_params, params), {**counters, "inner": ops.select(apply, inner, state["inner"])}
 
 
 def apply_if_finite(stepper: Stepper, max_consecutive_errors: int | None = None) -> ApplyIfFinite:
@@ -295,10 +276,10 @@ class MultiSteps:
         mean = pytree.tree_unflatten([a / self.every_k for a in acc], spec)
         new_params, inner = self.inner.step(params, mean, state["inner"])
         acc = [torch.where(final, torch.zeros_like(a), a) for a in acc]
-        return select(final, new_params, params), {
+        return ops.select(final, new_params, params), {
             "mini_step": torch.where(final, torch.zeros_like(state["mini_step"]), state["mini_step"] + 1),
             "grad_acc": pytree.tree_unflatten(acc, spec),
-            "inner": select(final, inner, state["inner"]),
+            "inner": ops.select(final, inner, state["inner"]),
         }
 
 
@@ -485,6 +466,9 @@ class Combinators(_Settings):
     """Keep an EMA of the params: ``{decay, warmup}`` or just the decay."""
     param_groups: list[GroupRule] = Field(default_factory=list)
     """Param groups by name: ``[{match: [patterns], <config key>: value, ...}]``, first match wins."""
+    amp: Optional[ScalerConfig] = None
+    """Loss scaling for mixed precision (``{}`` for GradScaler's defaults): ``optimizer.scale_loss(loss)``
+    before ``backward()``; each step unscales the gradients, skips on inf/NaN and updates the scale."""
 
     @field_validator("ema", mode="before")
     @classmethod
@@ -525,20 +509,22 @@ class Combinators(_Settings):
 
     def wrap(self, stepper: Stepper) -> Stepper:
         """``stepper`` inside this config's combinators, in the shim's order:
-        ``multi_steps(apply_if_finite(clip_by_global_norm(ema(stepper))))``, each only if set."""
+        ``multi_steps(amp.scaled(apply_if_finite(clip_by_global_norm(ema(stepper)))))``, each only if set."""
         if self.ema is not None:
             stepper = ema(stepper, self.ema.decay, warmup=self.ema.warmup)
         if self.clip_grad_norm is not None:
             stepper = clip_by_global_norm(stepper, self.clip_grad_norm)
         if self.skip_nonfinite:
             stepper = apply_if_finite(stepper)
+        if self.amp is not None:
+            stepper = amp.scaled(stepper, self.amp)
         if self.accumulate_steps > 1:
             stepper = multi_steps(stepper, self.accumulate_steps)
         return stepper
 
     def attach(self, optimizer: Any) -> "InPlace | None":
         """The in-place runtime for an ``optorch.Optimizer`` (None when nothing runs around its step)."""
-        if self.clip_grad_norm is None and not self.skip_nonfinite and self.accumulate_steps == 1 and self.ema is None:
+        if self.clip_grad_norm is None and not self.skip_nonfinite and self.accumulate_steps == 1 and self.ema is None and self.amp is None:
             return None
         return InPlace(self, optimizer)
 
@@ -626,6 +612,15 @@ class InPlace:
         a skipped non-finite step): step a torch LR scheduler only then, to count updates."""
         if settings.ema is not None:
             self._extend_ema()
+        self.scaler = amp.init(settings.amp, device) if settings.amp is not None else None
+        self.overflows = 0
+        """Steps skipped for an inf/NaN in the scaled gradients (``amp``)."""
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss * scale``: call ``backward()`` on this (``amp`` entry)."""
+        if self.scaler is None:
+            raise RuntimeError("this optimizer has no loss scaler: add an 'amp' entry to its config")
+        return amp.scale_loss(loss, self.scaler)
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -653,8 +648,16 @@ class InPlace:
                     params[i].grad.copy_(acc / k)
             self.micro_step, self.accumulated = 0, {}
         grads = [p.grad for p in params if p.grad is not None]
+        if self.scaler is not None:
+            unscaled, found_inf = amp.unscale(grads, self.scaler)
+            self.scaler = amp.update(self.scaler, found_inf, self.settings.amp)
+            if found_inf.item():  # one host read per step, as GradScaler.step
+                self.overflows += 1
+                return False
+            for grad, new in zip(grads, unscaled):
+                grad.copy_(new)
         if self.settings.skip_nonfinite:
-            apply, self.counters = finite_counters(all_finite(grads).cpu(), self.counters, None)
+            apply, self.counters = finite_counters(ops.all_finite(grads).cpu(), self.counters, None)
             if not apply.item():
                 return False
         if self.settings.clip_grad_norm is not None and grads:
@@ -706,6 +709,8 @@ class InPlace:
             state["accumulated"] = {i: acc.clone() for i, acc in self.accumulated.items()}
         if self.settings.skip_nonfinite:
             state.update({key: value.item() for key, value in self.counters.items()})
+        if self.scaler is not None:
+            state.update(scale=self.scaler.scale.item(), growth_tracker=int(self.scaler.growth_tracker), overflows=self.overflows)
         if self.settings.ema is not None:
             state["ema_count"] = int(self.ema_count)
             state["ema"] = [average.clone() for average in self.ema_params()]
@@ -736,6 +741,9 @@ class InPlace:
             self.accumulated = {i: value.to(params[i].device, params[i].dtype).clone() for i, value in saved["accumulated"].items()}
         if "notfinite_count" in saved:
             self.counters = {key: torch.tensor(saved[key], dtype=self.counters[key].dtype) for key in self.counters}
+        if "scale" in saved:
+            self.scaler = amp.ScalerState(self.scaler.scale.new_tensor(saved["scale"]), self.scaler.growth_tracker.new_tensor(saved["growth_tracker"]))
+            self.overflows = int(saved["overflows"])
         if "ema" in saved:
             self.ema_count.fill_(int(saved["ema_count"]))
             self.ema = [value.to(p.device, p.dtype).clone() for value, p in zip(saved["ema"], params)]

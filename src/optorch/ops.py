@@ -10,10 +10,11 @@ the plain ops anyway.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 
 def _is_number(x: Any) -> bool:
@@ -101,3 +102,23 @@ def scalar_dtype(param: Tensor) -> torch.dtype:
 def new_step(param: Tensor) -> Tensor:
     """A fresh per-parameter step counter: float32, as torch.optim keeps it."""
     return torch.zeros((), dtype=torch.float32, device=param.device)
+
+
+def all_finite(grads: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the first grad's device: no NaN and no inf in any of ``grads`` (no sync).
+
+    Eagerly, one multi-tensor pass (max |g| is inf or NaN exactly when some element is: NaN
+    propagates through the max). Compiled (Inductor fuses the checks anyway) and under ``torch.func``
+    transforms (no batching rule for the multi-tensor kernel), one ``isfinite`` per tensor."""
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    device = grads[0].device
+    if torch.compiler.is_compiling() or any(_is_transformed(g) for g in grads):
+        return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
+    peaks = torch._foreach_norm(list(grads), float("inf"))
+    return torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all()
+
+
+def select(condition: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``condition`` holds, else ``old``, leaf by leaf (bit-identical either way)."""
+    return pytree.tree_map(lambda a, b: torch.where(condition, a, b), new, old)

@@ -145,6 +145,12 @@ class Optimizer(torch.optim.Optimizer):
             raise RuntimeError("this optimizer keeps no EMA: add an 'ema' entry to its config")
         return self.combinators.ema_params()
 
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss`` times the loss scale (config entry ``amp``): call ``backward()`` on the result."""
+        if self.combinators is None:
+            raise RuntimeError("this optimizer has no loss scaler: add an 'amp' entry to its config")
+        return self.combinators.scale_loss(loss)
+
     def swap_ema(self):
         """A context manager: within it the params hold their EMA (``with opt.swap_ema(): evaluate()``)."""
         if self.combinators is None:

@@ -536,6 +536,8 @@ def test_lr_schedulers_keep_working_with_combinators():
         ({"param_groups": [{"match": "*.bias"}, {"match": "linear.bias"}]}, "module", r"param_groups\[1\]: every parameter it matches was taken by an earlier entry"),
         ({"param_groups": [{"match": "*.bias"}]}, "tensors", r"param_groups matches parameters by name: pass the model or model.named_parameters\(\), not unnamed tensors"),
         ({"param_groups": [{"match": "*.bias"}]}, "groups", "not param-group dicts"),
+        ({"amp": {"growth_factor": 0.5}}, None, r"amp.growth_factor\n.*greater than 1"),
+        ({"amp": {"init_scale": 65536.0, "precision": "torch.bfloat16"}}, None, r"amp.precision\n.*Extra inputs"),
     ],
 )
 def test_bad_entries_raise_config_errors_naming_the_entry(entries, params, message):
@@ -565,7 +567,7 @@ def test_params_may_be_a_module_named_parameters_or_tensors():
 
 def test_all_finite_eager_compiled_and_under_vmap():
     """The eager multi-tensor check, the compiled one and the per-tensor one under vmap agree."""
-    from optorch.combinators import all_finite
+    from optorch.ops import all_finite
 
     nan, inf = float("nan"), float("inf")
     cases = [[torch.ones(3), torch.zeros(2, 2)], [torch.ones(3), torch.tensor([1.0, nan])], [torch.tensor([-inf]), torch.ones(2)]]
@@ -575,3 +577,80 @@ def test_all_finite_eager_compiled_and_under_vmap():
     assert [bool(compiled(c)) for c in cases] == expected
     batched = torch.func.vmap(lambda a, b: all_finite([a, b]))(torch.stack([c[0][:1] for c in cases]), torch.stack([c[1].flatten()[:2] for c in cases]))
     assert batched.tolist() == expected
+
+
+# -- the amp entry: loss scaling in the shim, as torch.amp.GradScaler ---------------------------------
+
+AMP = {"init_scale": 2.0**10, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3}
+OVERFLOWS = {2: math.inf, 3: math.nan, 9: -math.inf, 10: math.inf, 11: math.nan}
+
+
+def _scaled_backward(model: torch.nn.Module, t: int, scale_loss) -> None:
+    generator = torch.Generator().manual_seed(t)
+    x, y = torch.randn(8, 4, generator=generator, dtype=DTYPE), torch.randn(8, 3, generator=generator, dtype=DTYPE)
+    scale_loss(torch.nn.functional.mse_loss(model(x), y)).backward()
+    if t in OVERFLOWS:
+        model.linear.weight.grad[1, 2] = OVERFLOWS[t]
+
+
+@pytest.mark.parametrize("engine", ["eager", "torch"])
+def test_shim_loss_scaling_equals_grad_scaler_with_torch_adam(engine):
+    """The amp entry: params, scale and growth tracker equal torch Adam stepped by a live GradScaler."""
+    model, reference = _net(), _net()
+    optimizer = optorch.build({"name": "adam", "lr": 0.05, "amp": AMP}, model, engine=engine)
+    torch_optimizer = torch.optim.Adam(reference.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", **AMP)
+    for t in range(24):
+        _scaled_backward(model, t, optimizer.scale_loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        _scaled_backward(reference, t, scaler.scale)
+        scaler.step(torch_optimizer)
+        scaler.update()
+        torch_optimizer.zero_grad()
+        # the torch engine runs torch's multi-tensor Adam, the reference its single-tensor one (1 ulp)
+        assert _max_diff(list(model.parameters()), list(reference.parameters())) <= (0.0 if engine == "eager" else 1e-15), t
+        assert optimizer.combinators.scaler.scale.item() == scaler.get_scale(), t
+        assert int(optimizer.combinators.scaler.growth_tracker) == scaler._get_growth_tracker(), t
+    assert optimizer.combinators.overflows == len(OVERFLOWS)
+
+
+def test_shim_loss_scaling_steps_as_the_pure_scaled_stepper_and_resumes():
+    config = {"name": "adamw", **ADAMW, "amp": AMP, "clip_grad_norm": 0.5, "accumulate_steps": 2}
+    model = _net()
+    optimizer = optorch.build(config, model, engine="eager")
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    stepper = C.from_config(config, params)
+    state = stepper.init(params)
+    shadow = _net()
+    for t in range(14):
+        _scaled_backward(model, t, optimizer.scale_loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for name, p in shadow.named_parameters():
+                p.copy_(params[name])
+        shadow.zero_grad()
+        _scaled_backward(shadow, t, lambda loss: optorch.amp.scale_loss(loss, state["inner"]["scaler"]))
+        params, state = stepper.step(params, {name: p.grad.clone() for name, p in shadow.named_parameters()}, state)
+        assert _max_diff(params, dict(model.named_parameters())) <= 1e-14, t
+        assert state["inner"]["scaler"].scale.item() == optimizer.combinators.scaler.scale.item(), t
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    assert {"scale", "growth_tracker", "overflows"} <= set(checkpoint["combinators"])
+    resumed_model = copy.deepcopy(model)
+    resumed = optorch.build(config, resumed_model, engine="eager")
+    resumed.load_state_dict(checkpoint)
+    for m, o in ((model, optimizer), (resumed_model, resumed)):
+        for t in range(14, 20):
+            _scaled_backward(m, t, o.scale_loss)
+            o.step()
+            o.zero_grad()
+    assert _max_diff(list(model.parameters()), list(resumed_model.parameters())) == 0.0
+    assert resumed.combinators.scaler.scale.item() == optimizer.combinators.scaler.scale.item()
+
+
+def test_scale_loss_without_an_amp_entry_says_how_to_add_one():
+    with pytest.raises(RuntimeError, match="add an 'amp' entry"):
+        optorch.build({"name": "sgd", "ema": 0.9}, _net()).scale_loss(torch.ones(()))
+    with pytest.raises(RuntimeError, match="add an 'amp' entry"):
+        optorch.build({"name": "sgd"}, _net()).scale_loss(torch.ones(()))
