@@ -67,10 +67,15 @@ class ScalerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     init_scale: float = Field(2.0**16, gt=0.0, allow_inf_nan=False)
+    """The first scale (finite in float32)."""
     growth_factor: float = Field(2.0, gt=1.0, allow_inf_nan=False)
+    """The scale is multiplied by this after ``growth_interval`` clean steps in a row."""
     backoff_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    """The scale is multiplied by this on a step with an inf or NaN gradient."""
     growth_interval: int = Field(2000, ge=1, strict=True)
+    """Clean steps in a row before the scale grows."""
     enabled: bool = Field(True, strict=True)
+    """False: a scale of 1 and no updates (a disabled GradScaler)."""
 
     @field_validator("init_scale")
     @classmethod

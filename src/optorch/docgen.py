@@ -67,8 +67,8 @@ ENTRIES: tuple[Entry, ...] = (
           "before each step. The rules are on the [adaptive rules page](../rules.md)."),
     Entry(", ".join(combinators.KEYS), "one top-level key each", combinators.Combinators,
           "Run around the step: gradient clipping by global norm, skipping non-finite steps, gradient "
-          "accumulation, a parameter EMA, and param groups chosen by name pattern. See the "
-          "[combinators page](../combinators.md)."),
+          "accumulation, a parameter EMA, param groups chosen by name pattern, and loss scaling. See the "
+          "[combinators page](../combinators.md) and [mixed precision](../amp.md)."),
 )
 """The builder's top-level entries, one line each: add one here with the entry (the page lists them all)."""
 
@@ -421,15 +421,16 @@ def _intro(model: type[BaseModel]) -> list[str]:
     return [line for p in paragraphs for line in (p, "")]
 
 
-def _nested_sections(owner: str, model: type[BaseModel], seen: set) -> list[str]:
+def _nested_sections(owner: str, model: type[BaseModel], seen: set, level: int = 4) -> list[str]:
+    """A section for each model nested in ``model``'s fields (once each), under ``level`` headings."""
     lines = []
     for info in model.model_fields.values():
         for nested in _nested_models(info.annotation):
             if nested in seen:
                 continue
             seen.add(nested)
-            lines += [f"### {nested.__name__} {{#{_model_anchor(nested)}}}", "", *_intro(nested), *_table(nested.__name__, nested), ""]
-            lines += _nested_sections(nested.__name__, nested, seen)
+            lines += [f"{'#' * level} {nested.__name__} {{#{_model_anchor(nested)}}}", "", *_intro(nested), *_table(nested.__name__, nested), ""]
+            lines += _nested_sections(nested.__name__, nested, seen, level)
     return lines
 
 
@@ -502,13 +503,14 @@ def render() -> str:
              "| entry | value | what it does |", "|---|---|---|"]
     lines += [f"| [`{entry.key}:`](#{_anchor(entry.key)}) | `{_escape(entry.shape)}` | {_escape(entry.text)} |" for entry in ENTRIES]
     lines.append("")
+    seen = {model for entry in ENTRIES for model in _union_members(entry.models)}  # each has its own section
     for entry in ENTRIES:
         lines += [f"### {entry.key} {{#{_anchor(entry.key)}}}", "", f"`{entry.key}: {entry.shape}`. {entry.text}", ""]
         for model in _union_members(entry.models):
             owner = _owner(model)
             lines += [f"#### {entry.key}: {owner} {{#{_model_anchor(model)}}}", "", *_intro(model), *_table(owner, model), ""]
+            lines += _nested_sections(owner, model, seen, level=5)
     lines += ["## Algorithms", "", "One section per registered algorithm (`optorch.registry.names()`), with a link to its page.", ""]
-    seen: set = set()
     for name in registry.names():
         model = registry.get(name).config
         lines += [f"### {name}", "", f"`name: {name}`. Page: [{name}](../algorithms/{name}.md). Python: `optorch.{registry.get(name).config.__module__.removeprefix('optorch.')}.Config`.", ""]
@@ -516,7 +518,7 @@ def render() -> str:
         if model.accepted_keys:
             lines += ["Also accepted: " + ", ".join(f"`{key}`" for key in model.accepted_keys) + " (folded into the fields below; see the page).", ""]
         lines += [*_table(name, model), ""]
-        lines += [line.replace("### ", "#### ", 1) if line.startswith("### ") else line for line in _nested_sections(name, model, seen)]
+        lines += _nested_sections(name, model, seen)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
