@@ -273,8 +273,13 @@ class Result:
         return times[len(times) // 10] if times else math.nan
 
     def changing_knobs(self) -> dict[str, list[float]]:
-        """The knobs that change during the run, step counters (DAG's ``global_step``) left out."""
-        return {name: values for name, values in self.knobs.items() if len(set(values)) > 1 and not _is_counter(values)}
+        """The knobs that change during the run, step counters (DAG's ``global_step``) and another
+        group's copy of group 0's values (``g1.lr`` under a schedule for every group) left out."""
+        def copy_of_group_0(name: str, values: list[float]) -> bool:
+            return name.startswith("g") and "." in name and self.knobs.get(name.split(".", 1)[1]) == values
+
+        return {name: values for name, values in self.knobs.items()
+                if len(set(values)) > 1 and not _is_counter(values) and not copy_of_group_0(name, values)}
 
 
 def _is_counter(values: list[float]) -> bool:
@@ -509,9 +514,9 @@ def plot_knobs(results: Sequence[Result], out: str | os.PathLike) -> list[Path]:
         for (label, values), (color, style) in zip(runs, _styles(len(runs))):
             ax.plot(range(1, len(values) + 1), values, color=color, linestyle=style, label=label)
         ax.set(xlabel="step", ylabel=name, title=f"{name} over the steps")
-        values = [v for _, vs in runs for v in vs]
-        if min(values) > 0 and max(values) > 10 * min(values):  # e.g. lrs of different runs, decades apart
-            ax.set_yscale("log")
+        positive = [v for _, vs in runs for v in vs if v > 0]
+        if positive and max(positive) > 10 * min(positive):  # e.g. lrs of different runs, decades apart
+            ax.set_yscale("log")  # a warmup's 0 is left off the log axis
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
         path = Path(out) / f"knob-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"

@@ -201,3 +201,9 @@ def test_step_counters_are_not_plotted_as_knobs():
     knobs = {"lr": [0.1, 0.05, 0.025], "shared.global_step": [0.0, 1.0, 2.0], "shared.d_total": [5.0, 5.0, 5.0]}
     result = compare.Result("dag", "defaults", "dag", {}, 3, knobs=knobs)
     assert result.changing_knobs() == {"lr": [0.1, 0.05, 0.025]}
+
+
+def test_another_groups_copy_of_group_0_is_not_plotted_again():
+    knobs = {"lr": [0.1, 0.05], "g1.lr": [0.1, 0.05], "g2.lr": [0.2, 0.1], "weight_decay": [0.1, 0.1]}
+    result = compare.Result("recipe", "defaults", "adamw", {}, 2, knobs=knobs)
+    assert result.changing_knobs() == {"lr": [0.1, 0.05], "g2.lr": [0.2, 0.1]}
