@@ -184,7 +184,7 @@ class Algorithm:
 
     def init(self, params: Any, config: Config) -> State:
         """Fresh state for a pytree of params. Pure: ``params`` is only read."""
-        config = self._check_config(config)
+        config = self.as_config(config)
         leaves, spec = pytree.tree_flatten(params)
         leaf_states = [self.init_leaf(_check_param(p), config) for p in leaves]
         state = _transpose(leaf_states, self.state_keys(config), spec)
@@ -198,7 +198,7 @@ class Algorithm:
         A parameter whose grad is ``None`` is skipped as torch.optim skips it: its value and its
         state (step counter included) come back unchanged.
         """
-        config = self._check_config(config)
+        config = self.as_config(config)
         path_leaves, spec = pytree.tree_flatten_with_path(params)
         grad_leaves, grad_spec = pytree.tree_flatten(grads, is_leaf=_is_none)
         if grad_spec != spec:
@@ -240,7 +240,11 @@ class Algorithm:
             new_state[SHARED_KEY] = self.shared.finish(shared[0], sum_contributions(contributions, device), config)
         return pytree.tree_unflatten(new_params, spec), new_state
 
-    def _check_config(self, config: Config) -> Config:
+    def as_config(self, config: Config | Mapping[str, Any] | None = None) -> Config:
+        """``config`` as this algorithm's Config: the defaults for None, validated from a dict of its
+        keys; a Config of another algorithm is a ``TypeError``."""
+        if config is None:
+            return self.config()
         if isinstance(config, Mapping):
             return self.config(**config)
         if type(config) is not self.config:  # exact: adamw.Config subclasses adam.Config

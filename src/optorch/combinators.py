@@ -190,13 +190,7 @@ def bind(algorithm: str | Algorithm, config: Config | Mapping[str, Any] | None =
     """``algorithm`` (a registered name or an :class:`~optorch.Algorithm`) with ``config`` (its
     ``Config``, a dict of its keys, or None for the defaults), as a stepper."""
     algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
-    if config is None:
-        config = algorithm.config()
-    elif isinstance(config, Mapping):
-        config = algorithm.config(**config)
-    elif type(config) is not algorithm.config:
-        raise TypeError(f"expected optorch.{algorithm.name}.Config, got {type(config).__name__}")
-    return Bound(algorithm, config)
+    return Bound(algorithm, algorithm.as_config(config))
 
 
 @dataclass(frozen=True)

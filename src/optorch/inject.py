@@ -84,12 +84,7 @@ def inject_hyperparams(algorithm: Algorithm, config: Config | Mapping[str, Any] 
     """``algorithm`` with its real-valued hyperparameters held in the state; ``schedules`` maps field
     names to ``step -> value`` callables (e.g. :mod:`optorch.schedules`), called with the step count
     (a 0-dim int64 tensor) before each step."""
-    if config is None:
-        config = algorithm.config()
-    elif isinstance(config, Mapping):
-        config = algorithm.config(**config)
-    elif type(config) is not algorithm.config:
-        raise TypeError(f"expected optorch.{algorithm.name}.Config, got {type(config).__name__}")
+    config = algorithm.as_config(config)
     values = config.hyperparameters()
     for name, schedule in schedules.items():
         if name not in values:

@@ -62,10 +62,7 @@ class Optimizer(torch.optim.Optimizer):
         self.schedule_step = 0
         self.adaptive = None  # an optorch.AdaptiveOpt adapting this optimizer (optorch.build attaches it)
         self._overrides: list[set[str]] = []  # per group, the keys its dict set itself
-        if config is None:
-            config = self.algorithm.config()
-        if type(config) is not self.algorithm.config:
-            raise TypeError(f"expected optorch.{self.algorithm.name}.Config, got {type(config).__name__}")
+        config = self.algorithm.as_config(config)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self._runner: _TorchRunner | _FlatRunner | None = None

@@ -339,6 +339,16 @@ def _backward(model: torch.nn.Module, t: int, bad: bool = False) -> None:
         model.linear.bias.grad[0] = math.nan
 
 
+def _grads_at(shadow: torch.nn.Module, params: dict[str, torch.Tensor], backward) -> dict[str, torch.Tensor]:
+    """The grads ``backward(shadow)`` leaves with ``shadow`` holding ``params`` (a pure stepper's grads)."""
+    with torch.no_grad():
+        for name, p in shadow.named_parameters():
+            p.copy_(params[name])
+    shadow.zero_grad()
+    backward(shadow)
+    return {name: p.grad.clone() for name, p in shadow.named_parameters()}
+
+
 FULL = {
     "name": "adamw", **ADAMW,
     "schedule": {"lr": {"name": "cosine", "init_value": 0.05, "warmup_steps": 3, "decay_steps": 20}},
@@ -361,12 +371,7 @@ def test_the_shim_steps_as_the_pure_stepper_from_the_same_config(engine):
         _backward(model, t, bad)
         optimizer.step()
         optimizer.zero_grad()
-        with torch.no_grad():
-            for name, p in shadow.named_parameters():
-                p.copy_(params[name])
-        shadow.zero_grad()
-        _backward(shadow, t, bad)
-        params, state = stepper.step(params, {name: p.grad.clone() for name, p in shadow.named_parameters()}, state)
+        params, state = stepper.step(params, _grads_at(shadow, params, lambda m: _backward(m, t, bad)), state)
         assert _max_diff(params, dict(model.named_parameters())) <= 1e-14, t
     assert _max_diff(C.ema_params(state), optimizer.ema_params()) <= 1e-14
     assert optimizer.combinators.skipped == 1  # the non-finite mean of calls 6 and 7
@@ -627,12 +632,8 @@ def test_shim_loss_scaling_steps_as_the_pure_scaled_stepper_and_resumes():
         _scaled_backward(model, t, optimizer.scale_loss)
         optimizer.step()
         optimizer.zero_grad()
-        with torch.no_grad():
-            for name, p in shadow.named_parameters():
-                p.copy_(params[name])
-        shadow.zero_grad()
-        _scaled_backward(shadow, t, lambda loss: optorch.amp.scale_loss(loss, state["inner"]["scaler"]))
-        params, state = stepper.step(params, {name: p.grad.clone() for name, p in shadow.named_parameters()}, state)
+        scale = lambda loss: optorch.amp.scale_loss(loss, state["inner"]["scaler"])  # noqa: E731
+        params, state = stepper.step(params, _grads_at(shadow, params, lambda m: _scaled_backward(m, t, scale)), state)
         assert _max_diff(params, dict(model.named_parameters())) <= 1e-14, t
         assert state["inner"]["scaler"].scale.item() == optimizer.combinators.scaler.scale.item(), t
     checkpoint = copy.deepcopy(optimizer.state_dict())
