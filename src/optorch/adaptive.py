@@ -662,7 +662,7 @@ def _loss_value(loss: Any) -> float:
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Every rank must see the same loss, or their lrs (and then their params) drift apart.
-            loss = loss.to(torch.float32).clone()
+            loss = loss.to(torch.float64).clone()
             dist.all_reduce(loss)
             loss = loss / dist.get_world_size()
         return float(loss)

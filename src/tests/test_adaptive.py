@@ -747,3 +747,35 @@ def test_plot_draws_the_loss_and_every_knob(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width == 800 and height == 4 * 220  # four panels: loss, lr, momentum, weight_decay
+
+
+def _ddp_rank(rank: int, world_size: int, init_file: str, losses: list[list[float]], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        optimizer = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1, momentum=0.9)
+        adaptive = AdaptiveOpt(optimizer, lr_rule="trend+variance", momentum_rule="relative")
+        for loss in losses[rank]:
+            adaptive.step_loss(torch.tensor(loss))
+        torch.save(adaptive.history, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_adapts_to_the_mean_loss(tmp_path):
+    """Ranks see different losses; each adapts to their mean, so the knobs agree across ranks."""
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(0)
+    losses = [(2.0 * torch.exp(-0.05 * torch.arange(40.0)) + 0.1 * torch.rand(40, generator=generator)).tolist() for _ in range(2)]
+    out = str(tmp_path / "history")
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), losses, out), nprocs=2, join=True)
+    histories = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    assert histories[0] == histories[1]
+    single = AdaptiveOpt(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1, momentum=0.9), lr_rule="trend+variance", momentum_rule="relative")
+    for a, b in zip(*losses):
+        single.step_loss((torch.tensor(a).double() + torch.tensor(b).double()) / 2)  # the ranks' float32 losses, averaged in float64
+    for name in ("lr", "momentum"):
+        assert histories[0][name] == single.history[name], name
+    assert histories[0]["lr"][-1] != histories[0]["lr"][0]
