@@ -779,3 +779,24 @@ def test_under_ddp_every_rank_adapts_to_the_mean_loss(tmp_path):
     for name in ("lr", "momentum"):
         assert histories[0][name] == single.history[name], name
     assert histories[0]["lr"][-1] != histories[0]["lr"][0]
+
+
+@pytest.mark.compile
+def test_the_compiled_shim_runs_one_graph_while_the_rules_move_lr_and_momentum():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    config = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "adapt": {"lr_rule": "trend+cosine_restart", "momentum_rule": "relative", "cycle_length": 5}}
+    optimizer = optorch.build(config, model, engine="compiled")
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.adaptive.step_loss(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(set(optimizer.adaptive.history["lr"])) > 10 and len(set(optimizer.adaptive.history["momentum"])) > 10
+    assert counters["stats"]["unique_graphs"] == 1
