@@ -13,8 +13,10 @@ How a step executes is the *engine*; the math is always the algorithm's:
 * ``"compiled"``: the algorithm's pure per-tensor ``update`` applied to one flat buffer per
   (param group, device, dtype), compiled once with ``torch.compile`` and written back in place.
   Params become views of the flat buffer; gradients are gathered into a flat buffer, or used in
-  place when they already are its views. Compile time does not grow with the number of tensors,
-  and a changed hyperparameter is a new tensor value, never a recompile.
+  place when they already are its views. Compile time does not grow with the number of tensors
+  (for an algorithm that reduces over each tensor, it grows with the number of distinct shapes: each
+  run of same-shaped params steps as one ``vmap`` of ``update``), and a changed hyperparameter is a
+  new tensor value, never a recompile.
 * ``"eager"``: the same flat path without compiling.
 * ``"auto"`` (default): ``"torch"`` where torch.optim has a fused kernel for the algorithm and these
   params, else ``"compiled"`` (which falls back to ``"eager"``, with one warning, where compiling is
@@ -370,7 +372,10 @@ class _Bucket:
     ``optimizer.state[param]`` holds views, so ``state_dict`` sees torch's per-parameter layout.
     Per-tensor scalars (``step``, DAG's ``alpha``) live in one vector per key, an entry per param,
     as torch keeps one per parameter. An element-wise algorithm runs as one flat step while those
-    scalars agree across the params; otherwise each param steps on its own segment.
+    scalars agree across the params; otherwise each param steps on its own segment. With ``by_shape``
+    (the compiled engine, non-element-wise algorithms) the params are reordered so same-shaped ones
+    are adjacent; only this bucket's order changes: ``optimizer.state`` is keyed by param and
+    ``state_dict`` indexes params in ``param_groups`` order, as torch does.
     """
 
     def __init__(self, params: list[Tensor], algorithm: Algorithm, *, by_shape: bool = False):
