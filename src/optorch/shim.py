@@ -13,8 +13,10 @@ How a step executes is the *engine*; the math is always the algorithm's:
 * ``"compiled"``: the algorithm's pure per-tensor ``update`` applied to one flat buffer per
   (param group, device, dtype), compiled once with ``torch.compile`` and written back in place.
   Params become views of the flat buffer; gradients are gathered into a flat buffer, or used in
-  place when they already are its views. Compile time does not grow with the number of tensors,
-  and a changed hyperparameter is a new tensor value, never a recompile.
+  place when they already are its views. Compile time does not grow with the number of tensors
+  (for an algorithm that reduces over each tensor, it grows with the number of distinct shapes: each
+  run of same-shaped params steps as one ``vmap`` of ``update``), and a changed hyperparameter is a
+  new tensor value, never a recompile.
 * ``"eager"``: the same flat path without compiling.
 * ``"auto"`` (default): ``"torch"`` where torch.optim has a fused kernel for the algorithm and these
   params, else ``"compiled"`` (which falls back to ``"eager"``, with one warning, where compiling is
@@ -264,19 +266,23 @@ def _resolve_engine(engine: str, algorithm: Algorithm, groups: list[dict[str, An
     if engine == "auto":
         # torch's fused kernel where it has one for these params; elsewhere the compiled flat step
         # beats torch's foreach and for-loop kernels. A non-element-wise algorithm compiles one
-        # segment per tensor, unrolled: its compile time and step time grow with the tensor count
-        # (DAG, 200 tensors: 543 s to compile, then 90x Adam fused), so beyond a few tensors it runs
-        # eagerly.
+        # batched segment per distinct shape (per bucket), unrolled: compile time grows with the
+        # number of shapes, so beyond a few shapes it runs eagerly.
         fused = torch_class is not None and "fused" in inspect.signature(torch_class.__init__).parameters
         if fused and _fused_supported(groups):
             return "torch"
-        tensors = sum(len(group["params"]) for group in groups)
-        return "compiled" if algorithm.elementwise or tensors <= MAX_COMPILED_SEGMENTS else "eager"
+        return "compiled" if algorithm.elementwise or _shape_runs(groups) <= MAX_COMPILED_SEGMENTS else "eager"
     return engine
 
 
 MAX_COMPILED_SEGMENTS = 8
-"""The most tensors "auto" compiles for a non-element-wise algorithm (see ``_resolve_engine``)."""
+"""The most segments "auto" compiles for a non-element-wise algorithm (see ``_resolve_engine``): a
+segment is a run of same-shaped params of one bucket, stepped as one batched call."""
+
+
+def _shape_runs(groups: list[dict[str, Any]]) -> int:
+    """The segments a compiled non-element-wise step unrolls: distinct param shapes per bucket."""
+    return sum(len({(p.device, p.dtype, p.requires_grad, p.shape) for p in group["params"]}) for group in groups)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,11 +369,19 @@ class _Bucket:
     ``optimizer.state[param]`` holds views, so ``state_dict`` sees torch's per-parameter layout.
     Per-tensor scalars (``step``, DAG's ``alpha``) live in one vector per key, an entry per param,
     as torch keeps one per parameter. An element-wise algorithm runs as one flat step while those
-    scalars agree across the params; otherwise each param steps on its own segment.
+    scalars agree across the params; otherwise each param steps on its own segment. With ``by_shape``
+    (the compiled engine, non-element-wise algorithms) the params are reordered so same-shaped ones
+    are adjacent; only this bucket's order changes: ``optimizer.state`` is keyed by param and
+    ``state_dict`` indexes params in ``param_groups`` order, as torch does.
     """
 
-    def __init__(self, params: list[Tensor], algorithm: Algorithm):
-        self.params = params
+    def __init__(self, params: list[Tensor], algorithm: Algorithm, *, by_shape: bool = False):
+        if by_shape:  # same-shaped params adjacent (shapes in first-seen order), for _batched_step
+            first_seen: dict[torch.Size, int] = {}
+            for param in params:
+                first_seen.setdefault(param.shape, len(first_seen))
+            params = sorted(params, key=lambda p: first_seen[p.shape])  # stable: keeps order within a shape
+        self.params = params  # every structure below (flat buffers, vectors, views) follows this order
         self.sizes = [p.numel() for p in params]
         self.shapes = tuple(p.shape for p in params)
         self.flat = torch.cat([p.detach().reshape(-1) for p in params])
@@ -483,6 +497,49 @@ def _segment_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor
     return _sum_in_place(contributions)
 
 
+def _batched_step(update, param: Tensor, grad: Tensor, scalars: dict[str, Tensor], buffers: dict[str, Tensor], config: Config, sizes, shapes, packed, *shared):
+    """``_segment_step`` for a bucket whose same-shaped params are adjacent: each run of ``n`` params
+    of one shape (and one shape of each packed entry) steps as one ``vmap`` of ``update`` over
+    zero-copy ``(n, *shape)`` views of the flat buffers, the per-tensor scalar vectors and the packed
+    buffers. The compiled graph then has one segment per shape, not per tensor. vmap reduces in
+    batches, so results may differ from the per-tensor loop by reduction rounding."""
+    entry_shapes = {key: entry[1] for key, entry in packed.items()}
+    keys = [(shape, *(s[i] for s in entry_shapes.values())) for i, shape in enumerate(shapes)]
+    offsets = {None: 0, **{key: 0 for key in packed}}
+    contributions = []
+    start = 0
+    while start < len(shapes):
+        end = start + 1
+        while end < len(shapes) and keys[end] == keys[start]:
+            end += 1
+        n, shape = end - start, shapes[start]
+
+        def run(flat: Tensor, offset: int, entry: torch.Size) -> Tensor:
+            return flat[offset:offset + n * entry.numel()].view(n, *entry)
+
+        params, grads = run(param, offsets[None], shape), run(grad, offsets[None], shape)
+        leaf = {key: values[start:end] for key, values in scalars.items()}
+        leaf.update({key: run(buffer, offsets[None], shape) for key, buffer in buffers.items()})
+        leaf.update({key: run(packed[key][0], offsets[key], entry_shapes[key][start]) for key in packed})
+
+        def one(p: Tensor, g: Tensor, state: dict[str, Tensor]):
+            return apply_update(update, p, g, state, config, *shared)
+
+        new_params, new_state, *contribution = torch.func.vmap(one)(params, grads, leaf)
+        params.copy_(new_params)
+        for key, value in leaf.items():
+            value.copy_(new_state[key])
+        contributions += contribution
+        offsets[None] += n * shape.numel()
+        for key in packed:
+            offsets[key] += n * entry_shapes[key][start].numel()
+        start = end
+    if not contributions:
+        return None
+    # Each run contributes one value per param (an unbatched one is expanded by vmap): sum them all.
+    return {key: torch.cat([c[key] for c in contributions]).sum() for key in contributions[0]}
+
+
 def _sum_in_place(contributions: list[dict[str, Tensor]]) -> dict[str, Tensor] | None:
     if not contributions:
         return None
@@ -517,8 +574,11 @@ class _FlatRunner:
         by_kind: dict[tuple, list[Tensor]] = {}
         for param in group["params"]:
             by_kind.setdefault((param.device, param.dtype, param.requires_grad), []).append(param)
-        buckets = [_Bucket(params, self.algorithm) for params in by_kind.values()]
-        function = _flat_step if self.algorithm.elementwise else _segment_step
+        # Compiled, a non-element-wise step batches each run of same-shaped params (_batched_step);
+        # eagerly it steps tensor by tensor in the group's order, as the references do.
+        batched = self.compiled and not self.algorithm.elementwise
+        buckets = [_Bucket(params, self.algorithm, by_shape=batched) for params in by_kind.values()]
+        function = _flat_step if self.algorithm.elementwise else _batched_step if batched else _segment_step
         for bucket in buckets:
             bucket.ensure(self.algorithm.state_keys(config), config)
             bucket.step_fn = _compiled(function) if self.compiled else function
