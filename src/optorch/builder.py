@@ -5,6 +5,11 @@ A config dict names the algorithm and uses the keyword names of its constructor:
     optorch.build({"name": "adamw", "lr": 1e-3, "weight_decay": 0.01}, model.parameters())
     optorch.build("configs/adam.yaml", model.parameters())
 
+Top-level entries besides the algorithm's keys configure what surrounds it (:data:`ENTRY_KEYS`):
+``schedule`` (schedules of its hyperparameters), ``adapt`` (adaptive rules, an attached
+:class:`optorch.AdaptiveOpt`) and the combinators ``clip_grad_norm``, ``skip_nonfinite``,
+``accumulate_steps``, ``ema``, ``param_groups`` and ``amp``; each is validated by its own parser.
+
 Errors are specific: an unknown name lists the known ones with the closest match, an unknown key lists
 the valid keys, and an invalid value raises ``pydantic.ValidationError`` naming the field.
 """
@@ -26,7 +31,7 @@ from .algorithm import Algorithm
 from .config import Config
 from .schedules import Schedule
 
-__all__ = ["ConfigError", "build", "load_config", "parse_adaptive", "parse_combinators", "parse_config", "parse_schedules"]
+__all__ = ["ENTRY_KEYS", "ConfigError", "assemble", "build", "load_config", "parse_adaptive", "parse_combinators", "parse_config", "parse_schedules"]
 
 
 class ConfigError(ValueError):
@@ -63,7 +68,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tuple[Algorithm, Config]:
     """Resolve a config dict, Config instance or file path into ``(algorithm, validated config)``
-    (a ``schedule`` entry is checked and left out: :func:`parse_schedules` reads it)."""
+    (the top-level entries are checked and left out: :func:`parse_schedules`, :func:`parse_adaptive`
+    and :func:`parse_combinators` read them)."""
     if isinstance(config, Config):
         return registry.for_config(config), config
     values = _as_dict(config)
@@ -75,8 +81,10 @@ def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tupl
     valid = [*algorithm.config.model_fields, *algorithm.config.accepted_keys]
     unknown = [key for key in values if key not in valid]
     if unknown:
-        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, valid, n=1)) else repr(key) for key in unknown]
-        raise ConfigError(f"unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: name, {', '.join(valid)}")
+        known = [*valid, *ENTRY_KEYS]
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, n=1)) else repr(key) for key in unknown]
+        raise ConfigError(f"unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: name, {', '.join(valid)}; "
+                          f"top-level entries: {', '.join(ENTRY_KEYS)}")
     parsed = algorithm, algorithm.config(**values)
     parse_schedules(config, parsed[1])
     parse_combinators(config, parsed)

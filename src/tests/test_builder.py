@@ -329,3 +329,10 @@ def test_yaml_exponent_floats_without_a_dot_are_numbers(tmp_path):
 def test_flags_accept_only_booleans(value):
     with pytest.raises(pydantic.ValidationError, match="amsgrad"):
         optorch.adam.Config(amsgrad=value)
+
+
+def test_a_misspelt_top_level_entry_is_suggested():
+    with pytest.raises(optorch.ConfigError) as info:
+        optorch.build({"name": "adamw", "clip_grad_nrom": 1.0}, make_params((2,)))
+    message = str(info.value)
+    assert "did you mean 'clip_grad_norm'" in message and "top-level entries: schedule, adapt, clip_grad_norm" in message
