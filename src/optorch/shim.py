@@ -41,6 +41,8 @@ from .config import Config
 __all__ = ["Optimizer", "ENGINES"]
 
 ENGINES = ("auto", "torch", "compiled", "eager")
+NO_EMA = "this optimizer keeps no EMA: add an 'ema' entry to its config"
+NO_SCALER = "this optimizer has no loss scaler: add an 'amp' entry to its config"
 _TORCH_EXECUTION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
@@ -140,21 +142,21 @@ class Optimizer(torch.optim.Optimizer):
 
     def ema_params(self) -> list[Tensor]:
         """The EMA of each param (config entry ``ema``), in ``param_groups`` order."""
-        if self.combinators is None:
-            raise RuntimeError("this optimizer keeps no EMA: add an 'ema' entry to its config")
-        return self.combinators.ema_params()
+        return self._combinators(NO_EMA).ema_params()
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss`` times the loss scale (config entry ``amp``): call ``backward()`` on the result."""
-        if self.combinators is None:
-            raise RuntimeError("this optimizer has no loss scaler: add an 'amp' entry to its config")
-        return self.combinators.scale_loss(loss)
+        return self._combinators(NO_SCALER).scale_loss(loss)
 
     def swap_ema(self):
         """A context manager: within it the params hold their EMA (``with opt.swap_ema(): evaluate()``)."""
+        return self._combinators(NO_EMA).swap_ema()
+
+    def _combinators(self, missing: str):
+        """The runtime of the config's combinator entries; ``missing`` is the error when there is none."""
         if self.combinators is None:
-            raise RuntimeError("this optimizer keeps no EMA: add an 'ema' entry to its config")
-        return self.combinators.swap_ema()
+            raise RuntimeError(missing)
+        return self.combinators
 
     # -- checkpoints -------------------------------------------------------------------------
 
