@@ -19,6 +19,7 @@ from .config import Config
 from .inject import InjectedHyperparams, inject_hyperparams
 from .registry import ALGORITHMS, UnknownOptimizerError, register
 from .shim import Optimizer
+from .checkpoint import complete as complete_state_dict
 
 __version__ = "0.2.0.dev0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "UnknownOptimizerError",
     "bind",
     "build",
+    "complete_state_dict",
     "inject_hyperparams",
     "load_config",
     "parse_config",

@@ -470,6 +470,23 @@ def write_hyperparams(stepper_state: Mapping[str, Any], knob_bases: Mapping[str,
     return {**stepper_state, "hyperparams": hyperparams}
 
 
+# --- the rule state as flat keys (how an optorch shim keeps it in its param groups) ------------
+
+PREFIX = "adapt."
+BASE_PREFIX = "adapt.base."
+
+
+def flatten_state(state: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, Tensor]:
+    """``{"adapt.t": ..., "adapt.terms.lr.trend.value": ..., ...}`` from a rule state."""
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_state(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 # --- AdaptiveOpt -----------------------------------------------------------------------------
 
 
@@ -497,7 +514,13 @@ class AdaptiveOpt:
         self.optimizer = optimizer
         self.optimizer_name = getattr(optimizer, "optimizer_name", None)
         self.state = init(self.config)
-        self.bases: list[dict[str, float]] = []
+        link = getattr(optimizer, "_link", None)
+        self._bases_in_groups = link is not None
+        self._bases_beside: list[dict[str, Any]] = []
+        if link is not None:  # an optorch shim: the rule state rides in its param groups (adapt.*)
+            flat = flatten_state(self.state)
+            link(flat)
+            self.state = pytree.tree_unflatten([optimizer.linked(key) for key in flat], pytree.tree_flatten(self.state)[1])
         self._capture_groups()
         self.last_factors: dict[str, float] = {}
         self.history: dict[str, list[float]] = {"loss": []}
@@ -510,11 +533,28 @@ class AdaptiveOpt:
         return locations(group, self.optimizer_name)
 
     def _capture_groups(self) -> None:
-        """Record the base of each adapted knob for every group not seen yet."""
+        """Record the base of each adapted knob in every group that has none yet (``adapt.base.<knob>``):
+        in the group itself for an optorch shim, so it is saved with its param groups; beside it for
+        any other optimizer, whose param groups are left as they are."""
         rules = self.config.rules()
-        for group in self.optimizer.param_groups[len(self.bases) :]:
-            places = self._locations(group)
-            self.bases.append({knob: _float(_read(group, places[knob])) for knob in rules if knob in places})
+        for index, group in enumerate(self.optimizer.param_groups):
+            places, store = self._locations(group), self._base_store(index)
+            for knob in rules:
+                if knob in places and BASE_PREFIX + knob not in store:
+                    store[BASE_PREFIX + knob] = _float(_read(group, places[knob]))
+
+    def _base_store(self, index: int) -> dict[str, Any]:
+        if self._bases_in_groups:
+            return self.optimizer.param_groups[index]
+        while len(self._bases_beside) <= index:
+            self._bases_beside.append({})
+        return self._bases_beside[index]
+
+    @property
+    def bases(self) -> list[dict[str, float]]:
+        """Each param group's base value of every adapted knob it has."""
+        return [{key[len(BASE_PREFIX):]: value for key, value in self._base_store(i).items() if isinstance(key, str) and key.startswith(BASE_PREFIX)}
+                for i in range(len(self.optimizer.param_groups))]
 
     @torch.no_grad()
     def step_loss(self, loss: Any) -> None:
@@ -523,7 +563,8 @@ class AdaptiveOpt:
         value = _loss_value(loss)
         self._capture_groups()
         if math.isfinite(value):
-            self.state, factors = update(self.state, torch.tensor(value, dtype=torch.float64), self.config)
+            new, factors = update(self.state, torch.tensor(value, dtype=torch.float64), self.config)
+            pytree.tree_map(lambda old, fresh: old.copy_(fresh), self.state, new)  # in place: the shim's groups hold these
             self.last_factors = {knob: float(f) for knob, f in factors.items()}
             self._write(factors)
         self._record(value)
@@ -611,8 +652,12 @@ class AdaptiveOpt:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.check_state_dict(state_dict)
-        self.state = pytree.tree_map(lambda saved, own: saved.detach().to(device=own.device, dtype=own.dtype).clone(), dict(state_dict["state"]), self.state)
-        self.bases = [{knob: float(v) for knob, v in b.items()} for b in state_dict["bases"]]
+        pytree.tree_map(lambda own, saved: own.copy_(saved.detach().to(device=own.device, dtype=own.dtype)), self.state, dict(state_dict["state"]))
+        for index, bases_ in enumerate(state_dict["bases"]):
+            store = self._base_store(index)
+            for key in [key for key in store if isinstance(key, str) and key.startswith(BASE_PREFIX)]:
+                del store[key]
+            store.update({BASE_PREFIX + knob: float(v) for knob, v in bases_.items()})
         self._capture_groups()
         self.last_factors = {knob: float(f) for knob, f in self.state["factors"].items()} if int(self.state["t"]) else {}
 

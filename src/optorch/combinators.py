@@ -516,6 +516,10 @@ class Combinators(_Settings):
             stepper = multi_steps(stepper, self.accumulate_steps)
         return stepper
 
+    def state_keys(self) -> frozenset[str]:
+        """The per-parameter state keys the shim's runtime keeps besides the algorithm's."""
+        return frozenset(key for key, on in (("grad_acc", self.accumulate_steps > 1), ("ema", self.ema is not None)) if on)
+
     def attach(self, optimizer: Any) -> "InPlace | None":
         """The in-place runtime for an ``optorch.Optimizer`` (None when nothing runs around its step)."""
         if self.clip_grad_norm is None and not self.skip_nonfinite and self.accumulate_steps == 1 and self.ema is None and self.amp is None:
@@ -584,74 +588,126 @@ def torch_param_groups(params: Any, settings: Combinators | None) -> Any:
 class InPlace:
     """The combinators around an ``optorch.Optimizer``'s step, on ``.grad`` in place.
 
-    ``Optimizer.step`` calls :meth:`before_step` (accumulate, check, clip: it returns False to skip
-    the engine step, and the shim then also leaves its schedules where they are) and, after a step,
-    :meth:`after_step` (EMA). The math is this module's functions, so a built optimizer steps as
-    :func:`from_config`'s pure stepper does.
+    ``Optimizer.step`` calls :meth:`before_step` (accumulate, unscale, check, clip: it returns False
+    to skip the engine step, and the shim then also leaves its schedules where they are) and, after
+    a step, :meth:`after_step` (EMA). The math is this module's functions, so a built optimizer steps
+    as :func:`from_config`'s pure stepper does.
+
+    Its state lives where torch's tools look: per parameter in ``optimizer.state`` (``grad_acc``,
+    the accumulated gradient; ``ema``, the average), and the counters in every param group, linked
+    (``accumulate.micro_step``; ``skip.notfinite_count``, ``skip.total_notfinite``,
+    ``skip.last_finite``; ``amp.scale``, ``amp.growth_tracker``, ``amp.overflows``; ``ema.count``).
     """
 
     def __init__(self, settings: Combinators, optimizer: Any):
         self.settings = settings
         self.optimizer = optimizer
-        self.micro_step = 0
-        self.accumulated: dict[int, Tensor] = {}
-        device = self._params()[0].device if self._params() else None
-        self.counters = {"notfinite_count": torch.zeros((), dtype=torch.int64), "total_notfinite": torch.zeros((), dtype=torch.int64), "last_finite": torch.ones((), dtype=torch.bool)}
-        self.ema_count = torch.zeros((), dtype=torch.int64, device=device)
-        self.ema: list[Tensor] = []
+        params = self._params()
+        device = params[0].device if params else None
+        count = lambda: torch.zeros((), dtype=torch.int64)  # noqa: E731 - host counters: read without a device sync
+        values: dict[str, Tensor] = {}
+        if settings.accumulate_steps > 1:
+            values["accumulate.micro_step"] = count()
+        if settings.skip_nonfinite:
+            values.update({"skip.notfinite_count": count(), "skip.total_notfinite": count(), "skip.last_finite": torch.ones((), dtype=torch.bool)})
+        if settings.amp is not None:
+            scaler = amp.init(settings.amp, device)
+            values.update({"amp.scale": scaler.scale, "amp.growth_tracker": scaler.growth_tracker, "amp.overflows": count()})
+        if settings.ema is not None:
+            values["ema.count"] = torch.zeros((), dtype=torch.int64, device=device)
+        optimizer._link(values)  # kept where they are when the optimizer already has them (a copy)
         self.last_grad_norm: Tensor | None = None
         """The global gradient norm the last step clipped with (``clip_grad_norm`` only)."""
-        self.stepped = False
-        """Whether the last ``optimizer.step()`` updated the params (False for an accumulating call or
-        a skipped non-finite step): step a torch LR scheduler only then, to count updates."""
-        if settings.ema is not None:
-            self._extend_ema()
-        self.scaler = amp.init(settings.amp, device) if settings.amp is not None else None
-        self.overflows = 0
+
+    def _value(self, key: str) -> Tensor:
+        return self.optimizer.linked(key)
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the last ``optimizer.step()`` updated the params (``not optimizer.step_was_skipped``)."""
+        return not self.optimizer.step_was_skipped
+
+    @property
+    def overflows(self) -> int:
         """Steps skipped for an inf/NaN in the scaled gradients (``amp``)."""
+        return int(self._value("amp.overflows"))
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite gradient so far (``skip_nonfinite``)."""
+        return int(self._value("skip.total_notfinite"))
+
+    @property
+    def scaler(self) -> amp.ScalerState | None:
+        """The loss scaler's state (``amp``): live tensors."""
+        if self.settings.amp is None:
+            return None
+        return amp.ScalerState(self._value("amp.scale"), self._value("amp.growth_tracker"))
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss * scale``: call ``backward()`` on this (``amp`` entry)."""
-        if self.scaler is None:
+        if self.settings.amp is None:
             raise RuntimeError("this optimizer has no loss scaler: add an 'amp' entry to its config")
         return amp.scale_loss(loss, self.scaler)
+
+    def state_keys(self) -> frozenset[str]:
+        return self.settings.state_keys()
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _extend_ema(self) -> None:
-        # a param group added later starts its average at its current value
-        self.ema += [p.detach().clone() for p in self._params()[len(self.ema):]]
+    def new_param(self, param: Tensor, state: dict[str, Tensor]) -> None:
+        """A param's first step: its average starts at its value before the update."""
+        if self.settings.ema is not None and "ema" not in state:
+            state["ema"] = param.detach().clone()
 
     @torch.no_grad()
-    def before_step(self) -> bool:
-        self.stepped = False
-        params = self._params()
+    def before_step(self, work: Sequence[Any]) -> bool:
+        params = [p for item in work for p in item.params]
+        state = self.optimizer.state
         k = self.settings.accumulate_steps
         if k > 1:
-            for i, p in enumerate(params):
-                if p.grad is not None:  # zeros + g, as multi_steps sums (a first -0.0 becomes 0.0 in both)
-                    self.accumulated[i] = (self.accumulated[i] if i in self.accumulated else torch.zeros_like(p.grad)) + p.grad
-            self.micro_step += 1
-            if self.micro_step < k:
+            for param in params:  # zeros + g, as multi_steps sums (a first -0.0 becomes 0.0 in both)
+                entry = state[param]
+                if "grad_acc" not in entry:
+                    entry["grad_acc"] = torch.zeros_like(param.grad)
+                entry["grad_acc"].add_(param.grad)
+            micro_step = self._value("accumulate.micro_step")
+            micro_step.add_(1)
+            if int(micro_step) < k:
                 return False
-            for i, acc in self.accumulated.items():
-                if params[i].grad is None:
-                    params[i].grad = acc / k
+            with_grad = {id(p) for p in params}
+            for param in self._params():
+                acc = state[param].get("grad_acc") if param in state else None
+                # a param without a gradient now steps if it had one earlier in this window
+                if acc is None or (id(param) not in with_grad and not bool(acc.any())):
+                    continue
+                if param.grad is None:
+                    param.grad = acc / k
                 else:
-                    params[i].grad.copy_(acc / k)
-            self.micro_step, self.accumulated = 0, {}
-        grads = [p.grad for p in params if p.grad is not None]
-        if self.scaler is not None:
+                    param.grad.copy_(acc / k)
+                acc.zero_()
+                if id(param) not in with_grad:
+                    self._adopt(work, param)
+            micro_step.zero_()
+            params = [p for item in work for p in item.params]
+        grads = [p.grad for p in params]
+        if self.settings.amp is not None:
             unscaled, found_inf = amp.unscale(grads, self.scaler)
-            self.scaler = amp.update(self.scaler, found_inf, self.settings.amp)
+            new = amp.update(self.scaler, found_inf, self.settings.amp)
+            self._value("amp.scale").copy_(new.scale)
+            self._value("amp.growth_tracker").copy_(new.growth_tracker)
             if found_inf.item():  # one host read per step, as GradScaler.step
-                self.overflows += 1
+                self._value("amp.overflows").add_(1)
                 return False
-            for grad, new in zip(grads, unscaled):
-                grad.copy_(new)
+            for grad, value in zip(grads, unscaled):
+                grad.copy_(value)
         if self.settings.skip_nonfinite:
-            apply, self.counters = finite_counters(ops.all_finite(grads).cpu(), self.counters, None)
+            names = ("notfinite_count", "total_notfinite", "last_finite")
+            counters = {name: self._value(f"skip.{name}") for name in names}
+            apply, new_counters = finite_counters(ops.all_finite(grads).cpu(), counters, None)
+            for name in names:
+                counters[name].copy_(new_counters[name])
             if not apply.item():
                 return False
         if self.settings.clip_grad_norm is not None and grads:
@@ -661,23 +717,33 @@ class InPlace:
                 grad.mul_(coefficient.to(grad.device))
         return True
 
+    def _adopt(self, work: Sequence[Any], param: Tensor) -> None:
+        """A param with no gradient this call but some in the accumulated ones steps too."""
+        for item, group in zip(work, self.optimizer.param_groups):
+            if any(param is p for p in group["params"]):
+                item.params.append(param)
+                item.grads.append(param.grad)
+                item.states.append(self.optimizer._states.check(param, self.optimizer.state.get(param), item.config))
+                return
+
     @torch.no_grad()
     def after_step(self) -> None:
-        self.stepped = True
         if self.settings.ema is None:
             return
-        self._extend_ema()
-        self.ema_count += 1
-        decay = ema_decay(self.settings.ema.decay, self.ema_count, self.settings.ema.warmup)
-        for average, new in zip(self.ema, ema_update(self.ema, self._params(), decay)):
+        count = self._value("ema.count")
+        count.add_(1)
+        decay = ema_decay(self.settings.ema.decay, count, self.settings.ema.warmup)
+        pairs = [(state["ema"], p) for p in self._params() if (state := self.optimizer.state.get(p)) and "ema" in state]
+        for average, new in zip([a for a, _ in pairs], ema_update([a for a, _ in pairs], [p for _, p in pairs], decay)):
             average.copy_(new)
 
     def ema_params(self) -> list[Tensor]:
-        """The EMA of each param, in ``param_groups`` order (live tensors: read, don't write)."""
+        """The EMA of each param, in ``param_groups`` order (live tensors: read, don't write). A param
+        that has not stepped yet is its own average."""
         if self.settings.ema is None:
             raise RuntimeError("this optimizer keeps no EMA: add an 'ema' entry to its config")
-        self._extend_ema()
-        return list(self.ema)
+        state = self.optimizer.state
+        return [state[p]["ema"] if p in state and "ema" in state[p] else p.detach() for p in self._params()]
 
     @contextlib.contextmanager
     def swap_ema(self) -> Iterator[None]:
@@ -693,56 +759,3 @@ class InPlace:
             with torch.no_grad():
                 for p, value in zip(params, saved):
                     p.copy_(value)
-
-    # -- checkpoints ---------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        if self.settings.accumulate_steps > 1:
-            state["micro_step"] = self.micro_step
-            state["accumulated"] = {i: acc.clone() for i, acc in self.accumulated.items()}
-        if self.settings.skip_nonfinite:
-            state.update({key: value.item() for key, value in self.counters.items()})
-        if self.scaler is not None:
-            state.update(scale=self.scaler.scale.item(), growth_tracker=int(self.scaler.growth_tracker), overflows=self.overflows)
-        if self.settings.ema is not None:
-            state["ema_count"] = int(self.ema_count)
-            state["ema"] = [average.clone() for average in self.ema_params()]
-        return state
-
-    def check(self, saved: Any) -> None:
-        """Raise ``ValueError`` if ``saved`` (a :meth:`state_dict`, or None: nothing to load) does not fit."""
-        if saved is None:
-            return
-        expected = set(self.state_dict())
-        if not isinstance(saved, Mapping) or set(saved) != expected:
-            found = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
-            raise ValueError(f"the state_dict's 'combinators' entry has keys {found}, expected {sorted(expected)} (for this config's combinators)")
-        params = self._params()
-        tensors = {**dict(saved.get("accumulated", {})), **dict(enumerate(saved.get("ema", [])))}
-        if "ema" in saved and len(saved["ema"]) != len(params):
-            raise ValueError(f"the state_dict has {len(saved['ema'])} EMA tensors, this optimizer has {len(params)} params")
-        for i, value in tensors.items():
-            if not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(value, Tensor) or value.shape != params[i].shape:
-                raise ValueError(f"the state_dict's combinator state for parameter {i!r} does not match it (shape {tuple(params[i].shape) if isinstance(i, int) and 0 <= i < len(params) else '?'})")
-
-    def load(self, saved: Any) -> None:
-        if saved is None:
-            return
-        params = self._params()
-        if "micro_step" in saved:
-            self.micro_step = int(saved["micro_step"])
-            self.accumulated = {i: value.to(params[i].device, params[i].dtype).clone() for i, value in saved["accumulated"].items()}
-        if "notfinite_count" in saved:
-            self.counters = {key: torch.tensor(saved[key], dtype=self.counters[key].dtype) for key in self.counters}
-        if "scale" in saved:
-            self.scaler = amp.ScalerState(self.scaler.scale.new_tensor(saved["scale"]), self.scaler.growth_tracker.new_tensor(saved["growth_tracker"]))
-            self.overflows = int(saved["overflows"])
-        if "ema" in saved:
-            self.ema_count.fill_(int(saved["ema_count"]))
-            self.ema = [value.to(p.device, p.dtype).clone() for value, p in zip(saved["ema"], params)]
-
-    @property
-    def skipped(self) -> int:
-        """Steps skipped for a non-finite gradient so far."""
-        return int(self.counters["total_notfinite"])

@@ -406,10 +406,11 @@ def _knobs(optimizer) -> dict[str, float]:
     """The numeric hyperparameters of each param group (``lr``, ``betas[0]``, ...; ``g1.lr`` for the
     second group) and the 0-dim entries of the shared state (``shared.alpha``), as floats."""
     knobs = {}
+    fields = optimizer.algorithm.config.model_fields
     for i, group in enumerate(optimizer.param_groups):
         prefix = f"g{i}." if i else ""
         for key, value in group.items():
-            if key == "params":
+            if key not in fields:  # the shim's other keys (positions, counters, adapt.*) are state
                 continue
             if isinstance(value, (tuple, list)):
                 items = {f"{prefix}{key}[{j}]": item for j, item in enumerate(value)}

@@ -90,8 +90,16 @@ class Config(BaseModel):
         """
         for name, value in values.items():
             parts = value if isinstance(value, tuple) else (value,)
-            if name not in self.__dict__ or not all(isinstance(part, torch.Tensor) for part in parts):
+            if not all(isinstance(part, torch.Tensor) for part in parts):
                 raise TypeError(f"with_tensors: {name!r} must be a field of {type(self).__name__} given as a tensor or a tuple of tensors")
+        return self.unchecked(**values)
+
+    def unchecked(self, **values: Any) -> "Config":
+        """A copy with some fields replaced, unvalidated: for values that are traced (the shim inside
+        ``torch.compile(optimizer.step)``, where its group's numbers are symbolic) or are tensors."""
+        unknown = [name for name in values if name not in self.__dict__]
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {', '.join(map(repr, unknown))}")
         copy = object.__new__(type(self))
         object.__setattr__(copy, "__dict__", {**self.__dict__, **values})
         for attribute in ("__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__"):

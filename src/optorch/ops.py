@@ -119,6 +119,19 @@ def all_finite(grads: Sequence[Tensor]) -> Tensor:
     return torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all()
 
 
+def assign(target: Tensor, value: Any) -> None:
+    """``target.copy_(value)`` (or ``fill_`` for a number), a 0-dim target through a 1-element view:
+    torch 2.13's Inductor turns a 0-dim float64 CPU input into a scalar and silently drops in-place
+    writes to it, in a compiled kernel as in a compiled ``optimizer.step``."""
+    if target.dim() == 0:
+        target = target.view(1)
+        value = value.reshape(1) if isinstance(value, Tensor) else value
+    if isinstance(value, Tensor):
+        target.copy_(value)
+    else:
+        target.fill_(value)
+
+
 def select(condition: Tensor, new: Any, old: Any) -> Any:
     """``new`` where ``condition`` holds, else ``old``, leaf by leaf (bit-identical either way)."""
     return pytree.tree_map(lambda a, b: torch.where(condition, a, b), new, old)

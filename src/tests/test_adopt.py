@@ -322,7 +322,7 @@ def test_state_dict_layout_is_torch_adopts():
     # torch-adopt's group keys less its execution flags, plus clip_exponent (its clip_lambda lives on
     # the optimizer object and is not saved).
     their_keys = set(theirs["param_groups"][0]) - EXECUTION_FLAGS
-    assert set(ours["param_groups"][0]) == their_keys | {"clip_exponent"}
+    assert set(ours["param_groups"][0]) == their_keys | {"clip_exponent", "optorch_format"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -375,7 +375,7 @@ def test_the_shim_steps_as_the_pure_stepper_from_the_same_config(engine):
         assert _max_diff(params, dict(model.named_parameters())) <= 1e-14, t
     assert _max_diff(C.ema_params(state), optimizer.ema_params()) <= 1e-14
     assert optimizer.combinators.skipped == 1  # the non-finite mean of calls 6 and 7
-    assert optimizer.schedule_step == 7  # 8 updates of 2 calls, one skipped
+    assert int(optimizer.param_groups[0]["schedule_step"]) == 7  # 8 updates of 2 calls, one skipped
 
 
 def test_the_recipe_equals_torch_adamw_with_clipping_no_decay_groups_and_a_scheduler():
@@ -429,9 +429,10 @@ def test_shim_skip_leaves_params_state_and_schedule_untouched():
         optimizer.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     after = optimizer.state_dict()
-    assert after["schedule_step"] == 1 and optimizer.param_groups[0]["lr"] == state["param_groups"][0]["lr"]
+    assert int(after["param_groups"][0]["schedule_step"]) == 1 and optimizer.param_groups[0]["lr"] == state["param_groups"][0]["lr"]
     assert all(torch.equal(after["state"][i][k], v) for i, leaf in state["state"].items() for k, v in leaf.items())
-    assert after["combinators"] == {"notfinite_count": 2, "total_notfinite": 2, "last_finite": False}
+    counters = {key: after["param_groups"][0][f"skip.{key}"].item() for key in ("notfinite_count", "total_notfinite", "last_finite")}
+    assert counters == {"notfinite_count": 2, "total_notfinite": 2, "last_finite": False}
     assert optimizer.combinators.skipped == 2
 
 
@@ -490,7 +491,9 @@ def test_shim_state_dict_round_trip_mid_accumulation(engine):
         optimizer.step()
         optimizer.zero_grad()
     checkpoint = copy.deepcopy(optimizer.state_dict())
-    assert checkpoint["combinators"]["micro_step"] == 1 and checkpoint["combinators"]["total_notfinite"] == 1
+    group = checkpoint["param_groups"][0]
+    assert group["accumulate.micro_step"] == 1 and group["skip.total_notfinite"] == 1
+    assert all({"ema", "grad_acc"} <= set(leaf) for leaf in checkpoint["state"].values())
     resumed_model = copy.deepcopy(model)
     resumed = optorch.build(config, resumed_model, engine=engine)
     resumed.load_state_dict(checkpoint)
@@ -501,13 +504,16 @@ def test_shim_state_dict_round_trip_mid_accumulation(engine):
             o.zero_grad()
     assert _max_diff(list(model.parameters()), list(resumed_model.parameters())) == 0.0
     assert _max_diff(optimizer.ema_params(), resumed.ema_params()) == 0.0
-    assert optimizer.state_dict()["combinators"]["ema_count"] == resumed.state_dict()["combinators"]["ema_count"] == 5
+    assert optimizer.state_dict()["param_groups"][0]["ema.count"] == resumed.state_dict()["param_groups"][0]["ema.count"] == 5
     # A checkpoint of other combinators, or of other shapes, is refused before anything changes.
-    with pytest.raises(ValueError, match="'combinators' entry has keys"):
-        resumed.load_state_dict({**checkpoint, "combinators": {"micro_step": 0}})
+    lacking = copy.deepcopy(checkpoint)
+    for group in lacking["param_groups"]:
+        del group["skip.total_notfinite"]
+    with pytest.raises(ValueError, match="has no 'skip.total_notfinite'"):
+        resumed.load_state_dict(lacking)
     bad = copy.deepcopy(checkpoint)
-    bad["combinators"]["ema"][0] = torch.zeros(7)
-    with pytest.raises(ValueError, match="combinator state for parameter 0"):
+    bad["state"][0]["ema"] = torch.zeros(7)
+    with pytest.raises(ValueError, match="state 'ema' has shape"):
         resumed.load_state_dict(bad)
 
 
@@ -637,7 +643,7 @@ def test_shim_loss_scaling_steps_as_the_pure_scaled_stepper_and_resumes():
         assert _max_diff(params, dict(model.named_parameters())) <= 1e-14, t
         assert state["inner"]["scaler"].scale.item() == optimizer.combinators.scaler.scale.item(), t
     checkpoint = copy.deepcopy(optimizer.state_dict())
-    assert {"scale", "growth_tracker", "overflows"} <= set(checkpoint["combinators"])
+    assert {"amp.scale", "amp.growth_tracker", "amp.overflows"} <= set(checkpoint["param_groups"][0])
     resumed_model = copy.deepcopy(model)
     resumed = optorch.build(config, resumed_model, engine="eager")
     resumed.load_state_dict(checkpoint)

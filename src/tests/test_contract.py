@@ -110,13 +110,15 @@ def test_shim_follows_the_pure_stepper(engine):
 def test_shared_state_round_trips_through_a_checkpoint():
     _, optimizer = _shim("eager", 5)
     checkpoint = copy.deepcopy(optimizer.state_dict())
-    assert checkpoint["shared"]["steps"].item() == 5
+    saved = {key[len("shared."):]: value for key, value in checkpoint["param_groups"][0].items() if key.startswith("shared.")}
+    assert set(saved) == set(optimizer.shared) and saved["steps"].item() == 5
     params = {n: p.clone().requires_grad_() for n, p in _initial().items()}
     fresh = optorch.Optimizer(list(params.values()), TOY, CONFIG, engine="eager")
     fresh.load_state_dict(checkpoint)
-    assert all(torch.equal(fresh.shared[k], v) for k, v in checkpoint["shared"].items())
-    missing = {k: v for k, v in checkpoint.items() if k != "shared"}
-    with pytest.raises(ValueError, match="'shared' entry"):
+    assert all(torch.equal(fresh.shared[k], v) for k, v in saved.items())
+    missing = copy.deepcopy(checkpoint)
+    del missing["param_groups"][0]["shared.steps"]
+    with pytest.raises(ValueError, match="has no 'shared.steps'"):
         fresh.load_state_dict(missing)
 
 

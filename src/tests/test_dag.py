@@ -345,7 +345,7 @@ def test_shim_exposes_shared_and_per_tensor_observables_and_checkpoints_them():
     assert opt.shared["global_step"].item() == 4 and opt.shared["s_t"].item() < 1.0
     assert set(opt.state[w]) == {"alpha", "sat_ratio", "sigma"}
     saved = opt.state_dict()
-    assert saved["shared"]["s_t"].item() == opt.shared["s_t"].item()
+    assert saved["param_groups"][0]["shared.s_t"].item() == opt.shared["s_t"].item()
     assert opt.step(lambda: torch.tensor(3.0)) == 3.0  # §10 #10: the closure's loss comes back
 
 
