@@ -31,8 +31,8 @@ __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
 class Config(_Config):
     lr: NonNegative = 1e-2
-    lambd: Scalar = 1e-4
-    alpha: Scalar = 0.75
+    lambd: NonNegative = 1e-4
+    alpha: NonNegative = 0.75
     t0: Scalar = 1e6
     weight_decay: NonNegative = 0.0
     maximize: Flag = False

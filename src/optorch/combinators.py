@@ -42,17 +42,17 @@ import contextlib
 import difflib
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Annotated, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from . import amp, ops, registry
 from .algorithm import Algorithm
 from .amp import ScalerConfig
-from .config import Config
+from .config import Config, Count, Number
 
 __all__ = [
     "KEYS",
@@ -418,7 +418,7 @@ class _Settings(BaseModel):
 class EmaSettings(_Settings):
     """The ``ema`` entry: ``{decay: 0.999, warmup: false}``, or just the decay."""
 
-    decay: float = Field(ge=0.0, le=1.0)
+    decay: Annotated[Number, Field(ge=0.0, le=1.0)]
     """The EMA's decay beta: ema <- beta * ema + (1 - beta) * param after each step."""
     warmup: StrictBool = False
     """Use min(decay, (1 + t) / (10 + t)) at the t-th update, so early averages forget the start."""
@@ -450,11 +450,11 @@ class Combinators(_Settings):
     [{match: ["*.bias", "*norm*"], weight_decay: 0.0}]`` (by parameter name, first match wins; needs
     named params)."""
 
-    clip_grad_norm: Optional[PositiveFloat] = None
+    clip_grad_norm: Optional[Annotated[Number, Field(gt=0.0)]] = None
     """Scale the gradients so their global 2-norm is at most this (``clip_grad_norm_``)."""
     skip_nonfinite: StrictBool = False
     """Skip (and count) a step whose gradients hold a NaN or an inf."""
-    accumulate_steps: PositiveInt = 1
+    accumulate_steps: Annotated[Count, Field(ge=1)] = 1
     """Step every k-th call, on the mean of the k calls' gradients."""
     ema: Optional[EmaSettings] = None
     """Keep an EMA of the params: ``{decay, warmup}`` or just the decay."""
@@ -468,12 +468,6 @@ class Combinators(_Settings):
     @classmethod
     def _decay_only(cls, value: Any) -> Any:
         return {"decay": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-    @model_validator(mode="after")
-    def _no_inf(self) -> "Combinators":
-        if self.clip_grad_norm is not None and self.clip_grad_norm == float("inf"):
-            raise ValueError("clip_grad_norm must be finite (leave it out to not clip)")
-        return self
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any], algorithm: Algorithm, config: Config) -> "Combinators | None":

@@ -58,31 +58,24 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from . import ops
 from .algorithm import Algorithm, LeafState, Shared
 from .config import Config as _Config
-from .config import Flag, NonNegative, Scalar, is_zero
+from .config import Flag, NonNegative, Number, Probability, UnitInterval, is_zero, representable, shown
 
 __all__ = ["Config", "Hyper", "ShrinkSettings", "CosineSchedule", "init", "step", "algorithm", "init_leaf", "update", "kappa"]
 
 
-def _number(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"expected a real number, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
 def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
-        raise ValueError(f"expected a whole number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
+        raise ValueError(f"expected a whole number, got {shown(value)}")
     return int(value)
 
 
 def _every(value: Any) -> int:
     # The original coerces its cadences with max(1, int(x)); kept, so its calls migrate unchanged.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"expected a number of steps, got {type(value).__name__} {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"expected a finite number of steps, got {type(value).__name__} {shown(value)}")
     return max(1, int(value))
 
 
-Number = Annotated[float, BeforeValidator(_number)]
 Positive = Annotated[Number, Field(gt=0.0)]
 NonNegativeNumber = Annotated[Number, Field(ge=0.0)]
 Every = Annotated[int, BeforeValidator(_every)]
@@ -135,6 +128,10 @@ class Hyper(_Settings):
     def _resolve(self) -> "Hyper":
         if self.alpha_min > self.alpha_max:
             raise ValueError(f"alpha_min ({self.alpha_min}) must not exceed alpha_max ({self.alpha_max})")
+        # alpha and the per-tensor scalars are kept in float32 for float32 (and lower) params
+        for name in ("alpha_max", "eps"):
+            if not representable(getattr(self, name), torch.float32):
+                raise ValueError(f"{name} must be finite and non-zero in float32, where alpha is kept for float32 params, got {getattr(self, name)}")
         if self.kappa is None:  # computed once, as the original's constructor does
             object.__setattr__(self, "kappa", kappa(self.tau, self.p_star))
         return self
@@ -180,8 +177,8 @@ class Config(_Config):
     the original): set them on the optimizer, not per group."""
 
     lr: NonNegative = 1e-3
-    momentum: NonNegative = 0.0
-    dampening: Scalar = 0.0
+    momentum: Probability = 0.0
+    dampening: UnitInterval = 0.0
     weight_decay: NonNegative = 0.0
     k_val: NonNegative = 2.0
     k_sched: Optional[CosineSchedule] = None

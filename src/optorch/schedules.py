@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 from torch import Tensor
 
+from .config import Count, Flag, Number
 from .ops import scalar_dtype
 
 __all__ = [
@@ -58,11 +59,12 @@ __all__ = [
     "names",
 ]
 
-Steps = Annotated[int, Field(ge=0)]
-PositiveSteps = Annotated[int, Field(ge=1)]
-Value = Annotated[float, Field(allow_inf_nan=False)]
-NonNegativeValue = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-Factor = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+# Numbers are finite ints or floats and step counts ints: never a bool or a string read as one.
+Steps = Annotated[Count, Field(ge=0)]
+PositiveSteps = Annotated[Count, Field(ge=1)]
+Value = Number
+NonNegativeValue = Annotated[Number, Field(ge=0.0)]
+Factor = Annotated[Number, Field(gt=0.0)]
 
 
 # --- arithmetic on a step that is a number or a tensor -------------------------------------------
@@ -258,7 +260,7 @@ class Exponential(Schedule):
     decay_rate: Factor
     transition_steps: PositiveSteps = 1
     transition_begin: Steps = 0
-    staircase: bool = False
+    staircase: Flag = False
     end_value: Optional[Value] = None
 
     def _value(self, s):
@@ -362,11 +364,11 @@ class OneCycle(Schedule):
     name: Literal["one_cycle"] = "one_cycle"
     max_lr: Value
     total_steps: PositiveSteps
-    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    pct_start: Annotated[Number, Field(gt=0.0, lt=1.0)] = 0.3
     anneal_strategy: Literal["cos", "linear"] = "cos"
     div_factor: Factor = 25.0
     final_div_factor: Factor = 1e4
-    three_phase: bool = False
+    three_phase: Flag = False
 
     def _phases(self) -> list[tuple[float, float, float]]:
         """(end_step, start value, end value) per phase, as torch's OneCycleLR computes them."""
@@ -495,13 +497,13 @@ class AutosgmWindow(Schedule):
     name: Literal["autosgm_window"] = "autosgm_window"
     window: StrictInt
     init_value: Value = 1.0
-    window_floor: float = 0.0
-    window_order: float = 2.0
+    window_floor: Number = 0.0
+    window_order: Number = 2.0
     window_full: StrictBool = False
     window_epochs: StrictInt = 1000
     window_steps_per_epoch: StrictInt = 1
     window_unit: StrictInt = 1
-    window_flat_top: float = 0.0
+    window_flat_top: Number = 0.0
 
     @model_validator(mode="after")
     def _valid_for_autosgm(self):
