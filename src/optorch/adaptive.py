@@ -50,7 +50,6 @@ The design is the project's own (docs/rules.md): the original AdaptiveOpt is a R
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from pathlib import Path
@@ -61,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .config import Count, Number
+from .config import Count, Number, did_you_mean, shown
 
 __all__ = [
     "AdaptiveConfig",
@@ -99,9 +98,7 @@ def _parse_rule(value: Any, where: str) -> Optional[str]:
     seen = []
     for term in terms:
         if term not in TERMS:
-            close = difflib.get_close_matches(term, TERMS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown term {term!r} in the rule {value!r} for {where}{hint}; terms: {', '.join(TERMS)}")
+            raise ValueError(f"unknown term {term!r} in the rule {value!r} for {where}{did_you_mean(term, TERMS)}; terms: {', '.join(TERMS)}")
         if term in seen:
             raise ValueError(f"term {term!r} appears twice in the rule {value!r} for {where}")
         seen.append(term)
@@ -234,7 +231,7 @@ def parse_entry(entry: Any) -> AdaptiveConfig:
     unknown = [key for key in entry if key not in AdaptiveConfig.model_fields]
     if unknown:
         valid = list(AdaptiveConfig.model_fields)
-        hints = [f"{k!r} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(str(k), valid, n=1)) else repr(k) for k in unknown]
+        hints = [f"{shown(k)}{did_you_mean(k, valid)}" for k in unknown]
         raise ValueError(f"unknown key(s) {', '.join(hints)}; valid keys: {', '.join(valid)}")
     return AdaptiveConfig(**entry)
 

@@ -11,6 +11,7 @@ batches) and reports a table and plots (see :mod:`optorch.compare`).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Sequence
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 
 from . import compare, registry, verify
+from .configfile import ConfigError
 from .shim import ENGINES
 
 __all__ = ["main"]
@@ -72,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--seed", type=int, default=0, help="seed of the init, the train/test split and the batch order (default 0)")
     compare_parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     compare_parser.add_argument("--engine", choices=ENGINES, default="eager", help="the shim's engine (default eager: the same code path for every algorithm, no compile time)")
-    compare_parser.add_argument("--target", type=float, default=0.3, metavar="LOSS", help="training-set loss whose first step is reported (default 0.3)")
+    compare_parser.add_argument("--target", type=_finite_float, default=0.3, metavar="LOSS", help="training-set loss whose first step is reported (default 0.3)")
     compare_parser.add_argument("--json", metavar="PATH", help="also write every run's results and curves as JSON")
     compare_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -84,7 +86,9 @@ Every run uses the torch.optim shim (optorch.build) in an ordinary training loop
 run), as a multiple of the fastest run. Any hyperparameter that changes during a run (an LR scheduler, an
 adaptive rule) and any scalar of an algorithm's shared state is plotted against the step.
 
-A bad config file stops the command before any training, naming the file and the field.
+A bad config file stops the command before any training, naming the file, the line and the field;
+so does an output location that cannot be written. Ctrl-C stops the runs and still writes the table,
+the plots and the JSON of what they recorded (exit code 130).
 Needs the compare extra: pip install 'optorch[compare]'.
 """
 
@@ -96,6 +100,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+USER_ERRORS = (registry.UnknownOptimizerError, ConfigError, verify.NoGridError, compare.CompareError, OSError)
+"""What a user's input can cause (a config, a path, an option): one line and exit code 2, never a traceback."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # One intra-op thread: the tensors of both commands are tiny, and torch's CPU kernels spend
@@ -104,9 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         return compare.run(args) if args.command == "compare" else _verify(args)
-    except (registry.UnknownOptimizerError, verify.NoGridError, _UsageError, compare.CompareError) as error:
-        print(f"optorch {args.command}: error: {error}", file=sys.stderr)
+    except (*USER_ERRORS, _UsageError) as error:
+        print(f"optorch {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"optorch {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         torch.set_num_threads(threads)
 

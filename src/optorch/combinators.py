@@ -39,11 +39,11 @@ non-finite, clip, step, EMA. That is ``multi_steps(apply_if_finite(clip_by_globa
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fnmatch
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
+import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from torch import Tensor
@@ -52,7 +52,8 @@ from torch.utils import _pytree as pytree
 from . import amp, ops, registry
 from .algorithm import Algorithm
 from .amp import ScalerConfig
-from .config import Config, Count, Number
+from .config import Config, Count, Number, did_you_mean, first_location, problems, shown
+from .configfile import ConfigError
 
 __all__ = [
     "KEYS",
@@ -481,12 +482,15 @@ class Combinators(_Settings):
         for i, rule in enumerate(settings.param_groups):
             unknown = [key for key in rule.overrides if key not in fields]
             if unknown:
-                hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, fields, n=1)) else repr(key) for key in unknown]
-                raise ValueError(f"param_groups[{i}]: unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: match, {', '.join(fields)}")
+                hints = [f"{shown(key)}{did_you_mean(key, fields)}" for key in unknown]
+                raise ConfigError(f"param_groups[{i}]: unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: match, {', '.join(fields)}",
+                                  key=("param_groups", i, unknown[0]))
             try:
                 config.replace(**rule.overrides)
+            except pydantic.ValidationError as error:
+                raise ConfigError(f"param_groups[{i}]: {problems(error)}", key=("param_groups", i, *first_location(error))) from None
             except ValueError as error:
-                raise ValueError(f"param_groups[{i}]: {error}") from error
+                raise ConfigError(f"param_groups[{i}]: {error}", key=("param_groups", i)) from None
         return settings
 
     def labels(self, names: Sequence[str]) -> list[str]:

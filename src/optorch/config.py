@@ -16,16 +16,18 @@ The settings around the algorithms (schedules, combinators, the loss scaler, ada
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import reprlib
-from typing import Annotated, Any, Callable, ClassVar
+from typing import Annotated, Any, Callable, ClassVar, Sequence
 
+import pydantic
 import torch
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool
 
 __all__ = ["Config", "Count", "Flag", "Number", "Scalar", "NonNegative", "Probability", "UnitInterval", "check_tensor_hyperparameter",
-           "is_zero", "representable", "shown"]
+           "did_you_mean", "first_location", "is_zero", "problems", "representable", "shown"]
 
 _SHOWN = reprlib.Repr()
 _SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 60
@@ -96,6 +98,31 @@ def representable(value: float, dtype: torch.dtype) -> bool:
     unless it is 0 (a loss scale of 1e-50 is 0 in float32; one of 1e39 is inf)."""
     rounded = torch.tensor(value, dtype=torch.float64).to(dtype).item()
     return math.isfinite(rounded) and (rounded != 0 or value == 0)
+
+
+def did_you_mean(name: Any, known: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` with the closest of ``known`` to ``name``, or ``""``: one hint for every
+    unknown key."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def problems(error: pydantic.ValidationError) -> str:
+    """A ``pydantic.ValidationError`` in one line: ``lr: must be >= 0, got -1.0; betas.1: ...``."""
+    parts = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] not in ("value_error", "missing", "model_type") and "input" in item:
+            message += f", got {shown(item['input'])}"
+        location = ".".join(map(str, item["loc"]))
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts)
+
+
+def first_location(error: pydantic.ValidationError) -> tuple:
+    """Where the first problem of ``error`` is: a path of keys and list indices (empty for the whole)."""
+    errors = error.errors()
+    return tuple(errors[0]["loc"]) if errors else ()
 
 
 def is_zero(value: Any) -> bool:

@@ -23,7 +23,6 @@ The formulas of every schedule are in docs/schedules.md and in each class's docs
 from __future__ import annotations
 
 import bisect
-import difflib
 import math
 import numbers
 from collections.abc import Mapping
@@ -33,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 from torch import Tensor
 
-from .config import Count, Flag, Number
+from .config import Count, Flag, Number, did_you_mean, shown
 from .ops import scalar_dtype
 
 __all__ = [
@@ -563,8 +562,6 @@ def from_config(config: Mapping[str, Any] | Schedule) -> Schedule:
         raise TypeError(f"a schedule config must be a mapping, got {type(config).__name__}")
     name = config.get("name")
     if name not in SCHEDULES:
-        close = difflib.get_close_matches(str(name), names(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        what = "has no 'name'" if name is None else f"names an unknown schedule {name!r}{hint}"
+        what = "has no 'name'" if name is None else f"names an unknown schedule {shown(name)}{did_you_mean(name, names())}"
         raise UnknownScheduleError(f"the schedule config {what}; known schedules: {', '.join(names())}")
     return SCHEDULES[name].model_validate(dict(config))  # errors then name the class, not the union
