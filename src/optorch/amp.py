@@ -58,7 +58,12 @@ from torch.utils import _pytree as pytree
 from .config import Count, Flag, Number, representable
 from .ops import all_finite, scalar_dtype, select
 
-__all__ = ["Scaled", "ScalerConfig", "ScalerState", "init", "scale_loss", "scaled", "unscale", "update"]
+__all__ = ["MIN_SCALE", "Scaled", "ScalerConfig", "ScalerState", "init", "scale_loss", "scaled", "unscale", "update"]
+
+
+MIN_SCALE = torch.finfo(torch.float32).tiny
+"""The smallest loss scale accepted, 2**-126 (float32's smallest normal number): unscaling multiplies
+by 1/scale in float32, which a scale below ~2.9e-39 makes inf (and every gradient inf or NaN)."""
 
 
 class ScalerConfig(BaseModel):
@@ -80,11 +85,9 @@ class ScalerConfig(BaseModel):
     @field_validator("init_scale")
     @classmethod
     def _usable_in_float32(cls, value: float) -> float:
-        # unscaling multiplies by 1/scale in float32: a scale that rounds to 0 or whose reciprocal
-        # overflows (below ~2.9e-39) would turn every gradient into inf or NaN
-        low, high = 1 / torch.finfo(torch.float32).max, torch.finfo(torch.float32).max
-        if not (representable(value, torch.float32) and representable(1 / value, torch.float32)):
-            raise ValueError(f"must be in [{low:.4g}, {high:.4g}], where it and its reciprocal are finite and non-zero in float32, got {value}")
+        if not (MIN_SCALE <= value and representable(value, torch.float32)):
+            raise ValueError(f"must be in [2**-126, {torch.finfo(torch.float32).max:.4g}], where it and its reciprocal are finite "
+                             f"in float32, got {value}")
         return value
 
 

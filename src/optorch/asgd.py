@@ -13,8 +13,8 @@ With gradient :math:`g_t`, learning rate :math:`\gamma`, decay :math:`\lambda` (
     \eta_t &= \gamma / (1 + \lambda\gamma t)^{\alpha}, \qquad \mu_t = 1 / \max(1, t - t_0)
 
 :math:`\bar\theta` (``ax``) is the running average, kept in the state and never fed back.
-State per parameter: ``step``, ``eta`` and ``mu`` (0-dim float32 tensors as torch keeps them, so
-rounded to float32), ``ax`` (:math:`\bar\theta`).
+State per parameter: ``step``, ``eta`` and ``mu`` (0-dim tensors in torch's scalar dtype, float32 unless
+the default dtype is float64, and rounded to it, as torch's are), ``ax`` (:math:`\bar\theta`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def _scalar(value, like: torch.Tensor) -> torch.Tensor:
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
-    step = ops.new_step(param)
-    return {"step": step, "eta": _scalar(config.lr, step), "mu": torch.ones_like(step), "ax": torch.zeros_like(param)}
+    step = ops.new_step(param)  # eta and mu share its dtype, torch's scalar dtype, as in torch
+    eta = torch.as_tensor(config.lr, dtype=step.dtype, device=step.device).clone()
+    return {"step": step, "eta": eta, "mu": torch.ones_like(step), "ax": torch.zeros_like(param)}
 
 
 def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Config):

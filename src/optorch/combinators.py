@@ -558,15 +558,24 @@ def from_config(config: Mapping[str, Any] | str | Any, params: Any = None) -> St
     return settings.wrap(stepper)
 
 
+def ordered_params(params: Any) -> list[Any]:
+    """``params`` (a tensor, or an iterable of tensors or param groups) as a list. A set is refused,
+    as torch refuses it: its order changes between runs, and a checkpoint numbers params by it."""
+    if isinstance(params, Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of tensors in sets "
+                        "will change between runs. Please use a list instead.")
+    return list(params)
+
+
 def torch_param_groups(params: Any, settings: Combinators | None) -> Any:
     """What to hand ``torch.optim.Optimizer``: ``params`` as given (tensors or param-group dicts), or,
     from an ``nn.Module`` or ``named_parameters()``, the tensors, split into the groups that
     ``settings.param_groups`` describes (the unmatched ones first, with no overrides)."""
     if isinstance(params, torch.nn.Module):
         params = params.named_parameters()
-    if isinstance(params, Tensor):
-        params = [params]
-    params = list(params)
+    params = ordered_params(params)
     named = bool(params) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Tensor) for p in params)
     rules = settings.param_groups if settings is not None else []
     if not rules:

@@ -230,7 +230,7 @@ class TorchEngine:
         default dtype)."""
         if self.flags.get("fused"):
             return torch.float32, param.device
-        return (torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32), torch.device("cpu")
+        return ops.torch_scalar_dtype(), torch.device("cpu")
 
 
 def _bare(torch_class: type[torch.optim.Optimizer], defaults: dict[str, Any], flags: dict[str, Any]) -> torch.optim.Optimizer:

@@ -99,9 +99,16 @@ def scalar_dtype(param: Tensor) -> torch.dtype:
     return torch.float32 if param.device.type == "mps" else torch.float64
 
 
+def torch_scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim keeps its per-parameter scalars in (``step``, NAdam's ``mu_product``,
+    ASGD's ``eta`` and ``mu``): float64 when that is the default dtype, else float32
+    (torch's ``_get_scalar_dtype``, read when the state is created)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 def new_step(param: Tensor) -> Tensor:
-    """A fresh per-parameter step counter: float32, as torch.optim keeps it."""
-    return torch.zeros((), dtype=torch.float32, device=param.device)
+    """A fresh per-parameter step counter, in the dtype torch.optim keeps it in (:func:`torch_scalar_dtype`)."""
+    return torch.zeros((), dtype=torch_scalar_dtype(), device=param.device)
 
 
 def all_finite(grads: Sequence[Tensor]) -> Tensor:

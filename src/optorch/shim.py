@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import ops, registry
 from .algorithm import Algorithm, sum_contributions
+from .combinators import ordered_params
 from .config import Config
 from .engines import ENGINES, Engine, TorchEngine, Work, make_engine, resolve_engine
 
@@ -136,7 +137,7 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
         candidate = dict(param_group)
         params = candidate.get("params")
-        candidate["params"] = [params] if isinstance(params, Tensor) else list(params) if params is not None else params
+        candidate["params"] = ordered_params(params) if params is not None else params
         for key, source in self.algorithm.config.linked_defaults.items():
             if key not in candidate and source in candidate:
                 candidate[key] = candidate[source]
@@ -268,6 +269,8 @@ class Optimizer(torch.optim.Optimizer):
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{self.algorithm.name} does not support sparse gradients")
+                if grad.shape != param.shape:  # only `.grad.data = ...` gets one past autograd's own check
+                    raise RuntimeError(f"{self.algorithm.name}: a parameter of shape {tuple(param.shape)} has a gradient of shape {tuple(grad.shape)}")
                 params.append(param)
                 grads.append(grad)
                 states.append(self._states.check(param, self.state.get(param), config))
