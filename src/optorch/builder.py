@@ -95,6 +95,10 @@ def parse_schedules(config: Mapping[str, Any] | Config | str | os.PathLike, pars
                 raise ConfigError(f"'{SCHEDULE_KEY}.{name}': {problems(error)}", key=(SCHEDULE_KEY, name, *first_location(error))) from None
             except (ValueError, TypeError) as error:
                 raise ConfigError(f"'{SCHEDULE_KEY}.{name}': {error}", key=(SCHEDULE_KEY, name)) from None
+            try:  # its first value, now; a later one out of range fails the step that would use it
+                parsed.replace(**{name: result[name](0)})
+            except pydantic.ValidationError as error:
+                raise ConfigError(f"'{SCHEDULE_KEY}.{name}': its value at step 0 is refused: {problems(error)}", key=(SCHEDULE_KEY, name)) from None
         return result
 
 

@@ -202,6 +202,7 @@ class _Plan:
             self.fail(f"the state_dict has {len(saved_groups)} param groups, this optimizer has {len(optimizer.param_groups)}")
         self.params: dict[Any, tuple[Tensor, Any]] = {}
         self.configs = []
+        self.flags: list[dict[str, Any]] = []
         for i, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
             if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), list):
                 self.fail(f"param group {i} of the state_dict is not a dict with a 'params' list")
@@ -212,8 +213,13 @@ class _Plan:
                 self.fail(f"param group {i} has {FORMAT_KEY}={shown(version)}: not a format this optorch reads (0 to {FORMAT}; "
                           "a newer one writes higher)")
             fields = optimizer.algorithm.config.model_fields
+            missing = [k for k in fields if k not in saved and not (group[k] is None or isinstance(group[k], bool))]
+            if missing:  # torch.optim would fail at its next step
+                self.fail(f"param group {i} of the state_dict has no {', '.join(map(repr, missing))}: a checkpoint saves every hyperparameter")
+            # a flag an older torch did not save takes its default, as torch's own load gives it
+            self.flags.append({k: fields[k].default for k in fields if k not in saved})
             try:
-                config = optimizer.group_config({**{k: group[k] for k in fields}, **{k: v for k, v in saved.items() if k in fields}})
+                config = optimizer.group_config({**{k: group[k] for k in fields}, **self.flags[i], **{k: v for k, v in saved.items() if k in fields}})
             except pydantic.ValidationError as error:
                 self.fail(f"param group {i} of the state_dict has invalid hyperparameters: {problems(error)}")
             except ValueError as error:
@@ -240,7 +246,7 @@ class _Plan:
                           "(a torch.optim checkpoint?); to continue the schedule from a known step, load "
                           "optorch.complete_state_dict(optimizer, state_dict, schedule_step=N)")
             position = _number(saved[SCHEDULE_KEY])
-            if position is None or not math.isfinite(position) or position < 0 or position != int(position):
+            if position is None or not math.isfinite(position) or not 0 <= position < 2**63 or position != int(position):
                 self.fail(f"param group {i}: {SCHEDULE_KEY!r} must be a whole number >= 0, got {shown(saved[SCHEDULE_KEY])}")
         for key in saved:
             if isinstance(key, str) and key.startswith(STATE_PREFIXES) and key not in optimizer._linked \
@@ -279,7 +285,7 @@ class _Plan:
             if value is None and key == "grad_acc":
                 continue
             _check_tensor(self.name, param, key, value, param.shape, _castable(param), {value.device} if isinstance(value, Tensor) else set())
-            _check_values(self, index, key, value)
+            self._check_dense(index, key, value)
         if own:
             missing = sorted(optimizer._extras - set(extras))
             if missing:
@@ -302,25 +308,32 @@ class _Plan:
                 number = _number(value)
                 if number is None:
                     self.fail(f"{key!r} of parameter {index} must be a number or a one-element tensor, got {_describe(value)}")
+                if key == "step" and isinstance(value, Tensor) and value.dtype not in (torch.float32, torch.float64):
+                    self.fail(f"'step' of parameter {index} is {value.dtype}: a step count is float32 or float64 (as torch keeps it)")
             elif not isinstance(value, Tensor) or value.shape != reference.shape:
                 self.fail(f"state {key!r} of parameter {index} has shape {_describe(value)}, expected {tuple(reference.shape)} "
                           f"(the parameter has {tuple(param.shape)})")
             if isinstance(value, Tensor):
-                if value.layout != torch.strided:
-                    self.fail(f"state {key!r} of parameter {index} is a {value.layout} tensor; state is dense")
+                self._check_dense(index, key, value)
                 if value.is_complex() and not reference.is_complex():
                     self.fail(f"state {key!r} of parameter {index} is {value.dtype}, its parameter {param.dtype}: loading would drop the imaginary part")
                 if reference.is_complex() and not value.is_complex() and reference.dim():
                     self.fail(f"state {key!r} of parameter {index} is {value.dtype}, its parameter {param.dtype}: a complex parameter keeps complex state")
                 if not (value.is_floating_point() or value.is_complex()) and reference.is_floating_point():
                     self.fail(f"state {key!r} of parameter {index} is {value.dtype}, expected a floating-point tensor")
-            _check_values(self, index, key, value)
         return internal, expected
+
+    def _check_dense(self, index: Any, key: str, value: Tensor) -> None:
+        if value.layout != torch.strided:
+            self.fail(f"state {key!r} of parameter {index} is a {value.layout} tensor; state is dense")
+        if value.is_meta:
+            self.fail(f"state {key!r} of parameter {index} is a meta tensor: it has a shape but no values")
 
     def _prepare(self) -> None:
         """Every value the load assigns, made now (casts to the params' dtypes and devices, the linked
-        values in their live dtype): a cast that fails (a meta tensor, a device that is gone) fails
-        here, before anything changed."""
+        values in their live dtype) and checked as it will be stored (a float64 1e300 is inf in a
+        float32 param's state): a cast that fails, or a value out of range, fails here, before
+        anything changed."""
         optimizer = self.optimizer
         torch_layout = optimizer.engine == "torch"
         self.linked = {key: _cast_linked(self.state_dict["param_groups"][0][key], canonical) for key, canonical in optimizer._linked.items()}
@@ -339,14 +352,17 @@ class _Plan:
                 for key, value in checked["extras"].items():
                     cast = torch.zeros_like(param) if value is None else value.to(device=param.device, dtype=param.dtype)
                     leaf[key] = _own_copy(cast, value, live.get(key))
+                for key, value in leaf.items():
+                    _check_values(self, index, key, value)
                 if leaf:
                     self.new_state[param] = leaf
         except (RuntimeError, NotImplementedError) as error:  # e.g. "Cannot copy out of meta tensor"
             self.fail(f"the state of parameter {index} cannot be moved to its parameter's device and dtype: {str(error).splitlines()[0]}")
         self.new_groups = []
-        for saved, group in zip(self.state_dict["param_groups"], optimizer.param_groups):
+        for saved, group, flags in zip(self.state_dict["param_groups"], optimizer.param_groups, self.flags):
             new = {key: value for key, value in saved.items() if key not in optimizer._linked and key not in ("params", SCHEDULE_KEY)}
-            for key, value in group.items():  # what the checkpoint lacks keeps this optimizer's value
+            new.update(flags)
+            for key, value in group.items():  # what else the checkpoint lacks (torch's execution flags) keeps this optimizer's value
                 if key not in optimizer._linked and key not in ("params", SCHEDULE_KEY):
                     new.setdefault(key, value)
             for key in ("foreach", "fused", "capturable", "differentiable"):
@@ -441,8 +457,6 @@ def _check_values(plan: _Plan, index: Any, key: str, value: Any) -> None:
     """A per-parameter state entry: finite (NaN or inf state can only give NaN params), and within
     its range (``RANGES``) where it has one."""
     if isinstance(value, Tensor):
-        if value.is_meta:
-            plan.fail(f"state {key!r} of parameter {index} is a meta tensor: it has a shape but no values")
         if not (value.is_floating_point() or value.is_complex()):
             return  # an integer tensor is refused or converted elsewhere
         values = torch.view_as_real(value.detach()) if value.is_complex() else value.detach()

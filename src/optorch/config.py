@@ -83,8 +83,16 @@ Scalar = Annotated[Any, BeforeValidator(_coerce_scalar), PlainSerializer(_serial
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A finite real number (an int or a float; never a bool or a string): the settings' numbers."""
-Count = Annotated[int, Field(strict=True)]
-"""A whole number given as an int (never a bool, a float or a string): the settings' step counts."""
+def _at_most_2_53(value: int) -> int:
+    if value > 2**53:  # beyond, a count is no longer exact in float64 (and soon overflows int64)
+        raise ValueError(f"must be at most 2**53, got {shown(value)}")
+    return value
+
+
+_at_most_2_53.constraint = "<= 2**53"  # what the config reference (optorch.docgen) shows
+Count = Annotated[int, Field(strict=True), AfterValidator(_at_most_2_53)]
+"""A whole number up to 2**53 given as an int (never a bool, a float or a string): the settings'
+step counts (compared with float64 and int64 counters)."""
 
 NonNegative = Annotated[Scalar, _bounded(lambda v: v >= 0.0, ">= 0")]
 Probability = Annotated[Scalar, _bounded(lambda v: 0.0 <= v < 1.0, "in [0, 1)")]

@@ -52,6 +52,8 @@ class Config(adam.Config):
         return self
 
     def decay_rate(self):
+        if is_zero(self.weight_decay):
+            return 0.0  # no decay (initial_lr may be 0 then)
         return self.weight_decay * (self.lr / self.initial_lr)
 
 

@@ -123,7 +123,8 @@ def all_finite(grads: Sequence[Tensor]) -> Tensor:
     if torch.compiler.is_compiling() or any(_is_transformed(g) for g in grads):
         return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
     peaks = torch._foreach_norm(list(grads), float("inf"))
-    return torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all()
+    # isfinite in each grad's own dtype: a float64 peak of 1e308 is finite, but inf in float32
+    return torch.stack([torch.isfinite(p).to(device) for p in peaks]).all()
 
 
 def assign(target: Tensor, value: Any) -> None:

@@ -195,6 +195,11 @@ VALUES = [
         optorch.ConfigError, r"'schedule.lr': value: Input should be a finite number"),
     Bad("schedule-flag-string", parse({"name": "adam", "schedule": {"lr": {"name": "exponential", "init_value": 1e-3, "decay_rate": 0.9, "staircase": "yes"}}}),
         optorch.ConfigError, r"'schedule.lr': staircase: Input should be a valid boolean, got 'yes'"),
+    Bad("schedule-first-value-refused", parse({"name": "adam", "schedule": {"lr": {"name": "constant", "value": -1.0}}}),
+        optorch.ConfigError, r"'schedule.lr': its value at step 0 is refused: lr: must be >= 0, got -1.0"),
+    Bad("schedule-steps-beyond-2**53", parse({"name": "adam", "schedule": {"lr": {"name": "cosine", "init_value": 1e-3, "decay_steps": 10**400}}}),
+        optorch.ConfigError, r"'schedule.lr': decay_steps: must be at most 2\*\*53"),
+    Bad("amp-interval-beyond-2**53", parse({"name": "adam", "amp": {"growth_interval": 2**60}}), optorch.ConfigError, r"amp.growth_interval: must be at most 2\*\*53"),
     Bad("schedule-unknown", parse({"name": "adam", "schedule": {"lr": {"name": "cosin"}}}), optorch.ConfigError, r"unknown schedule 'cosin' \(did you mean 'cosine'\?\)"),
     Bad("adapt-count-fraction", parse({"name": "sgd", "lr": 0.1, "adapt": {"lr_rule": "trend", "cycle_length": 2.5}}),
         optorch.ConfigError, r"'adapt': cycle_length: Input should be a valid integer"),
@@ -383,6 +388,7 @@ CHECKPOINTS = [
     Bad("ckpt-meta", load(state("exp_avg", _meta)), ValueError, r"'exp_avg' of parameter 0 is a meta tensor", trained(ALL)),
     Bad("ckpt-nan", load(state("exp_avg", lambda t: t.index_fill(1, torch.tensor([1]), math.nan))), ValueError, r"'exp_avg' of parameter 0 holds values that are not finite", trained(ALL)),
     Bad("ckpt-inf", load(state("exp_avg_sq", lambda t: t + math.inf)), ValueError, r"'exp_avg_sq' of parameter 0 holds values that are not finite", trained(ALL)),
+    Bad("ckpt-inf-once-cast", load(state("exp_avg", lambda t: t.double() + 1e300)), ValueError, r"'exp_avg' of parameter 0 holds values that are not finite", trained(ALL)),
     Bad("ckpt-second-moment-negative", load(state("exp_avg_sq", lambda t: -1 - t)), ValueError, r"'exp_avg_sq' of parameter 0 must hold values >= 0", trained(ALL)),
     Bad("ckpt-step-negative", load(state("step", torch.tensor(-1.0))), ValueError, r"'step' of parameter 0 must hold whole numbers >= 0", trained(ALL)),
     Bad("ckpt-step-fraction", load(state("step", torch.tensor(1.5))), ValueError, r"'step' of parameter 0 must hold whole numbers >= 0", trained(ALL)),
@@ -399,6 +405,7 @@ CHECKPOINTS = [
     Bad("ckpt-schedule-negative", load(group("schedule_step", -1)), ValueError, r"'schedule_step' must be a whole number >= 0, got -1", trained(ALL)),
     Bad("ckpt-schedule-fraction", load(group("schedule_step", 1.5)), ValueError, r"'schedule_step' must be a whole number >= 0, got 1.5", trained(ALL)),
     Bad("ckpt-schedule-nan", load(group("schedule_step", math.nan)), ValueError, r"'schedule_step' must be a whole number >= 0, got nan", trained(ALL)),
+    Bad("ckpt-schedule-huge", load(group("schedule_step", 1e300)), ValueError, r"'schedule_step' must be a whole number >= 0, got 1e\+300", trained(ALL)),
     Bad("ckpt-schedule-string", load(group("schedule_step", "3")), ValueError, r"'schedule_step' must be a whole number >= 0, got '3'", trained(ALL)),
     Bad("ckpt-schedule-vector", load(group("schedule_step", torch.tensor([1, 2]))), ValueError, r"'schedule_step' must be a whole number >= 0", trained(ALL)),
     Bad("ckpt-loss-scale-0", load(group("amp.scale", torch.tensor(0.0))), ValueError, r"'amp.scale' must hold values >= 1.17549e-38, got \[0.0\]", trained(ALL)),
@@ -418,6 +425,7 @@ CHECKPOINTS = [
     Bad("ckpt-skip-count-fraction", load(group("skip.notfinite_count", 0.5)), ValueError, r"'skip.notfinite_count' must hold whole numbers >= 0", trained(ALL)),
     Bad("ckpt-ema-count-negative", load(group("ema.count", torch.tensor(-3))), ValueError, r"'ema.count' must hold whole numbers >= 0", trained(ALL)),
     Bad("ckpt-foreign-key", load(group("skip.bogus", 1)), ValueError, r"holds 'skip.bogus', which this optimizer does not keep", trained(ALL)),
+    Bad("ckpt-hyperparameter-dropped", load(drop("betas")), ValueError, r"param group 0 of the state_dict has no 'betas': a checkpoint saves every hyperparameter", trained(ALL)),
     Bad("ckpt-lr-negative", load(group("lr", -1.0)), ValueError, r"invalid hyperparameters: lr: must be >= 0, got -1.0", trained(ALL)),
     Bad("ckpt-lr-nan", load(group("lr", math.nan)), ValueError, r"invalid hyperparameters: lr: must be a finite number", trained(ALL)),
     Bad("ckpt-beta2-1", load(group("betas", (0.9, 1.0))), ValueError, r"invalid hyperparameters: betas.1: must be in \[0, 1\)", trained(ALL)),
@@ -574,6 +582,16 @@ def test_a_torch_checkpoint_into_an_ema_shim_starts_the_average_at_the_params():
     assert int(optimizer.linked("accumulate.micro_step")) == 0 and int(optimizer.linked("ema.count")) == 0
 
 
+def test_a_flag_an_older_torch_did_not_save_takes_its_default_as_in_torch():
+    checkpoint = _torch_adam_checkpoint()
+    del checkpoint["param_groups"][0]["decoupled_weight_decay"]  # as torch before 2.6 saved Adam's groups
+    optimizer = optorch.build({"name": "adam", "lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}, params(), engine="eager")
+    optimizer.load_state_dict(checkpoint)
+    reference = torch.optim.Adam(params(), lr=0.01, foreach=False)
+    reference.load_state_dict(checkpoint)
+    assert optimizer.param_groups[0]["decoupled_weight_decay"] is reference.param_groups[0]["decoupled_weight_decay"] is False
+
+
 def test_a_format_1_checkpoint_migrates_to_the_same_optimizer():
     make = trained(ALL, steps=3)
     optimizer, twin = make(), make()
@@ -601,6 +619,29 @@ def test_the_loaded_checkpoint_stays_the_callers():
     set_grads(optimizer, 9)
     optimizer.step()
     assert_same(checkpoint, kept)
+
+
+def test_a_huge_but_finite_float64_gradient_is_stepped_not_skipped_as_torch_steps_it():
+    ours, theirs = ([torch.nn.Parameter(p.detach().double()) for p in params()] for _ in range(2))
+    optimizer = optorch.build({"name": "sgd", "lr": 1e-310, "skip_nonfinite": True, "amp": {"init_scale": 1.0}}, ours)
+    reference = torch.optim.SGD(theirs, lr=1e-310)
+    for p, q in zip(ours, theirs):
+        p.grad = torch.full_like(p, 1e308)  # finite in float64, inf in float32
+        q.grad = p.grad.clone()
+    optimizer.step()
+    reference.step()
+    assert not optimizer.step_was_skipped and int(optimizer.linked("amp.overflows")) == 0
+    assert_same([p.detach() for p in ours], [q.detach() for q in theirs])
+
+
+def test_decoupled_adam_without_decay_steps_with_an_initial_lr_of_zero():
+    ours, theirs = params(), params()
+    optimizer = optorch.build({"name": "decoupled_adam", "lr": 0.01, "initial_lr": 0.0}, ours, engine="eager")
+    reference = optorch.build({"name": "adam", "lr": 0.01}, theirs, engine="eager")  # no decay: the same update
+    for opt in (optimizer, reference):
+        set_grads(opt, 0)
+        opt.step()
+    assert_same([p.detach() for p in ours], [q.detach() for q in theirs])
 
 
 # ------------------------------------------------------------------------------------------------

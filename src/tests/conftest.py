@@ -1,0 +1,22 @@
+"""Options of the test suite.
+
+``--fuzz-examples N`` runs the fuzz suite (``test_fuzz.py``, marked ``fuzz``) with N hypothesis
+examples per test and algorithm instead of its bounded CI count, e.g. before a release::
+
+    pytest src/tests/test_fuzz.py --fuzz-examples 2000 -n 2
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
+                     help="hypothesis examples per fuzz test and algorithm (default: the bounded CI count of test_fuzz.py)")
+
+
+def pytest_configure(config):
+    examples = config.getoption("--fuzz-examples")
+    if examples is not None:  # read by test_fuzz.py when it is imported, after this
+        os.environ["OPTORCH_FUZZ_EXAMPLES"] = str(examples)
