@@ -24,7 +24,7 @@ import torch
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
-from .config import Flag, NonNegative, Scalar, is_zero
+from .config import Flag, NonNegative, Scalar, UnitInterval, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
@@ -32,7 +32,7 @@ __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 class Config(_Config):
     lr: NonNegative = 1e-2
     lambd: NonNegative = 1e-4
-    alpha: NonNegative = 0.75
+    alpha: UnitInterval = 0.75  # above 1, (1 + lambd * lr * t) ** alpha overflows (an error, in torch too) in long runs
     t0: Scalar = 1e6
     weight_decay: NonNegative = 0.0
     maximize: Flag = False

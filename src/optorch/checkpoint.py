@@ -213,11 +213,14 @@ class _Plan:
                 self.fail(f"param group {i} has {FORMAT_KEY}={shown(version)}: not a format this optorch reads (0 to {FORMAT}; "
                           "a newer one writes higher)")
             fields = optimizer.algorithm.config.model_fields
-            missing = [k for k in fields if k not in saved and not (group[k] is None or isinstance(group[k], bool))]
-            if missing:  # torch.optim would fail at its next step
-                self.fail(f"param group {i} of the state_dict has no {', '.join(map(repr, missing))}: a checkpoint saves every hyperparameter")
+            # torch.optim saves every hyperparameter and fails at its next step without one; a
+            # reference of optorch's own algorithms may name one otherwise (torch-adopt's clip_lambda):
+            # this optimizer's value stays
+            missing = [k for k in fields if k not in saved and not isinstance(fields[k].default, bool)]
+            if missing and optimizer.algorithm.torch_optimizer is not None:
+                self.fail(f"param group {i} of the state_dict has no {', '.join(map(repr, missing))}: a torch.optim checkpoint saves every hyperparameter")
             # a flag an older torch did not save takes its default, as torch's own load gives it
-            self.flags.append({k: fields[k].default for k in fields if k not in saved})
+            self.flags.append({k: fields[k].default for k in fields if k not in saved and isinstance(fields[k].default, bool)})
             try:
                 config = optimizer.group_config({**{k: group[k] for k in fields}, **self.flags[i], **{k: v for k, v in saved.items() if k in fields}})
             except pydantic.ValidationError as error:

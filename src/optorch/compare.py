@@ -253,6 +253,9 @@ class Result:
     diverged: bool = False
     interrupted: bool = False
     """Stopped by Ctrl-C before its last step: its numbers are those of the steps it took."""
+    error: str | None = None
+    """Why the run stopped at a step that raised (its config failed mid-run: a schedule that leaves
+    the hyperparameter's range); the other runs go on."""
 
     @property
     def step_time(self) -> float:
@@ -328,16 +331,25 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
     try:
         # The runs take turns, eval_every steps at a time, so that a burst of load from other
         # processes slows all of them alike rather than the one that happens to be running.
-        active = [_train(result, *run[1:], data, batches, eval_every, target, bar) for result, run, bar in zip(results, runs, bars)]
+        active = [(result, _train(result, *run[1:], data, batches, eval_every, target, bar)) for result, run, bar in zip(results, runs, bars)]
         while active:
-            active = [run for run in active if next(run, None) is not None]
+            active = [(result, run) for result, run in active if _turn(result, run)]
     except KeyboardInterrupt:
         for result in results:
-            result.interrupted = math.isnan(result.test_accuracy)  # a run sets it as it finishes
+            result.interrupted = result.error is None and math.isnan(result.test_accuracy)  # a run sets it as it finishes
     finally:
         for bar in bars:
             bar.close()
     return results
+
+
+def _turn(result: Result, run) -> bool:
+    """One turn of a run; whether it goes on. A config that fails mid-run stops its run, not the others."""
+    try:
+        return next(run, None) is not None
+    except ValueError as error:  # pydantic's too: a scheduled value the algorithm's Config refuses
+        result.error = explain(error)
+        return False
 
 
 def _optimizer(spec: Spec, model: nn.Module, engine: str):
@@ -445,7 +457,7 @@ def format_table(results: Sequence[Result], target: float) -> str:
             (
                 r.label,
                 r.algorithm,
-                f"diverged after {r.steps}" if r.diverged else f"interrupted after {r.steps}" if r.interrupted else f"{r.final_train_loss:.4f}",
+                _stopped(r) or f"{r.final_train_loss:.4f}",
                 f"{100 * r.test_accuracy:.1f}%" if math.isfinite(r.test_accuracy) else "-",
                 f"{r.step_time / fastest:.2f}x" if math.isfinite(r.step_time) else "-",
                 str(r.steps_to_target) if r.steps_to_target is not None else "-",
@@ -461,6 +473,14 @@ def format_table(results: Sequence[Result], target: float) -> str:
     if math.isfinite(fastest):
         lines.append(f"(step time: optimizer.step(), 10th percentile, as a multiple of the fastest: {1e3 * fastest:.3f} ms)")
     return "\n".join(lines)
+
+
+def _stopped(r: Result) -> str | None:
+    """How a run stopped early, if it did: ``"diverged after 12"``, ``"failed after 3"``, ..."""
+    for how, stopped in (("diverged", r.diverged), ("failed", r.error is not None), ("interrupted", r.interrupted)):
+        if stopped:
+            return f"{how} after {r.steps}"
+    return None
 
 
 def _pyplot():
@@ -485,7 +505,7 @@ def plot_losses(results: Sequence[Result], path: str | os.PathLike, target: floa
     for r, (color, style) in zip(results, _styles(len(results))):
         points = [(s, v) for s, v in zip(r.eval_steps, r.train_loss) if math.isfinite(v) and v > 0]
         if points:
-            ax.plot(*zip(*points), color=color, linestyle=style, label=r.label + (" (diverged)" if r.diverged else " (interrupted)" if r.interrupted else ""))
+            ax.plot(*zip(*points), color=color, linestyle=style, label=r.label + (f" ({_stopped(r).split()[0]})" if _stopped(r) else ""))
     if target is not None:
         ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label=f"target {target:g}")
     ax.set(xlabel="step", ylabel="training-set loss (cross-entropy)", yscale="log", title="optorch compare: MLP on digits")
@@ -536,6 +556,7 @@ def results_json(results: Sequence[Result], meta: dict[str, Any]) -> dict[str, A
                 "steps": r.steps,
                 "diverged": r.diverged,
                 "interrupted": r.interrupted,
+                "error": r.error,
                 "final_train_loss": r.final_train_loss,
                 "test_accuracy": r.test_accuracy,
                 "step_time_s": r.step_time,
@@ -623,11 +644,14 @@ def run(args) -> int:
         written.append(Path(args.json))
     stopped = sum(r.interrupted for r in results)
     print(f"\n{len(results)} runs in {elapsed:.0f} s; wrote {', '.join(str(p) for p in [out / 'table.txt', *written])}")
+    for r in results:
+        if r.error is not None:
+            print(f"optorch compare: error: {r.label} stopped at step {r.steps + 1}: {r.error}", file=sys.stderr)
     if stopped:
         print(f"optorch compare: interrupted: {len(results) - stopped} of {len(results)} runs finished; the others are reported "
               "up to the step they reached", file=sys.stderr)
         return 130
-    return 0
+    return 2 if any(r.error is not None for r in results) else 0
 
 
 def _check_device(device: str) -> None:

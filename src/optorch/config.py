@@ -24,7 +24,7 @@ from typing import Annotated, Any, Callable, ClassVar, Sequence
 
 import pydantic
 import torch
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool, ValidationInfo, field_validator
 
 __all__ = ["Config", "Count", "Flag", "Number", "Scalar", "NonNegative", "Probability", "UnitInterval", "check_tensor_hyperparameter",
            "did_you_mean", "first_location", "is_zero", "problems", "representable", "shown"]
@@ -154,6 +154,14 @@ class Config(BaseModel):
     global_keys: ClassVar[tuple[str, ...]] = ()
     """Fields that hold one value for all params (an algorithm's shared state reads them once per
     step), so the shim refuses them in a param group."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_tensor_for_a_tuple(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic would unpack a tensor of shape (2,) into the tuple, each part a view of it
+        if isinstance(value, torch.Tensor) and isinstance(cls.model_fields[info.field_name].default, tuple):
+            raise ValueError(f"expected a tuple (of numbers or 0-dim tensors), got a tensor of shape {tuple(value.shape)}")
+        return value
 
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some fields changed (``dataclasses.replace`` for configs)."""

@@ -66,14 +66,20 @@ __all__ = ["Config", "Hyper", "ShrinkSettings", "CosineSchedule", "init", "step"
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
         raise ValueError(f"expected a whole number, got {shown(value)}")
-    return int(value)
+    return _steps(int(value))
 
 
 def _every(value: Any) -> int:
     # The original coerces its cadences with max(1, int(x)); kept, so its calls migrate unchanged.
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)):
         raise ValueError(f"expected a finite number of steps, got {type(value).__name__} {shown(value)}")
-    return max(1, int(value))
+    return _steps(max(1, int(value)))
+
+
+def _steps(value: int) -> int:
+    if value > 2**53:  # compared with the float64 step counter
+        raise ValueError(f"must be at most 2**53 steps, got {shown(value)}")
+    return value
 
 
 Positive = Annotated[Number, Field(gt=0.0)]

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from torch import Tensor
 
 from .config import Count, Flag, Number, did_you_mean, shown
@@ -494,14 +494,14 @@ class AutosgmWindow(Schedule):
     out. The window math is autosgm's own, called, not copied."""
 
     name: Literal["autosgm_window"] = "autosgm_window"
-    window: StrictInt
+    window: Count
     init_value: Value = 1.0
     window_floor: Number = 0.0
     window_order: Number = 2.0
     window_full: StrictBool = False
-    window_epochs: StrictInt = 1000
-    window_steps_per_epoch: StrictInt = 1
-    window_unit: StrictInt = 1
+    window_epochs: Count = 1000
+    window_steps_per_epoch: Count = 1
+    window_unit: Count = 1
     window_flat_top: Number = 0.0
 
     @model_validator(mode="after")

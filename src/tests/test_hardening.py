@@ -15,6 +15,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -165,7 +166,7 @@ VALUES = [
     Bad("adam-betas-one", parse({"name": "adam", "betas": [0.9]}), pydantic.ValidationError, r"betas.1\n.*Field required"),
     Bad("adam-beta1-nan", parse({"name": "adam", "betas": [math.nan, 0.9]}), pydantic.ValidationError, r"betas.0\n.*finite"),
     Bad("asgd-lambd-negative", parse({"name": "asgd", "lambd": -1.0}), pydantic.ValidationError, r"lambd\n.*>= 0"),
-    Bad("asgd-alpha-negative", parse({"name": "asgd", "alpha": -0.5}), pydantic.ValidationError, r"alpha\n.*>= 0"),
+    Bad("asgd-alpha-negative", parse({"name": "asgd", "alpha": -0.5}), pydantic.ValidationError, r"alpha\n.*in \[0, 1\], got -0.5"),
     Bad("rprop-step-sizes-reversed", parse({"name": "rprop", "step_sizes": [1.0, 0.5]}), pydantic.ValidationError, r"step_sizes\n.*0 <= min <= max"),
     Bad("rprop-step-size-negative", parse({"name": "rprop", "step_sizes": [-1.0, 1.0]}), pydantic.ValidationError, r"step_sizes.0\n.*>= 0"),
     Bad("rprop-etas", parse({"name": "rprop", "etas": [1.5, 2.0]}), pydantic.ValidationError, r"etas\n.*0 < etaminus < 1 < etaplus"),
@@ -176,6 +177,10 @@ VALUES = [
     Bad("dag-alpha-max-beyond-float32", parse({"name": "dag", "hyper": {"alpha_max": 1e39}}), pydantic.ValidationError, r"alpha_max must be finite and non-zero in float32"),
     Bad("dag-eps-0-in-float32", parse({"name": "dag", "hyper": {"eps": 1e-50}}), pydantic.ValidationError, r"eps must be finite and non-zero in float32"),
     Bad("dag-sigma-every-inf", parse({"name": "dag", "sigma_every": math.inf}), pydantic.ValidationError, r"sigma_every\n.*finite number of steps"),
+    Bad("dag-cadence-beyond-2**53", parse({"name": "dag", "sat_every": 10**300}), pydantic.ValidationError, r"sat_every\n.*at most 2\*\*53 steps"),
+    Bad("asgd-alpha-above-1", parse({"name": "asgd", "alpha": 2.0}), pydantic.ValidationError, r"alpha\n.*in \[0, 1\], got 2.0"),
+    Bad("adopt-clip-exponent-overflows", parse({"name": "adopt", "clip_exponent": 1e300}), pydantic.ValidationError, r"clip_exponent\n.*in \[0, 19\]"),
+    Bad("autosgm-logistic-overflows", parse({"name": "autosgm", "window": 6, "window_order": 2000.0}), pydantic.ValidationError, r"2 \*\* 1024 overflows float64"),
     Bad("dag-warmup-fraction", parse({"name": "dag", "shrink": {"warmup_steps": 1.5}}), pydantic.ValidationError, r"shrink.warmup_steps\n.*whole number"),
     Bad("amp-scale-0-in-float32", parse({"name": "adam", "amp": {"init_scale": 1e-50}}), optorch.ConfigError, r"amp.init_scale: must be in \[2\*\*-126"),
     Bad("amp-scale-reciprocal-inf", parse({"name": "adam", "amp": {"init_scale": 1e-40}}), optorch.ConfigError, r"amp.init_scale: must be in"),
@@ -220,6 +225,7 @@ TENSORS = [
     Bad("tensor-lr-int", lambda: optorch.adam.Config(lr=torch.tensor(1)), pydantic.ValidationError, r"lr\n.*floating-point tensor, got torch.int64"),
     Bad("tensor-beta-complex", lambda: optorch.adam.Config(betas=(torch.tensor(0.9 + 0j), 0.99)), pydantic.ValidationError, r"betas.0\n.*floating-point"),
     Bad("tensor-momentum-bool", lambda: optorch.sgd.Config(momentum=torch.tensor(True)), pydantic.ValidationError, r"momentum\n.*floating-point"),
+    Bad("tensor-for-a-tuple", lambda: optorch.adam.Config(betas=torch.tensor([0.9, 0.99])), pydantic.ValidationError, r"betas\n.*expected a tuple \(of numbers or 0-dim tensors\), got a tensor of shape \(2,\)"),
     Bad("with-tensors-shape-1", lambda: optorch.adam.Config().with_tensors(lr=torch.tensor([0.1])), ValueError, r"with_tensors: 'lr': .*0-dim"),
     Bad("group-lr-tensor-shape-1", step, pydantic.ValidationError, r"lr\n.*0-dim", edited(trained({"name": "adam", "lr": 0.01}), lr=torch.tensor([0.1])), usable=False),
     Bad("group-lr-negative-by-hand", step, pydantic.ValidationError, r"lr\n.*>= 0", edited(trained({"name": "adam", "lr": 0.01}), lr=-1.0), usable=False),
@@ -425,7 +431,7 @@ CHECKPOINTS = [
     Bad("ckpt-skip-count-fraction", load(group("skip.notfinite_count", 0.5)), ValueError, r"'skip.notfinite_count' must hold whole numbers >= 0", trained(ALL)),
     Bad("ckpt-ema-count-negative", load(group("ema.count", torch.tensor(-3))), ValueError, r"'ema.count' must hold whole numbers >= 0", trained(ALL)),
     Bad("ckpt-foreign-key", load(group("skip.bogus", 1)), ValueError, r"holds 'skip.bogus', which this optimizer does not keep", trained(ALL)),
-    Bad("ckpt-hyperparameter-dropped", load(drop("betas")), ValueError, r"param group 0 of the state_dict has no 'betas': a checkpoint saves every hyperparameter", trained(ALL)),
+    Bad("ckpt-hyperparameter-dropped", load(drop("betas")), ValueError, r"param group 0 of the state_dict has no 'betas': a torch.optim checkpoint saves every hyperparameter", trained(ALL)),
     Bad("ckpt-lr-negative", load(group("lr", -1.0)), ValueError, r"invalid hyperparameters: lr: must be >= 0, got -1.0", trained(ALL)),
     Bad("ckpt-lr-nan", load(group("lr", math.nan)), ValueError, r"invalid hyperparameters: lr: must be a finite number", trained(ALL)),
     Bad("ckpt-beta2-1", load(group("betas", (0.9, 1.0))), ValueError, r"invalid hyperparameters: betas.1: must be in \[0, 1\)", trained(ALL)),
@@ -510,13 +516,14 @@ FILES = [  # (file name, its content, the error's message after the path)
 
 
 def _file_case(name: str, text: str | bytes, message: str) -> Bad:
-    def act(tmp=Path(__import__("tempfile").mkdtemp())):
-        path = tmp / name
-        path.write_bytes(text if isinstance(text, bytes) else text.encode())
-        try:
-            optorch.build(path, params(), engine="eager")
-        except pydantic.ValidationError as error:  # the contract's type, with the file and line in a note
-            raise optorch.ConfigError(getattr(optorch.builder, "explain", str)(error)) from error
+    def act():
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / name
+            path.write_bytes(text if isinstance(text, bytes) else text.encode())
+            try:
+                optorch.build(path, params(), engine="eager")
+            except pydantic.ValidationError as error:  # the contract's type, with the file and line in a note
+                raise optorch.ConfigError(getattr(optorch.builder, "explain", str)(error)) from error
 
     return Bad(f"file-{name}", act, (optorch.ConfigError, optorch.UnknownOptimizerError), re.escape(name) + message)
 
@@ -763,6 +770,18 @@ def test_ctrl_c_during_compare_writes_what_the_runs_recorded(tmp_path, capsys, m
     assert runs["a"]["interrupted"] is False and runs["a"]["steps"] == 4 and runs["a"]["test_accuracy"] is not None
     assert runs["b"]["interrupted"] is True and runs["b"]["steps"] == 2 and runs["b"]["test_accuracy"] is None
     assert "interrupted after 2" in (out / "table.txt").read_text() and (out / "loss.png").is_file()
+
+
+def test_a_config_that_fails_mid_run_stops_that_run_only_and_is_one_line(tmp_path, capsys):
+    good = _write(tmp_path / "good.yaml", "name: sgd\nlr: 0.1\n")
+    bad = _write(tmp_path / "bad.yaml", "name: sgd\nlr: 0.1\nschedule:\n  lr: {name: linear, init_value: 0.1, end_value: -0.1, transition_steps: 4}\n")
+    out = tmp_path / "out"
+    assert cli.main(["compare", good, bad, "--steps", "4", "--no-progress", "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("optorch compare: error: ")]
+    lr = optorch.schedules.Linear(init_value=0.1, end_value=-0.1, transition_steps=4)(3)  # 0.1, 0.05, 0.0, then below 0
+    assert errors == [f"optorch compare: error: bad stopped at step 4: lr: must be >= 0, got {lr}"]
+    rows = {line.split()[0]: line for line in (out / "table.txt").read_text().splitlines()[2:4]}
+    assert "failed after 3" in rows["bad"] and re.search(r"^good\s+sgd\s+\d+\.\d{4}\s", rows["good"])
 
 
 def test_ctrl_c_before_training_is_one_line_and_exit_code_130(config_file, tmp_path, capsys, monkeypatch):
