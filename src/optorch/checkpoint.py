@@ -451,7 +451,8 @@ def _check_value(plan: _Plan, what: str, value: Any, canonical: Tensor, allowed:
     if allowed is not None and not allowed.holds(values):
         plan.fail(f"{what} must hold {allowed}, got {listed}")
     stored = values.to(canonical.dtype).to(torch.float64)
-    if not bool(torch.isfinite(stored).all()) or bool(((stored == 0) != (values == 0)).any()) or (not canonical.is_floating_point() and not torch.equal(stored, values)):
+    lost = not bool(torch.isfinite(stored).all()) or bool(((stored == 0) != (values == 0)).any())  # overflow, underflow to 0
+    if lost or (not canonical.is_floating_point() and not torch.equal(stored, values)):  # a counter must stay exact
         plan.fail(f"{what} holds {listed}, which {canonical.dtype} cannot hold")
     return values
 

@@ -14,9 +14,9 @@ decay :math:`\psi`, weight decay :math:`\lambda` and the parameter's step count 
     \theta_t &= \theta_{t-1} - \frac{\gamma (1 - \mu_t)}{1 - \Pi_t}\,\frac{g_t}{d_t}
         - \frac{\gamma\,\mu_{t+1}}{1 - \Pi_t\,\mu_{t+1}}\,\frac{m_t}{d_t}
 
-State per parameter: ``step``, ``mu_product`` (:math:`\Pi`, a 0-dim tensor in torch's scalar dtype, float32
-unless the default dtype is float64, so it is rounded to that every step, as torch's is), ``exp_avg``
-(:math:`m`), ``exp_avg_sq`` (:math:`v`).
+State per parameter: ``step``, ``mu_product`` (:math:`\Pi`, a 0-dim tensor in torch's scalar dtype,
+float32 unless the default dtype is float64, so it is rounded to that every step, as torch's is),
+``exp_avg`` (:math:`m`), ``exp_avg_sq`` (:math:`v`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from test_hardening import assert_same, snapshot
 
 pytestmark = pytest.mark.fuzz
 
-EXAMPLES = int(os.environ.get("OPTORCH_FUZZ_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("OPTORCH_FUZZ_EXAMPLES", "20"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 ALGORITHMS = sorted(optorch.ALGORITHMS)
 CONFIG_ERRORS = (pydantic.ValidationError, optorch.ConfigError, optorch.UnknownOptimizerError)
@@ -243,6 +243,8 @@ def test_random_checkpoint_corruptions_load_correctly_or_fail_and_change_nothing
         how = data.draw(st.sampled_from(CORRUPTIONS), label="how")
         if where == "param_groups" and how == "float16":
             how = "tensor"  # a hyperparameter as a tensor, in the params' dtype (see TENSORS)
+        if name == "asgd" and key in ("lr", "t0") and how == "tensor":
+            continue  # documented (docs/algorithms/asgd.md): from a tensor torch computes eta and mu in its dtype, optorch as from a number
         holder = checkpoint[where][index]
         if key not in holder:
             continue
