@@ -26,7 +26,7 @@ import pydantic
 import torch
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool, ValidationInfo, field_validator
 
-__all__ = ["Config", "Count", "Flag", "Number", "Scalar", "NonNegative", "Probability", "UnitInterval", "check_tensor_hyperparameter",
+__all__ = ["Config", "Count", "Flag", "Number", "Scalar", "NonNegative", "Probability", "UnitInterval", "check_count", "check_tensor_hyperparameter",
            "did_you_mean", "first_location", "is_zero", "problems", "representable", "shown"]
 
 _SHOWN = reprlib.Repr()
@@ -83,14 +83,16 @@ Scalar = Annotated[Any, BeforeValidator(_coerce_scalar), PlainSerializer(_serial
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A finite real number (an int or a float; never a bool or a string): the settings' numbers."""
-def _at_most_2_53(value: int) -> int:
-    if value > 2**53:  # beyond, a count is no longer exact in float64 (and soon overflows int64)
+def check_count(value: int) -> int:
+    """A count of steps, at most 2**53: beyond, it is no longer exact in float64, where step counters
+    are compared with it (and soon overflows int64)."""
+    if value > 2**53:
         raise ValueError(f"must be at most 2**53, got {shown(value)}")
     return value
 
 
-_at_most_2_53.constraint = "<= 2**53"  # what the config reference (optorch.docgen) shows
-Count = Annotated[int, Field(strict=True), AfterValidator(_at_most_2_53)]
+check_count.constraint = "<= 2**53"  # what the config reference (optorch.docgen) shows
+Count = Annotated[int, Field(strict=True), AfterValidator(check_count)]
 """A whole number up to 2**53 given as an int (never a bool, a float or a string): the settings'
 step counts (compared with float64 and int64 counters)."""
 

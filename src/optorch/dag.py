@@ -58,7 +58,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from . import ops
 from .algorithm import Algorithm, LeafState, Shared
 from .config import Config as _Config
-from .config import Flag, NonNegative, Number, Probability, UnitInterval, is_zero, representable, shown
+from .config import Flag, NonNegative, Number, Probability, UnitInterval, check_count, is_zero, representable, shown
 
 __all__ = ["Config", "Hyper", "ShrinkSettings", "CosineSchedule", "init", "step", "algorithm", "init_leaf", "update", "kappa"]
 
@@ -66,20 +66,14 @@ __all__ = ["Config", "Hyper", "ShrinkSettings", "CosineSchedule", "init", "step"
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
         raise ValueError(f"expected a whole number, got {shown(value)}")
-    return _steps(int(value))
+    return check_count(int(value))
 
 
 def _every(value: Any) -> int:
     # The original coerces its cadences with max(1, int(x)); kept, so its calls migrate unchanged.
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)):
         raise ValueError(f"expected a finite number of steps, got {type(value).__name__} {shown(value)}")
-    return _steps(max(1, int(value)))
-
-
-def _steps(value: int) -> int:
-    if value > 2**53:  # compared with the float64 step counter
-        raise ValueError(f"must be at most 2**53 steps, got {shown(value)}")
-    return value
+    return check_count(max(1, int(value)))
 
 
 Positive = Annotated[Number, Field(gt=0.0)]
