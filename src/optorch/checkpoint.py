@@ -221,8 +221,11 @@ class _Plan:
                 self.fail(f"param group {i} of the state_dict has no {', '.join(map(repr, missing))}: a torch.optim checkpoint saves every hyperparameter")
             # a flag an older torch did not save takes its default, as torch's own load gives it
             self.flags.append({k: fields[k].default for k in fields if k not in saved and isinstance(fields[k].default, bool)})
+            values = {**{k: group[k] for k in fields}, **self.flags[i], **{k: v for k, v in saved.items() if k in fields}}
             try:
-                config = optimizer.group_config({**{k: group[k] for k in fields}, **self.flags[i], **{k: v for k, v in saved.items() if k in fields}})
+                # a tensor's value too (DESIGN rule 7: loaded values are checked), then the values as saved
+                optimizer.group_config({k: _read_value(v) for k, v in values.items()})
+                config = optimizer.group_config(values)
             except pydantic.ValidationError as error:
                 self.fail(f"param group {i} of the state_dict has invalid hyperparameters: {problems(error)}")
             except ValueError as error:
@@ -473,6 +476,16 @@ def _check_values(plan: _Plan, index: Any, key: str, value: Any) -> None:
     allowed = _range(key)
     if allowed is not None and not allowed.holds(values):
         plan.fail(f"state {key!r} of parameter {index} must hold {allowed}; it holds {shown(values.flatten()[:6].tolist())}...")
+
+
+def _read_value(value: Any) -> Any:
+    """A hyperparameter with its 0-dim real tensors read as numbers (in a tuple too), so that the
+    Config checks their values; anything else as it is, for the Config to judge."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_read_value(v) for v in value)
+    if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point() and not value.is_meta:
+        return value.item()
+    return value
 
 
 def _agree(a: Any, b: Any) -> bool:

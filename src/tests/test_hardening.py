@@ -294,6 +294,17 @@ MISUSE = [
 ]
 
 
+def test_a_group_added_after_a_rejected_one_follows_the_schedule():
+    optimizer = trained(SCHEDULED)()
+    with pytest.raises(pydantic.ValidationError):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "momentum": 1.0})
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    schedule = optorch.schedules.from_config(SCHEDULED["schedule"]["lr"])
+    step(optimizer)
+    assert [int(g["schedule_step"]) for g in optimizer.param_groups] == [4, 4]
+    assert [g["lr"] for g in optimizer.param_groups] == [schedule(4), schedule(4)]
+
+
 def test_schedule_and_torch_scheduler_on_the_same_key_raise_at_the_next_step_and_change_nothing():
     optimizer = trained(SCHEDULED)()
     params_before = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
@@ -435,6 +446,8 @@ CHECKPOINTS = [
     Bad("ckpt-lr-negative", load(group("lr", -1.0)), ValueError, r"invalid hyperparameters: lr: must be >= 0, got -1.0", trained(ALL)),
     Bad("ckpt-lr-nan", load(group("lr", math.nan)), ValueError, r"invalid hyperparameters: lr: must be a finite number", trained(ALL)),
     Bad("ckpt-beta2-1", load(group("betas", (0.9, 1.0))), ValueError, r"invalid hyperparameters: betas.1: must be in \[0, 1\)", trained(ALL)),
+    Bad("ckpt-lr-tensor-inf", load(group("lr", torch.tensor(math.inf))), ValueError, r"invalid hyperparameters: lr: must be a finite number, got inf", trained(ALL)),
+    Bad("ckpt-beta-tensor-1", load(group("betas", (0.9, torch.tensor(1.0)))), ValueError, r"invalid hyperparameters: betas.1: must be in \[0, 1\), got 1.0", trained(ALL)),
     Bad("ckpt-lr-tensor-shape-1", load(group("lr", torch.tensor([0.01]))), ValueError, r"invalid hyperparameters: lr: a tensor hyperparameter must be 0-dim", trained(ALL)),
     # DAG's shared state
     Bad("ckpt-dag-shrink-nan", load(group("shared.s_t", lambda t: t * math.nan)), ValueError, r"'shared.s_t' holds \[nan\] that are not finite", trained({"name": "dag", "lr": 0.01})),
