@@ -218,7 +218,8 @@ class _Plan:
             # this optimizer's value stays
             missing = [k for k in fields if k not in saved and not isinstance(fields[k].default, bool)]
             if missing and optimizer.algorithm.torch_optimizer is not None:
-                self.fail(f"param group {i} of the state_dict has no {', '.join(map(repr, missing))}: a torch.optim checkpoint saves every hyperparameter")
+                self.fail(f"param group {i} of the state_dict has no {', '.join(map(repr, missing))}, which torch.optim saves with every "
+                          "checkpoint: a checkpoint of another optimizer?")
             # a flag an older torch did not save takes its default, as torch's own load gives it
             self.flags.append({k: fields[k].default for k in fields if k not in saved and isinstance(fields[k].default, bool)})
             values = {**{k: group[k] for k in fields}, **self.flags[i], **{k: v for k, v in saved.items() if k in fields}}
