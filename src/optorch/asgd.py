@@ -42,8 +42,8 @@ def _scalar(value, like: torch.Tensor) -> torch.Tensor:
     """A per-tensor scalar state entry (``like``'s dtype and device) holding ``value``."""
     # torch's ASGD makes the new value a tensor of the default dtype before copying it into the state,
     # so a float64 state (after a checkpoint load) still holds float32-rounded values. (From a tensor
-    # lr torch keeps the tensor's dtype; here a tensor is rounded as a number is, since the shim's
-    # compiled engine passes every number as a tensor.)
+    # hyperparameter torch keeps the tensor's dtype; here a tensor is rounded as a number is, since the
+    # shim's compiled engine passes every number as a tensor.)
     value = value.to(torch.get_default_dtype()) if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     return value.to(device=like.device, dtype=like.dtype, copy=True)
 
