@@ -71,8 +71,10 @@ class Engine(Protocol):
     def add_group(self, group: dict[str, Any]) -> None:
         """Prepare for a param group added after construction (raise if it cannot be stepped)."""
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...]) -> list[dict[str, Tensor]]:
-        """Step every param of ``work`` in place; returns the contributions to the shared state."""
+    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...],
+             mask: Tensor | None = None) -> list[dict[str, Tensor]]:
+        """Step every param of ``work`` in place (where ``mask`` holds, if given: only inside
+        torch.compile, for engines that can); returns the contributions to the shared state."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ class TorchEngine:
             raise ValueError("these params cannot run torch's fused kernel like the rest; build with engine='eager' or 'compiled'")
         self._complete(group)
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple = ()) -> list:
+    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple = (), mask: None = None) -> list:
         inner = self.inner
         inner.param_groups = optimizer.param_groups
         if not self.extras:
@@ -245,10 +247,15 @@ def _bare(torch_class: type[torch.optim.Optimizer], defaults: dict[str, Any], fl
 # engines "eager" and "compiled"
 
 
-def run_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, *shared: Any):
-    """One tensor's step in place: the pure ``update``'s results copied into ``param`` and ``state``.
+def run_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, *shared: Any,
+               mask: Tensor | None = None):
+    """One tensor's step in place: the pure ``update``'s results copied into ``param`` and ``state``
+    (only where ``mask`` holds, when one is given: a skip decided inside a compiled graph).
     Returns the tensor's contribution to the shared state (None without one)."""
     new_param, new_state, *contribution = apply_update(update, param, grad, state, config, *shared)
+    if mask is not None:
+        new_param = torch.where(mask.to(param.device), new_param, param)
+        new_state = {key: torch.where(mask.to(value.device), value, state[key]) for key, value in new_state.items()}
     ops.assign(param, new_param)
     for key, value in new_state.items():
         ops.assign(state[key], value)
@@ -272,13 +279,14 @@ class UpdateEngine:
     def add_group(self, group: dict[str, Any]) -> None:
         pass
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...]) -> list[dict[str, Tensor]]:
+    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...],
+             mask: Tensor | None = None) -> list[dict[str, Tensor]]:
         contributions: list[dict[str, Tensor]] = []
         traced = torch.compiler.is_compiling()  # inside the user's torch.compile: plain per-tensor code
         for item in work:
             if traced or not self.compiled:
                 for param, grad, state in zip(item.params, item.grads, item.states):
-                    contribution = run_update(self.algorithm.update, param, grad, state, item.config, *shared)
+                    contribution = run_update(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask)
                     if contribution is not None:
                         contributions.append(contribution)
                 continue
@@ -378,7 +386,8 @@ def _private_compile(function: Callable[..., Any]) -> Callable[..., Any]:
     # Dynamo keeps its compile cache (and its recompile limit) per code object: a private copy of the
     # code gives each engine graphs of its own, however many optimizers a process has.
     code = function.__code__.replace()
-    copy = types.FunctionType(code, function.__globals__, function.__name__)
+    copy = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__)
+    copy.__kwdefaults__ = function.__kwdefaults__
     return torch.compile(copy, fullgraph=True, dynamic=True)
 
 

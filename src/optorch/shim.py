@@ -73,6 +73,7 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], algorithm: str | Algorithm, config: Config | None = None, *, engine: str = "auto",
                  schedules: Mapping[str, Callable[[Any], Any]] | None = None, combinators: Any = None):
         self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
+        self._fields = tuple(self.algorithm.config.model_fields)  # read once: pydantic's class property breaks a compiled graph
         config = self.algorithm.as_config(config)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -90,6 +91,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _setup(self, engine: str) -> None:
         """Everything beyond torch's own fields; also rebuilds it for a copy or an unpickled shim."""
+        self._fields = tuple(self.algorithm.config.model_fields)
         self._lock = threading.Lock()
         self._skipped = torch.zeros((), dtype=torch.bool)
         configs = [self._config(i, group) for i, group in enumerate(self.param_groups)]
@@ -109,14 +111,14 @@ class Optimizer(torch.optim.Optimizer):
 
     def group_config(self, group: Mapping[str, Any]) -> Config:
         """The validated algorithm config for a param group's current hyperparameters."""
-        return self.algorithm.config(**{name: group[name] for name in self.algorithm.config.model_fields})
+        return self.algorithm.config(**{name: group[name] for name in self._fields})
 
     def _config(self, index: int, group: dict[str, Any]) -> Config:
         """Group ``index``'s config, validated when its values changed since the last step (so a
         step costs no validation, and a compiled step no graph break). Inside ``torch.compile`` the
         values are traced, as tensor hyperparameters are: the last validated config carries them
         unchecked."""
-        fields = self.algorithm.config.model_fields
+        fields = self._fields
         values = tuple(group[name] for name in fields)
         cached = self._configs[index] if index < len(self._configs) else None
         if torch.compiler.is_compiling() and cached is not None:
@@ -152,7 +154,7 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(candidate)
         group = self.param_groups[-1]
         self._overrides.append(set(param_group) - {"params"})
-        self._configs.append((tuple(group[name] for name in self.algorithm.config.model_fields), config))
+        self._configs.append((tuple(group[name] for name in self._fields), config))
         group[FORMAT_KEY] = FORMAT
         if self.schedules:
             first = self.param_groups[0].get(SCHEDULE_KEY)
@@ -242,18 +244,23 @@ class Optimizer(torch.optim.Optimizer):
         work = self._collect(configs)
         self._relink()
         applied = self.combinators.before_step(work) if self.combinators is not None else True
-        if applied:
+        if isinstance(applied, Tensor) and isinstance(self._engine, TorchEngine):
+            applied = bool(applied)  # torch's kernels cannot be masked: one host read (a graph break)
+        if applied is not False:
+            # Inside torch.compile a skip decision is a tensor: every write below is masked by it.
+            mask = applied if isinstance(applied, Tensor) else None
             self._create_missing(work)
             shared = (self.shared,) if self.algorithm.shared is not None else ()
-            contributions = self._engine.step(self, work, shared)
+            contributions = self._engine.step(self, work, shared, mask)
             if shared:
-                self._finish_shared(contributions, configs[0])
+                self._finish_shared(contributions, configs[0], mask)
             if self.combinators is not None:
-                self.combinators.after_step()
+                self.combinators.after_step(applied)
             if self.schedules:
                 for group in self.param_groups:
-                    ops.assign(group[SCHEDULE_KEY], group[SCHEDULE_KEY] + 1)
-        self._skipped.fill_(not applied)
+                    position = group[SCHEDULE_KEY]
+                    ops.assign(position, position + (1 if mask is None else mask.to(position.dtype)))
+        ops.assign(self._skipped, ~applied if isinstance(applied, Tensor) else not applied)
         self._apply_schedules()  # param_groups show the values the next step will use
 
     def _collect(self, configs: list[Config]) -> list[Work]:
@@ -291,11 +298,11 @@ class Optimizer(torch.optim.Optimizer):
             self.combinators.new_param(param, state)
         return self._states.check(param, state, config)
 
-    def _finish_shared(self, contributions: list[dict[str, Tensor]], config: Config) -> None:
+    def _finish_shared(self, contributions: list[dict[str, Tensor]], config: Config, mask: Tensor | None) -> None:
         shared = self.shared
         device = next(iter(shared.values())).device
         for key, value in self.algorithm.shared.finish(shared, sum_contributions(contributions, device), config).items():
-            ops.assign(shared[key], value)
+            ops.assign(shared[key], value if mask is None else torch.where(mask.to(device), value, shared[key]))
 
     def _is_state_init_step(self) -> bool:
         """A step with every lr 0 and every gradient zero on an optimizer that has no state yet:
@@ -321,7 +328,10 @@ class Optimizer(torch.optim.Optimizer):
                 if name in overrides or SCHEDULE_KEY not in group:
                     continue
                 expected = float(schedule(int(group[SCHEDULE_KEY])))
-                if not _equal_values(group[name], expected):
+                held = group[name]
+                # a compiled step leaves its value as a tensor, computed in float64 tensor ops
+                same = math.isclose(float(held), expected, rel_tol=1e-12, abs_tol=0.0) if isinstance(held, Tensor) else held == expected
+                if not same:
                     raise RuntimeError(
                         f"{self.algorithm.name}: {name!r} is set by this optimizer's 'schedule' entry ({expected!r} at step "
                         f"{int(group[SCHEDULE_KEY])}), but the param group holds {group[name]!r}: something else (a torch "
