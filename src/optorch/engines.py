@@ -168,7 +168,7 @@ class TorchEngine:
         # optimizer's state, and a torch.optim optimizer loading it should run as it would anyway.
         self.exported_flags = {key: signature[key].default for key in EXECUTION_KEYS if key in signature}
         params = [p for group in param_groups for p in group["params"]]
-        fused = "fused" in signature and all(p.dtype in TORCH_KERNELS.get((algorithm.name, p.device.type), ()) for p in params)
+        fused = "fused" in signature and self._verified(params)
         self.flags = {"fused": True} if fused else {}
         # The config's values as keyword arguments too: some torch optimizers (Adagrad) read them to
         # fill their state at construction.
@@ -183,8 +183,11 @@ class TorchEngine:
             group.setdefault(key, value)
         group.update(self.flags)
 
+    def _verified(self, params: Sequence[Tensor]) -> bool:
+        return all(p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in params)
+
     def add_group(self, group: dict[str, Any]) -> None:
-        if self.flags and not all(p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in group["params"]):
+        if self.flags and not self._verified(group["params"]):
             raise ValueError("these params cannot run torch's fused kernel like the rest; build with engine='eager' or 'compiled'")
         self._complete(group)
 
@@ -206,10 +209,11 @@ class TorchEngine:
         return []
 
     def _unfused_where_needed(self, optimizer: torch.optim.Optimizer) -> None:
-        # torch's fused SGD cannot start momentum buffers for some params while others have them
-        # (a layer unfrozen later); its default kernel can, so such a step runs unfused.
+        # torch's default kernel where the fused one is not verified for a param's dtype now (the
+        # model was converted after building) or cannot run: fused SGD cannot start momentum
+        # buffers for some params while others have them (a layer unfrozen later).
         groups = optimizer.param_groups
-        unfused = [g for g in groups if g.get("fused") and self._starts_some_state(g, self.inner.state)]
+        unfused = [g for g in groups if g.get("fused") and (not self._verified(g["params"]) or self._starts_some_state(g, self.inner.state))]
         for group in unfused:
             group["fused"] = False
         try:
@@ -238,7 +242,8 @@ class TorchEngine:
 def _bare(torch_class: type[torch.optim.Optimizer], defaults: dict[str, Any], flags: dict[str, Any]) -> torch.optim.Optimizer:
     """A torch optimizer used only for its ``step``: built on a placeholder param, then emptied."""
     placeholder = torch.nn.Parameter(torch.zeros(1))
-    inner = torch_class([placeholder], **defaults, **flags)
+    accepted = inspect.signature(torch_class.__init__).parameters  # (an unpickled defaults has torch's "differentiable")
+    inner = torch_class([placeholder], **{k: v for k, v in defaults.items() if k in accepted}, **flags)
     inner.state.clear()
     return inner
 
@@ -270,11 +275,11 @@ class UpdateEngine:
         self.algorithm = algorithm
         self.compiled = compiled
         self.name = "compiled" if compiled else "eager"
-        self._kernel: Callable[..., Any] | None = None
+        self._kernels: dict[tuple, Callable[..., Any]] = {}  # by (dtype, rank): see _call
         self._hyper: dict[tuple, Tensor] = {}  # hyperparameters as 0-dim tensors, refilled each step
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_kernel": None}  # compiled code is rebuilt on first use
+        return {**self.__dict__, "_kernels": {}}  # compiled code is rebuilt on first use
 
     def add_group(self, group: dict[str, Any]) -> None:
         pass
@@ -342,11 +347,15 @@ class UpdateEngine:
                 torch._foreach_copy_(targets, [chunk.view_as(t) for chunk, t in zip(flat[key].split(sizes), targets)])
 
     def _call(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, shared: tuple):
-        if self._kernel is None:
-            self._kernel = _private_compile(run_update)
+        # A kernel per dtype and rank, each with Dynamo's recompile budget of its own: sizes are
+        # symbolic, but a size-1 dimension or a zero hyperparameter specialises a graph.
+        key = (param.dtype, param.dim())
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = _private_compile(run_update)
         tensor_config = self._tensor_config(config, param)
         try:
-            return self._kernel(self.algorithm.update, param, grad, state, tensor_config, *shared)
+            return kernel(self.algorithm.update, param, grad, state, tensor_config, *shared)
         except Exception as error:  # noqa: BLE001 - no compiler, or an op Inductor cannot build
             if not self.compiled or not _is_compile_failure(error):
                 raise
