@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .shim import FORMAT, FORMAT_KEY, SCHEDULE_KEY, SHARED_PREFIX, STATE_PREFIXES, Optimizer, _check_tensor
+from .shim import FORMAT, FORMAT_KEY, SCHEDULE_KEY, SHARED_PREFIX, STATE_PREFIXES, Optimizer, StateDict, _check_tensor
 
 __all__ = ["check_and_load", "complete", "migrate"]
 
@@ -254,7 +254,7 @@ class _Plan:
                 _copy_into(canonical, state_dict["param_groups"][0][key])
         for new in new_groups:
             new.update(optimizer._linked)
-        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(StateDict)
         algorithm = optimizer.algorithm
         for index, checked in self.states.items():
             param, _ = self.params[index]
@@ -269,7 +269,7 @@ class _Plan:
                 cast = torch.zeros_like(param) if value is None else value.to(device=param.device, dtype=param.dtype)
                 leaf[key] = _own_copy(cast, value, live.get(key))
             if leaf:
-                state[param] = leaf
+                state[param] = StateDict(leaf)
         optimizer.param_groups[:] = new_groups
         optimizer.state = state
 

@@ -732,7 +732,7 @@ class InPlace:
             if any(param is p for p in group["params"]):
                 item.params.append(param)
                 item.grads.append(param.grad)
-                item.states.append(self.optimizer._states.check(param, self.optimizer.state.get(param), item.config))
+                item.states.append(self.optimizer._states.check(param, self.optimizer.state, item.config))  # eager only: a host read got us here
                 return
 
     @torch.no_grad()

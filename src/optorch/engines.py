@@ -16,6 +16,7 @@ tensor, or loads a checkpoint (:class:`Engine` is the interface the shim calls).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import warnings
@@ -24,6 +25,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.adagrad import adagrad as torch_adagrad
+from torch.optim.adam import adam as torch_adam
+from torch.optim.sgd import sgd as torch_sgd
 
 from . import ops
 from .algorithm import Algorithm, apply_update
@@ -57,7 +61,8 @@ GATHER_CHUNK = 1 << 22
 
 class Work:
     """One param group's share of a step: its config and the params that have a gradient, with their
-    gradients and their algorithm state (the per-parameter dicts the shim checked)."""
+    gradients and their checked state (for the torch engine the params' whole state dicts, in
+    torch's layout; for optorch's engines the algorithm's keys)."""
 
     __slots__ = ("config", "params", "grads", "states")
 
@@ -173,6 +178,7 @@ class TorchEngine:
         # The config's values as keyword arguments too: some torch optimizers (Adagrad) read them to
         # fill their state at construction.
         self.inner = _bare(torch_class, defaults, self.flags)
+        self._fused_ok: bool | None = None  # the fused kernel verified for every param that stepped last
         self.unhooked_step = torch_class.step.__wrapped__  # the shim's own step already ran the hooks
         for group in param_groups:
             self._complete(group)
@@ -191,36 +197,48 @@ class TorchEngine:
             raise ValueError("these params cannot run torch's fused kernel like the rest; build with engine='eager' or 'compiled'")
         self._complete(group)
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple = (), mask: None = None) -> list:
-        inner = self.inner
-        inner.param_groups = optimizer.param_groups
-        if not self.extras:
-            inner.state = optimizer.state
-            self._unfused_where_needed(optimizer)
-            return []
-        # torch decides "no state yet" by an empty dict: it must not see the combinators' keys.
-        view: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-        for param, state in optimizer.state.items():
-            view[param] = {key: value for key, value in state.items() if key not in self.extras}
-        inner.state = view
-        self._unfused_where_needed(optimizer)
-        for param, state in view.items():
-            optimizer.state[param].update(state)
+    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple = (), mask: None = None,
+             fresh: Callable[..., dict[str, Tensor]] | None = None, changed: bool = True) -> list:
+        """``changed``: whether a param or its state may have changed since the last step (the
+        shim's checks saw new data, or a param steps for the first time): the fused kernel's
+        dtype check is then run again."""
+        call = FUSED_CALLS.get(self.algorithm.name) if self.flags.get("fused") else None
+        if call is not None and (changed or self._fused_ok is None):
+            self._fused_ok = all(self._verified(item.params) for item in work)
+        rest = []
+        for item, group in zip(work, optimizer.param_groups):
+            # torch's functional kernel on lists built from what the shim checked (the step of
+            # torch's own optimizer would walk every param again to build them)
+            done = call is not None and self._fused_ok and call(item.params, item.grads, item.states, group, functools.partial(fresh, config=item.config))
+            if item.params and not done:
+                rest.append(group)
+        if rest:
+            self._torch_step(optimizer, rest)
         return []
 
-    def _unfused_where_needed(self, optimizer: torch.optim.Optimizer) -> None:
-        # torch's default kernel where the fused one is not verified for a param's dtype now (the
-        # model was converted after building) or cannot run: fused SGD cannot start momentum
-        # buffers for some params while others have them (a layer unfrozen later).
-        groups = optimizer.param_groups
-        unfused = [g for g in groups if g.get("fused") and (not self._verified(g["params"]) or self._starts_some_state(g, self.inner.state))]
+    def _torch_step(self, optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+        """torch's own ``step`` over ``groups``: its default kernel where the fused one is not
+        verified for a param's dtype now (the model was converted after building) or cannot run
+        (fused SGD cannot start momentum buffers for some params while others have them)."""
+        inner = self.inner
+        inner.param_groups = groups
+        view = optimizer.state
+        if self.extras:  # torch decides "no state yet" by an empty dict: it must not see the combinators' keys
+            view = defaultdict(dict)
+            for param, state in optimizer.state.items():
+                view[param] = {key: value for key, value in state.items() if key not in self.extras}
+        inner.state = view
+        unfused = [g for g in groups if g.get("fused") and (not self._verified(g["params"]) or self._starts_some_state(g, view))]
         for group in unfused:
             group["fused"] = False
         try:
-            self.unhooked_step(self.inner)
+            self.unhooked_step(inner)
         finally:
             for group in unfused:
                 group["fused"] = True
+        if self.extras:
+            for param, state in view.items():
+                optimizer.state[param].update(state)
 
     @staticmethod
     def _starts_some_state(group: dict[str, Any], state: Any) -> bool:
@@ -237,6 +255,51 @@ class TorchEngine:
         if self.flags.get("fused"):
             return torch.float32, param.device
         return (torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32), torch.device("cpu")
+
+
+def _fused_adam(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, fresh) -> bool:
+    steps, exp_avgs, exp_avg_sqs, maxima = [], [], [], []
+    for param, state in zip(params, states):
+        if "step" not in state:
+            state.update(fresh(param))
+        steps.append(state["step"])
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        if group["amsgrad"]:
+            maxima.append(state["max_exp_avg_sq"])
+    beta1, beta2 = group["betas"]
+    torch_adam(params, grads, exp_avgs, exp_avg_sqs, maxima, steps, fused=True, decoupled_weight_decay=group["decoupled_weight_decay"],
+                  amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                  eps=group["eps"], maximize=group["maximize"])
+    return True
+
+
+def _fused_sgd(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, fresh) -> bool:
+    buffers = [state.get("momentum_buffer") for state in states] if group["momentum"] != 0 else []
+    if len({buffer is None for buffer in buffers}) == 2:
+        return False  # some buffers start now, others run: only torch's default kernel can (a layer unfrozen later)
+    torch_sgd(params, grads, buffers, fused=True, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+              dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
+    for state, buffer in zip(states, buffers):
+        state["momentum_buffer"] = buffer
+    return True
+
+
+def _fused_adagrad(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, fresh) -> bool:
+    sums, steps = [], []
+    for param, state in zip(params, states):
+        if "sum" not in state:
+            state.update(fresh(param))
+        sums.append(state["sum"])
+        steps.append(state["step"])
+    torch_adagrad(params, grads, sums, steps, fused=True, lr=group["lr"], weight_decay=group["weight_decay"],
+                  lr_decay=group["lr_decay"], eps=group["eps"], maximize=group["maximize"])
+    return True
+
+
+FUSED_CALLS = {"adam": _fused_adam, "adamw": _fused_adam, "sgd": _fused_sgd, "adagrad": _fused_adagrad}
+"""torch.optim's functional fused kernels for the algorithms on :data:`TORCH_KERNELS`, called as
+torch's own ``step`` calls them; each returns False where it cannot run (then torch's ``step`` runs)."""
 
 
 def _bare(torch_class: type[torch.optim.Optimizer], defaults: dict[str, Any], flags: dict[str, Any]) -> torch.optim.Optimizer:
