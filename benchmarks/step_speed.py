@@ -12,14 +12,14 @@ Rows per algorithm and layout:
 * ``torch fused`` / ``torch foreach`` / ``torch for-loop``: the algorithm's torch.optim class, where it
   supports each mode;
 * ``shim auto``: ``optorch.build(config, params)`` as users get it (engine "auto");
-* ``shim compiled``: engine "compiled", gradients already in its flat buffer (the fast path; grads
-  persist between steps as with ``zero_grad(set_to_none=False)``). Its first step (compile) is timed
-  separately, from a cold Inductor cache unless ``--no-cold-compile``;
+* ``shim compiled``: engine "compiled" (grads persist between steps as with
+  ``zero_grad(set_to_none=False)``). Its first step (compile) is timed separately, from a cold
+  Inductor cache unless ``--no-cold-compile``;
 * ``shim compiled gather``: engine "compiled", fresh ``.grad`` tensors before every step (outside the
-  timed region), so every step gathers them into the flat buffer (inside the timed region);
+  timed region), as ``zero_grad()`` and a new backward give: the shim must follow new tensors;
 * ``shim compiled cosine``: engine "compiled" with ``CosineAnnealingLR`` stepped after every step (the
   learning rate changes every step; recompiles are counted over ``--schedule-steps`` steps);
-* ``shim eager``: engine "eager" (the same flat path, not compiled);
+* ``shim eager``: engine "eager" (the same per-tensor update, not compiled);
 * ``pure step``: ``optorch.<algo>.step(params, grads, state, config)`` on lists of tensors, eager and
   out of place; only the call is timed.
 
@@ -358,7 +358,7 @@ class Block:
 
             def before(params=params, grads=grads):
                 for param, grad in zip(params, grads):
-                    param.grad = grad  # not a view of the flat buffer: the step must gather
+                    param.grad = grad  # new tensors every step, as after zero_grad() and backward()
 
             row.before = before
         if key == "cosine":
@@ -458,12 +458,6 @@ def measure_block(block: Block, rows: list[Row], args, timer: Timer, log) -> Non
     for _ in range(max(args.warmup - 1, 0)):
         for row in live:
             row.run_once(timer, record=False)
-    # compile-time check of the fast path: grads should now be views of one flat buffer
-    for row in live:
-        if row.key == "compiled":
-            params = row.keep[0]
-            storages = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
-            row.note += ", grads in flat buffer" if len(storages) == 1 else f", grads in {len(storages)} buffers (NOT the fast path)"
     rounds_started = time.perf_counter()
     for round_index in range(args.steps):
         if args.block_budget is not None and round_index >= 5 and time.perf_counter() - rounds_started > args.block_budget:

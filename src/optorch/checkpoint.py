@@ -26,7 +26,7 @@ from torch import Tensor
 from .adaptive import BASE_PREFIX, flatten_state
 from .amp import MIN_SCALE
 from .config import problems, shown
-from .shim import FORMAT, FORMAT_KEY, SCHEDULE_KEY, SHARED_PREFIX, STATE_PREFIXES, Optimizer, _check_tensor
+from .shim import FORMAT, FORMAT_KEY, SCHEDULE_KEY, SHARED_PREFIX, STATE_PREFIXES, Optimizer, StateDict, _check_tensor
 
 __all__ = ["check_and_load", "complete", "migrate"]
 
@@ -344,7 +344,7 @@ class _Plan:
         optimizer = self.optimizer
         torch_layout = optimizer.engine == "torch"
         self.linked = {key: _cast_linked(self.state_dict["param_groups"][0][key], canonical) for key, canonical in optimizer._linked.items()}
-        self.new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self.new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(StateDict)
         algorithm = optimizer.algorithm
         try:
             for index, checked in self.states.items():
@@ -362,7 +362,7 @@ class _Plan:
                 for key, value in leaf.items():
                     _check_values(self, index, key, value)
                 if leaf:
-                    self.new_state[param] = leaf
+                    self.new_state[param] = StateDict(leaf)
         except (RuntimeError, NotImplementedError) as error:  # e.g. "Cannot copy out of meta tensor"
             self.fail(f"the state of parameter {index} cannot be moved to its parameter's device and dtype: {str(error).splitlines()[0]}")
         self.new_groups = []

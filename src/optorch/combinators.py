@@ -669,7 +669,14 @@ class InPlace:
             state["ema"] = param.detach().clone()
 
     @torch.no_grad()
-    def before_step(self, work: Sequence[Any]) -> bool:
+    def before_step(self, work: Sequence[Any]) -> bool | Tensor:
+        """Accumulate, unscale, check and clip the gradients of ``work``; whether to step.
+
+        An accumulating call returns False (one host read of a CPU counter). Otherwise the loss
+        scale and the skip counters are updated with tensor ops, and the answer is a 0-dim bool
+        tensor (no NaN/inf, no overflow) that the shim reads once eagerly, as ``GradScaler.step``
+        does, and that a compiled step applies with ``torch.where`` instead, so neither amp nor
+        skip_nonfinite costs a graph break there."""
         params = [p for item in work for p in item.params]
         state = self.optimizer.state
         k = self.settings.accumulate_steps
@@ -680,7 +687,7 @@ class InPlace:
                     entry["grad_acc"] = torch.zeros_like(param.grad)
                 entry["grad_acc"].add_(param.grad)
             micro_step = self._value("accumulate.micro_step")
-            micro_step.add_(1)
+            ops.assign(micro_step, micro_step + 1)
             if int(micro_step) < k:
                 return False
             with_grad = {id(p) for p in params}
@@ -696,33 +703,35 @@ class InPlace:
                 acc.zero_()
                 if id(param) not in with_grad:
                     self._adopt(work, param)
-            micro_step.zero_()
+            ops.assign(micro_step, 0)
             params = [p for item in work for p in item.params]
         grads = [p.grad for p in params]
+        apply: bool | Tensor = True
         if self.settings.amp is not None:
             unscaled, found_inf = amp.unscale(grads, self.scaler)
             new = amp.update(self.scaler, found_inf, self.settings.amp)
-            self._value("amp.scale").copy_(new.scale)
-            self._value("amp.growth_tracker").copy_(new.growth_tracker)
-            if found_inf.item():  # one host read per step, as GradScaler.step
-                self._value("amp.overflows").add_(1)
-                return False
-            for grad, value in zip(grads, unscaled):
-                grad.copy_(value)
+            ops.assign(self._value("amp.scale"), new.scale)
+            ops.assign(self._value("amp.growth_tracker"), new.growth_tracker)
+            overflow = (found_inf != 0).cpu()
+            ops.assign(self._value("amp.overflows"), self._value("amp.overflows") + overflow.to(torch.int64))
+            apply = ~overflow
+            for grad, value in zip(grads, unscaled):  # as GradScaler: an overflowing step leaves them scaled
+                grad.copy_(torch.where(apply.to(grad.device), value, grad))
         if self.settings.skip_nonfinite:
             names = ("notfinite_count", "total_notfinite", "last_finite")
             counters = {name: self._value(f"skip.{name}") for name in names}
-            apply, new_counters = finite_counters(ops.all_finite(grads).cpu(), counters, None)
-            for name in names:
-                counters[name].copy_(new_counters[name])
-            if not apply.item():
-                return False
+            finite, new_counters = finite_counters(ops.all_finite(grads).cpu(), counters, None)
+            for name in names:  # counted only on steps amp let through, as apply_if_finite inside amp.scaled
+                ops.assign(counters[name], new_counters[name] if apply is True else torch.where(apply, new_counters[name], counters[name]))
+            apply = finite if apply is True else apply & finite
         if self.settings.clip_grad_norm is not None and grads:
             self.last_grad_norm = global_norm(grads)
             coefficient = clip_coefficient(self.last_grad_norm, self.settings.clip_grad_norm)
             for grad in grads:
                 grad.mul_(coefficient.to(grad.device))
-        return True
+        if torch.compiler.is_compiling() or apply is True:
+            return apply
+        return bool(apply)  # one host read, as GradScaler.step
 
     def _adopt(self, work: Sequence[Any], param: Tensor) -> None:
         """A param with no gradient this call but some in the accumulated ones steps too."""
@@ -730,19 +739,21 @@ class InPlace:
             if any(param is p for p in group["params"]):
                 item.params.append(param)
                 item.grads.append(param.grad)
-                item.states.append(self.optimizer._states.check(param, self.optimizer.state.get(param), item.config))
+                item.states.append(self.optimizer._states.check(param, self.optimizer.state, item.config))  # eager only: a host read got us here
                 return
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def after_step(self, apply: bool | Tensor = True) -> None:
+        """The EMA update; ``apply`` is :meth:`before_step`'s answer (a tensor inside torch.compile)."""
         if self.settings.ema is None:
             return
         count = self._value("ema.count")
-        count.add_(1)
-        decay = ema_decay(self.settings.ema.decay, count, self.settings.ema.warmup)
+        counted = count + (apply.to(count.device, count.dtype) if isinstance(apply, Tensor) else 1)
+        decay = ema_decay(self.settings.ema.decay, counted, self.settings.ema.warmup)
+        ops.assign(count, counted)
         pairs = [(state["ema"], p) for p in self._params() if (state := self.optimizer.state.get(p)) and "ema" in state]
         for average, new in zip([a for a, _ in pairs], ema_update([a for a, _ in pairs], [p for _, p in pairs], decay)):
-            average.copy_(new)
+            average.copy_(new if apply is True else torch.where(apply.to(new.device), new, average))
 
     def ema_params(self) -> list[Tensor]:
         """The EMA of each param, in ``param_groups`` order (live tensors: read, don't write). A param

@@ -16,6 +16,7 @@ tensor, or loads a checkpoint (:class:`Engine` is the interface the shim calls).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import warnings
@@ -24,6 +25,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.adagrad import adagrad as torch_adagrad
+from torch.optim.adam import adam as torch_adam
+from torch.optim.sgd import sgd as torch_sgd
 
 from . import ops
 from .algorithm import Algorithm, apply_update
@@ -57,7 +61,8 @@ GATHER_CHUNK = 1 << 22
 
 class Work:
     """One param group's share of a step: its config and the params that have a gradient, with their
-    gradients and their algorithm state (the per-parameter dicts the shim checked)."""
+    gradients and their checked state (for the torch engine the params' whole state dicts, in
+    torch's layout; for optorch's engines the algorithm's keys)."""
 
     __slots__ = ("config", "params", "grads", "states")
 
@@ -71,8 +76,10 @@ class Engine(Protocol):
     def add_group(self, group: dict[str, Any]) -> None:
         """Prepare for a param group added after construction (raise if it cannot be stepped)."""
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...]) -> list[dict[str, Tensor]]:
-        """Step every param of ``work`` in place; returns the contributions to the shared state."""
+    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...],
+             mask: Tensor | None = None) -> list[dict[str, Tensor]]:
+        """Step every param of ``work`` in place (where ``mask`` holds, if given: only inside
+        torch.compile, for engines that can); returns the contributions to the shared state."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,11 +173,12 @@ class TorchEngine:
         # optimizer's state, and a torch.optim optimizer loading it should run as it would anyway.
         self.exported_flags = {key: signature[key].default for key in EXECUTION_KEYS if key in signature}
         params = [p for group in param_groups for p in group["params"]]
-        fused = "fused" in signature and all(p.dtype in TORCH_KERNELS.get((algorithm.name, p.device.type), ()) for p in params)
+        fused = "fused" in signature and self._verified(params)
         self.flags = {"fused": True} if fused else {}
         # The config's values as keyword arguments too: some torch optimizers (Adagrad) read them to
         # fill their state at construction.
         self.inner = _bare(torch_class, defaults, self.flags)
+        self._fused_ok: bool | None = None  # the fused kernel verified for every param that stepped last
         self.unhooked_step = torch_class.step.__wrapped__  # the shim's own step already ran the hooks
         for group in param_groups:
             self._complete(group)
@@ -181,40 +189,56 @@ class TorchEngine:
             group.setdefault(key, value)
         group.update(self.flags)
 
+    def _verified(self, params: Sequence[Tensor]) -> bool:
+        return all(p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in params)
+
     def add_group(self, group: dict[str, Any]) -> None:
-        if self.flags and not all(p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in group["params"]):
+        if self.flags and not self._verified(group["params"]):
             raise ValueError("these params cannot run torch's fused kernel like the rest; build with engine='eager' or 'compiled'")
         self._complete(group)
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple = ()) -> list:
-        inner = self.inner
-        inner.param_groups = optimizer.param_groups
-        if not self.extras:
-            inner.state = optimizer.state
-            self._unfused_where_needed(optimizer)
-            return []
-        # torch decides "no state yet" by an empty dict: it must not see the combinators' keys.
-        view: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-        for param, state in optimizer.state.items():
-            view[param] = {key: value for key, value in state.items() if key not in self.extras}
-        inner.state = view
-        self._unfused_where_needed(optimizer)
-        for param, state in view.items():
-            optimizer.state[param].update(state)
+    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple = (), mask: None = None,
+             fresh: Callable[..., dict[str, Tensor]] | None = None, changed: bool = True) -> list:
+        """``changed``: whether a param or its state may have changed since the last step (the
+        shim's checks saw new data, or a param steps for the first time): the fused kernel's
+        dtype check is then run again."""
+        call = FUSED_CALLS.get(self.algorithm.name) if self.flags.get("fused") else None
+        if call is not None and (changed or self._fused_ok is None):
+            self._fused_ok = all(self._verified(item.params) for item in work)
+        rest = []
+        for item, group in zip(work, optimizer.param_groups):
+            # torch's functional kernel on lists built from what the shim checked (the step of
+            # torch's own optimizer would walk every param again to build them)
+            done = call is not None and self._fused_ok and call(item.params, item.grads, item.states, group, functools.partial(fresh, config=item.config))
+            if item.params and not done:
+                rest.append(group)
+        if rest:
+            self._torch_step(optimizer, rest)
         return []
 
-    def _unfused_where_needed(self, optimizer: torch.optim.Optimizer) -> None:
-        # torch's fused SGD cannot start momentum buffers for some params while others have them
-        # (a layer unfrozen later); its default kernel can, so such a step runs unfused.
-        groups = optimizer.param_groups
-        unfused = [g for g in groups if g.get("fused") and self._starts_some_state(g, self.inner.state)]
+    def _torch_step(self, optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+        """torch's own ``step`` over ``groups``: its default kernel where the fused one is not
+        verified for a param's dtype now (the model was converted after building) or cannot run
+        (fused SGD cannot start momentum buffers for some params while others have them)."""
+        inner = self.inner
+        inner.param_groups = groups
+        view = optimizer.state
+        if self.extras:  # torch decides "no state yet" by an empty dict: it must not see the combinators' keys
+            view = defaultdict(dict)
+            for param, state in optimizer.state.items():
+                view[param] = {key: value for key, value in state.items() if key not in self.extras}
+        inner.state = view
+        unfused = [g for g in groups if g.get("fused") and (not self._verified(g["params"]) or self._starts_some_state(g, view))]
         for group in unfused:
             group["fused"] = False
         try:
-            self.unhooked_step(self.inner)
+            self.unhooked_step(inner)
         finally:
             for group in unfused:
                 group["fused"] = True
+        if self.extras:
+            for param, state in view.items():
+                optimizer.state[param].update(state)
 
     @staticmethod
     def _starts_some_state(group: dict[str, Any], state: Any) -> bool:
@@ -233,10 +257,56 @@ class TorchEngine:
         return ops.torch_scalar_dtype(), torch.device("cpu")
 
 
+def _fused_adam(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, fresh) -> bool:
+    steps, exp_avgs, exp_avg_sqs, maxima = [], [], [], []
+    for param, state in zip(params, states):
+        if "step" not in state:
+            state.update(fresh(param))
+        steps.append(state["step"])
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        if group["amsgrad"]:
+            maxima.append(state["max_exp_avg_sq"])
+    beta1, beta2 = group["betas"]
+    torch_adam(params, grads, exp_avgs, exp_avg_sqs, maxima, steps, fused=True, decoupled_weight_decay=group["decoupled_weight_decay"],
+                  amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                  eps=group["eps"], maximize=group["maximize"])
+    return True
+
+
+def _fused_sgd(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, fresh) -> bool:
+    buffers = [state.get("momentum_buffer") for state in states] if group["momentum"] != 0 else []
+    if len({buffer is None for buffer in buffers}) == 2:
+        return False  # some buffers start now, others run: only torch's default kernel can (a layer unfrozen later)
+    torch_sgd(params, grads, buffers, fused=True, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+              dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
+    for state, buffer in zip(states, buffers):
+        state["momentum_buffer"] = buffer
+    return True
+
+
+def _fused_adagrad(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, fresh) -> bool:
+    sums, steps = [], []
+    for param, state in zip(params, states):
+        if "sum" not in state:
+            state.update(fresh(param))
+        sums.append(state["sum"])
+        steps.append(state["step"])
+    torch_adagrad(params, grads, sums, steps, fused=True, lr=group["lr"], weight_decay=group["weight_decay"],
+                  lr_decay=group["lr_decay"], eps=group["eps"], maximize=group["maximize"])
+    return True
+
+
+FUSED_CALLS = {"adam": _fused_adam, "adamw": _fused_adam, "sgd": _fused_sgd, "adagrad": _fused_adagrad}
+"""torch.optim's functional fused kernels for the algorithms on :data:`TORCH_KERNELS`, called as
+torch's own ``step`` calls them; each returns False where it cannot run (then torch's ``step`` runs)."""
+
+
 def _bare(torch_class: type[torch.optim.Optimizer], defaults: dict[str, Any], flags: dict[str, Any]) -> torch.optim.Optimizer:
     """A torch optimizer used only for its ``step``: built on a placeholder param, then emptied."""
     placeholder = torch.nn.Parameter(torch.zeros(1))
-    inner = torch_class([placeholder], **defaults, **flags)
+    accepted = inspect.signature(torch_class.__init__).parameters  # (an unpickled defaults has torch's "differentiable")
+    inner = torch_class([placeholder], **{k: v for k, v in defaults.items() if k in accepted}, **flags)
     inner.state.clear()
     return inner
 
@@ -245,10 +315,15 @@ def _bare(torch_class: type[torch.optim.Optimizer], defaults: dict[str, Any], fl
 # engines "eager" and "compiled"
 
 
-def run_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, *shared: Any):
-    """One tensor's step in place: the pure ``update``'s results copied into ``param`` and ``state``.
+def run_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, *shared: Any,
+               mask: Tensor | None = None):
+    """One tensor's step in place: the pure ``update``'s results copied into ``param`` and ``state``
+    (only where ``mask`` holds, when one is given: a skip decided inside a compiled graph).
     Returns the tensor's contribution to the shared state (None without one)."""
     new_param, new_state, *contribution = apply_update(update, param, grad, state, config, *shared)
+    if mask is not None:
+        new_param = torch.where(mask.to(param.device), new_param, param)
+        new_state = {key: torch.where(mask.to(value.device), value, state[key]) for key, value in new_state.items()}
     ops.assign(param, new_param)
     for key, value in new_state.items():
         ops.assign(state[key], value)
@@ -263,22 +338,23 @@ class UpdateEngine:
         self.algorithm = algorithm
         self.compiled = compiled
         self.name = "compiled" if compiled else "eager"
-        self._kernel: Callable[..., Any] | None = None
+        self._kernels: dict[tuple, Callable[..., Any]] = {}  # by (dtype, rank): see _call
         self._hyper: dict[tuple, Tensor] = {}  # hyperparameters as 0-dim tensors, refilled each step
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_kernel": None}  # compiled code is rebuilt on first use
+        return {**self.__dict__, "_kernels": {}}  # compiled code is rebuilt on first use
 
     def add_group(self, group: dict[str, Any]) -> None:
         pass
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...]) -> list[dict[str, Tensor]]:
+    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...],
+             mask: Tensor | None = None) -> list[dict[str, Tensor]]:
         contributions: list[dict[str, Tensor]] = []
         traced = torch.compiler.is_compiling()  # inside the user's torch.compile: plain per-tensor code
         for item in work:
             if traced or not self.compiled:
                 for param, grad, state in zip(item.params, item.grads, item.states):
-                    contribution = run_update(self.algorithm.update, param, grad, state, item.config, *shared)
+                    contribution = run_update(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask)
                     if contribution is not None:
                         contributions.append(contribution)
                 continue
@@ -334,11 +410,15 @@ class UpdateEngine:
                 torch._foreach_copy_(targets, [chunk.view_as(t) for chunk, t in zip(flat[key].split(sizes), targets)])
 
     def _call(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, shared: tuple):
-        if self._kernel is None:
-            self._kernel = _private_compile(run_update)
+        # A kernel per dtype and rank, each with Dynamo's recompile budget of its own: sizes are
+        # symbolic, but a size-1 dimension or a zero hyperparameter specialises a graph.
+        key = (param.dtype, param.dim())
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = _private_compile(run_update)
         tensor_config = self._tensor_config(config, param)
         try:
-            return self._kernel(self.algorithm.update, param, grad, state, tensor_config, *shared)
+            return kernel(self.algorithm.update, param, grad, state, tensor_config, *shared)
         except Exception as error:  # noqa: BLE001 - no compiler, or an op Inductor cannot build
             if not self.compiled or not _is_compile_failure(error):
                 raise
@@ -378,7 +458,8 @@ def _private_compile(function: Callable[..., Any]) -> Callable[..., Any]:
     # Dynamo keeps its compile cache (and its recompile limit) per code object: a private copy of the
     # code gives each engine graphs of its own, however many optimizers a process has.
     code = function.__code__.replace()
-    copy = types.FunctionType(code, function.__globals__, function.__name__)
+    copy = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__)
+    copy.__kwdefaults__ = function.__kwdefaults__
     return torch.compile(copy, fullgraph=True, dynamic=True)
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -74,6 +74,7 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], algorithm: str | Algorithm, config: Config | None = None, *, engine: str = "auto",
                  schedules: Mapping[str, Callable[[Any], Any]] | None = None, combinators: Any = None):
         self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
+        self._fields = tuple(self.algorithm.config.model_fields)  # read once: pydantic's class property breaks a compiled graph
         config = self.algorithm.as_config(config)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -91,6 +92,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _setup(self, engine: str) -> None:
         """Everything beyond torch's own fields; also rebuilds it for a copy or an unpickled shim."""
+        self._fields = tuple(self.algorithm.config.model_fields)
+        if self.state.default_factory is not StateDict:
+            self.state = defaultdict(StateDict, self.state)
         self._lock = threading.Lock()
         self._skipped = torch.zeros((), dtype=torch.bool)
         configs = [self._config(i, group) for i, group in enumerate(self.param_groups)]
@@ -99,6 +103,7 @@ class Optimizer(torch.optim.Optimizer):
         self._engine = make_engine(self.engine, self.algorithm, self.param_groups, self.defaults, extras)
         self._extras = extras
         self._states = _StateCheck(self.algorithm, self._engine, extras)
+        self._checks_seen = -1  # the state checks' count when the torch engine last verified its kernel
         if self.algorithm.shared is not None and not self._linked_prefix(SHARED_PREFIX):
             fresh = self.algorithm.shared.init(self._trainable(), configs[0])
             self._link({SHARED_PREFIX + key: value for key, value in fresh.items()})
@@ -110,14 +115,14 @@ class Optimizer(torch.optim.Optimizer):
 
     def group_config(self, group: Mapping[str, Any]) -> Config:
         """The validated algorithm config for a param group's current hyperparameters."""
-        return self.algorithm.config(**{name: group[name] for name in self.algorithm.config.model_fields})
+        return self.algorithm.config(**{name: group[name] for name in self._fields})
 
     def _config(self, index: int, group: dict[str, Any]) -> Config:
         """Group ``index``'s config, validated when its values changed since the last step (so a
         step costs no validation, and a compiled step no graph break). Inside ``torch.compile`` the
         values are traced, as tensor hyperparameters are: the last validated config carries them
         unchecked."""
-        fields = self.algorithm.config.model_fields
+        fields = self._fields
         values = tuple(group[name] for name in fields)
         cached = self._configs[index] if index < len(self._configs) else None
         if torch.compiler.is_compiling() and cached is not None:
@@ -153,7 +158,7 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(candidate)
         group = self.param_groups[-1]
         self._overrides.append(set(param_group) - {"params"})
-        self._configs.append((tuple(group[name] for name in self.algorithm.config.model_fields), config))
+        self._configs.append((tuple(group[name] for name in self._fields), config))
         group[FORMAT_KEY] = FORMAT
         if self.schedules:
             first = self.param_groups[0].get(SCHEDULE_KEY)
@@ -234,6 +239,8 @@ class Optimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _step(self) -> None:
         if not torch.compiler.is_compiling():
+            if not isinstance(self.state, defaultdict) or self.state.default_factory is not StateDict:
+                self.state = defaultdict(StateDict, self.state)  # replaced from outside: new entries get noted
             if self._is_state_init_step():
                 self._create_states()
                 return
@@ -243,26 +250,40 @@ class Optimizer(torch.optim.Optimizer):
         work = self._collect(configs)
         self._relink()
         applied = self.combinators.before_step(work) if self.combinators is not None else True
-        if applied:
-            self._create_missing(work)
+        if isinstance(applied, Tensor) and isinstance(self._engine, TorchEngine):
+            applied = bool(applied)  # torch's kernels cannot be masked: one host read (a graph break)
+        if applied is not False:
+            # Inside torch.compile a skip decision is a tensor: every write below is masked by it.
+            mask = applied if isinstance(applied, Tensor) else None
+            checks = self._states.full_checks
+            missing = self._create_missing(work)
             shared = (self.shared,) if self.algorithm.shared is not None else ()
-            contributions = self._engine.step(self, work, shared)
+            if isinstance(self._engine, TorchEngine):
+                self._engine.step(self, work, fresh=self._states.fresh, changed=missing or checks != self._checks_seen)
+                self._checks_seen = self._states.full_checks
+                contributions = []
+            else:
+                contributions = self._engine.step(self, work, shared, mask)
             if shared:
-                self._finish_shared(contributions, configs[0])
+                self._finish_shared(contributions, configs[0], mask)
             if self.combinators is not None:
-                self.combinators.after_step()
+                self.combinators.after_step(applied)
             if self.schedules:
                 for group in self.param_groups:
-                    ops.assign(group[SCHEDULE_KEY], group[SCHEDULE_KEY] + 1)
-        self._skipped.fill_(not applied)
+                    position = group[SCHEDULE_KEY]
+                    ops.assign(position, position + (1 if mask is None else mask.to(position.dtype)))
+        ops.assign(self._skipped, ~applied if isinstance(applied, Tensor) else not applied)
         self._apply_schedules()  # param_groups show the values the next step will use
 
     def _collect(self, configs: list[Config]) -> list[Work]:
         """Each group's params with a gradient, their gradients and their checked state (None where a
-        param has none yet). Raises before anything changes."""
+        param has none yet). Raises before anything changes. This is the step's one pass over every
+        param (the engines take the lists from here)."""
         work = []
+        check = self._states.traced if torch.compiler.is_compiling() else self._states.check
+        states = self.state
         for group, config in zip(self.param_groups, configs):
-            params, grads, states = [], [], []
+            params, grads, leaves = [], [], []
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
@@ -273,18 +294,24 @@ class Optimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{self.algorithm.name}: a parameter of shape {tuple(param.shape)} has a gradient of shape {tuple(grad.shape)}")
                 params.append(param)
                 grads.append(grad)
-                states.append(self._states.check(param, self.state.get(param), config))
-            work.append(Work(config, params, grads, states))
+                leaves.append(check(param, states, config))
+            work.append(Work(config, params, grads, leaves))
         return work
 
-    def _create_missing(self, work: list[Work]) -> None:
-        # torch's kernels create their own state (SGD marks an unstarted momentum buffer by its
-        # absence, which a zero buffer would not): the torch engine gets the combinators' keys only.
+    def _create_missing(self, work: list[Work]) -> bool:
+        """Create the state of params that step for the first time; whether there were any.
+        torch's kernels create their own (SGD marks an unstarted momentum buffer by its absence,
+        which a zero buffer would not): the torch engine gets the combinators' keys only."""
         own = not isinstance(self._engine, TorchEngine)
+        missing = False
         for item in work:
+            if None not in item.states:
+                continue
+            missing = True
             for i, (param, state) in enumerate(zip(item.params, item.states)):
                 if state is None:
                     item.states[i] = self._create_state(param, item.config, own)
+        return missing
 
     def _create_state(self, param: Tensor, config: Config, own: bool = True) -> dict[str, Tensor] | None:
         state = self.state[param]
@@ -292,13 +319,13 @@ class Optimizer(torch.optim.Optimizer):
             state.update(self._states.fresh(param, config))
         if self.combinators is not None:
             self.combinators.new_param(param, state)
-        return self._states.check(param, state, config)
+        return self._states.check(param, self.state, config) if own else state  # torch's kernel fills the rest
 
-    def _finish_shared(self, contributions: list[dict[str, Tensor]], config: Config) -> None:
+    def _finish_shared(self, contributions: list[dict[str, Tensor]], config: Config, mask: Tensor | None) -> None:
         shared = self.shared
         device = next(iter(shared.values())).device
         for key, value in self.algorithm.shared.finish(shared, sum_contributions(contributions, device), config).items():
-            ops.assign(shared[key], value)
+            ops.assign(shared[key], value if mask is None else torch.where(mask.to(device), value, shared[key]))
 
     def _is_state_init_step(self) -> bool:
         """A step with every lr 0 and every gradient zero on an optimizer that has no state yet:
@@ -324,7 +351,10 @@ class Optimizer(torch.optim.Optimizer):
                 if name in overrides or SCHEDULE_KEY not in group:
                     continue
                 expected = float(schedule(int(group[SCHEDULE_KEY])))
-                if not _equal_values(group[name], expected):
+                held = group[name]
+                # a compiled step leaves its value as a tensor, computed in float64 tensor ops
+                same = math.isclose(float(held), expected, rel_tol=1e-12, abs_tol=0.0) if isinstance(held, Tensor) else held == expected
+                if not same:
                     raise RuntimeError(
                         f"{self.algorithm.name}: {name!r} is set by this optimizer's 'schedule' entry ({expected!r} at step "
                         f"{int(group[SCHEDULE_KEY])}), but the param group holds {group[name]!r}: something else (a torch "
@@ -441,6 +471,52 @@ class Optimizer(torch.optim.Optimizer):
 # per-parameter state, checked
 
 
+def _noted(name: str) -> Callable[..., Any]:
+    """``dict.<name>``, noting a write (for :class:`StateDict`)."""
+    method = getattr(dict, name)
+
+    def write(self: "StateDict", *args: Any, **kwargs: Any) -> Any:
+        self.written = True
+        return method(self, *args, **kwargs)
+
+    write.__name__ = name
+    return write
+
+
+class StateDict(dict):
+    """A parameter's state in ``optimizer.state``: a plain dict that notes being written to, so a step
+    can tell in O(1) that the tensors it checked are still the ones there. In-place changes to those
+    tensors need no note (they cannot change a shape, dtype or device). Checkpoints hold plain dicts."""
+
+    __slots__ = ("written",)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.written = True
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if dict.get(self, key, _ABSENT) is not value:  # torch's SGD stores its buffer again every step
+            self.written = True
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.written = True
+        super().__delitem__(key)
+
+    clear = _noted("clear")
+    pop = _noted("pop")
+    popitem = _noted("popitem")
+    setdefault = _noted("setdefault")
+    update = _noted("update")
+    __ior__ = _noted("__ior__")
+
+    def __reduce__(self):
+        return StateDict, (dict(self),)
+
+
+_ABSENT = object()
+
+
 class _StateCheck:
     """A param's state checked against what its config needs, cheaply between steps.
 
@@ -455,7 +531,8 @@ class _StateCheck:
         self.torch_layout = isinstance(engine, TorchEngine)
         self.engine = engine
         self.extras = extras
-        self._known: dict[Tensor, tuple] = {}  # param -> what its last full check saw
+        self._known: dict[int, tuple] = {}  # id(param) -> what its last full check saw
+        self.full_checks = 0
 
     def fresh(self, param: Tensor, config: Config) -> dict[str, Tensor]:
         """A param's initial state in this engine's layout."""
@@ -468,20 +545,32 @@ class _StateCheck:
             leaf["step"] = leaf["step"].to(dtype=dtype, device=device if param.device.type != "meta" else "meta")
         return leaf
 
-    def check(self, param: Tensor, state: dict[str, Any] | None, config: Config) -> dict[str, Tensor] | None:
-        """The algorithm's part of ``state`` (None when it has none yet), after checking it."""
+    def check(self, param: Tensor, states: dict[Tensor, Any], config: Config) -> dict[str, Tensor] | None:
+        """The state the engine steps ``param`` with (None when it has none yet), after checking it:
+        the algorithm's keys for optorch's engines, the whole dict (torch's layout) for torch's."""
+        state = states.get(param)
         if not state:
             return None
-        if torch.compiler.is_compiling():  # traced: the eager steps around it check
-            return {key: value for key, value in state.items() if key not in self.extras} or None
-        known = self._known.get(param)
-        if known is not None and known[0] is state and known[1] is config and known[2] == (param.shape, param.dtype, param.device) \
-                and len(state) == len(known[3]) and all(state.get(key) is value for key, value in known[3].items()):
-            return known[4]
+        known = self._known.get(id(param))
+        # A new data pointer means new data (p.data = ..., a dtype or device conversion): check again.
+        if known is not None and known[0] is state and not state.written and known[1] is config and known[2] == param.data_ptr():
+            return known[3]
+        self.full_checks += 1
         leaf = self._full_check(param, state, config)
-        if leaf is not None:
-            self._known[param] = (state, config, (param.shape, param.dtype, param.device), dict(state), leaf)
-        return leaf
+        if leaf is None:
+            return None
+        if type(state) is not StateDict:  # assigned from outside (ZeroRedundancyOptimizer): noted from now on
+            state = states[param] = StateDict(state)
+            leaf = {key: state[key] for key in leaf}
+        state.written = False
+        stepped = state if self.torch_layout else leaf
+        self._known[id(param)] = (state, config, param.data_ptr(), stepped, param)  # the param kept: its id stays its own
+        return stepped
+
+    def traced(self, param: Tensor, states: dict[Tensor, Any], config: Config) -> dict[str, Tensor] | None:
+        """:meth:`check` inside ``torch.compile``: the state as it is (the eager steps around check it)."""
+        state = states.get(param)
+        return {key: value for key, value in state.items() if key not in self.extras} or None if state else None
 
     def _full_check(self, param: Tensor, state: dict[str, Any], config: Config) -> dict[str, Tensor] | None:
         name = self.algorithm.name
