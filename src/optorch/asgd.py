@@ -50,8 +50,7 @@ def _scalar(value, like: torch.Tensor) -> torch.Tensor:
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
     step = ops.new_step(param)  # eta and mu share its dtype, torch's scalar dtype, as in torch
-    eta = torch.as_tensor(config.lr, dtype=step.dtype, device=step.device).clone()
-    return {"step": step, "eta": eta, "mu": torch.ones_like(step), "ax": torch.zeros_like(param)}
+    return {"step": step, "eta": _scalar(config.lr, step), "mu": torch.ones_like(step), "ax": torch.zeros_like(param)}
 
 
 def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Config):
