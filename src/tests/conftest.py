@@ -1,5 +1,8 @@
 """Options of the test suite.
 
+``--full`` also runs what ``optorch verify --full`` runs: every flag combination on every path, the
+compiled engine included (long). Without it the suite runs what ``optorch verify`` runs by default.
+
 ``--fuzz-examples N`` runs the fuzz suite (``test_fuzz.py``, marked ``fuzz``) with N hypothesis
 examples per test and algorithm instead of its bounded CI count, e.g. before a release::
 
@@ -12,6 +15,7 @@ import os
 
 
 def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", help="also run the whole verification grid (optorch verify --full)")
     parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
                      help="hypothesis examples per fuzz test and algorithm (default: the bounded CI count of test_fuzz.py)")
 

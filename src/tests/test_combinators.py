@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import optorch
 from optorch import combinators as C
-from optorch import schedules
+from optorch import schedules, verify
 
 DTYPE = torch.float64
 NAMES = {"linear.weight": (3, 4), "linear.bias": (3,), "norm.weight": (3,), "norm.bias": (3,)}
@@ -40,7 +40,7 @@ def _leaves(tree) -> list[torch.Tensor]:
 
 
 def _max_diff(a, b) -> float:
-    return max(float((x.detach().to(DTYPE) - y.detach().to(DTYPE)).abs().max()) for x, y in zip(_leaves(a), _leaves(b)))
+    return verify.max_abs_diff(_leaves(a), _leaves(b))
 
 
 def _identical(a, b) -> bool:
