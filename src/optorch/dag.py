@@ -301,7 +301,8 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     x = grad * torch.reciprocal(norm + eps).to(grad.dtype) * (alpha / s).to(grad.dtype)
     u = torch.tanh(x) * (k * s).to(grad.dtype)
     # Measured on x (so with the /s), used by the next step's alpha; float32 like the original's mean.
-    saturation = (x.abs() > tau).to(torch.float32).mean().to(dtype)
+    # sum / d is mean's own arithmetic (bit for bit); on a sharded param it reduces one number, not the tensor
+    saturation = ((x.abs() > tau).to(torch.float32).sum() / d).to(dtype)
     sat_ratio = torch.where(torch.remainder(step, config.sat_every) == 0, saturation, state["sat_ratio"])
     new_state = {"alpha": alpha, "sat_ratio": sat_ratio, "sigma": sigma}
 
@@ -351,6 +352,6 @@ algorithm = Algorithm(
     init_leaf,
     update,
     elementwise=False,
-    shared=Shared(init_shared, finish, derived=("d_total",)),
+    shared=Shared(init_shared, finish, derived=("d_total",), contributions=("sum_u2", "numel")),
 )
 init, step = algorithm.init, algorithm.step

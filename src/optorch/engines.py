@@ -29,7 +29,7 @@ from torch.optim.adagrad import adagrad as torch_adagrad
 from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
-from . import ops
+from . import distributed, ops
 from .algorithm import Algorithm, apply_update
 from .config import Config
 
@@ -143,8 +143,7 @@ def _any_dtensor(params: Sequence[Tensor]) -> bool:
     return any(_is_dtensor(p) for p in params)
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
+_is_dtensor = distributed.is_dtensor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,7 +189,8 @@ class TorchEngine:
         group.update(self.flags)
 
     def _verified(self, params: Sequence[Tensor]) -> bool:
-        return all(p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in params)
+        # DTensors (FSDP2): torch's fused kernels have no sharding strategy; its default one runs them
+        return not _any_dtensor(params) and all(p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in params)
 
     def add_group(self, group: dict[str, Any]) -> None:
         if self.flags and not self._verified(group["params"]):
@@ -330,6 +330,15 @@ def run_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: d
     return contribution[0] if contribution else None
 
 
+def run_dtensor_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, *shared: Any,
+                       mask: Tensor | None = None):
+    """:func:`run_update` for a sharded param (a DTensor): DTensor's ops take each reduction over the
+    whole parameter, the plain state tensors (0-dim scalars) take their DTensor results whole, and so
+    does the contribution to the shared state, which every rank then holds in full."""
+    contribution = run_update(update, param, grad, distributed.as_dtensors(state, param), config, *shared, mask=mask)
+    return None if contribution is None else {key: distributed.full(value) for key, value in contribution.items()}
+
+
 class UpdateEngine:
     """The algorithm's pure ``update`` run in place (see the module docs); ``compiled`` selects the
     compiled kernel, with the eager path as its fallback where compiling is impossible."""
@@ -352,9 +361,12 @@ class UpdateEngine:
         contributions: list[dict[str, Tensor]] = []
         traced = torch.compiler.is_compiling()  # inside the user's torch.compile: plain per-tensor code
         for item in work:
+            if self.algorithm.elementwise:  # each rank steps its shards: the same numbers, no communication
+                item = Work(item.config, *distributed.local_shards(item.params, item.grads, item.states))
             if traced or not self.compiled:
                 for param, grad, state in zip(item.params, item.grads, item.states):
-                    contribution = run_update(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask)
+                    run = run_dtensor_update if _is_dtensor(param) else run_update
+                    contribution = run(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask)
                     if contribution is not None:
                         contributions.append(contribution)
                 continue
@@ -374,7 +386,7 @@ class UpdateEngine:
         for index in single:
             param, grad, state = item.params[index], item.grads[index], item.states[index]
             if _is_dtensor(param):  # sharded: DTensor's own ops (whole-parameter reductions), eagerly
-                contribution = run_update(self.algorithm.update, param, grad, state, item.config, *shared)
+                contribution = run_dtensor_update(self.algorithm.update, param, grad, state, item.config, *shared)
             else:
                 contribution = self._call(*self._flat_if_elementwise(param, grad, state), item.config, shared)
             if contribution is not None:

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from .distributed import full, is_dtensor
+
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Number)
@@ -59,8 +61,10 @@ def step_count(step: Tensor, like: Tensor) -> float | Tensor:
     transforms) it is a Python number, as torch.optim's for-loop kernels read it: the scalar math is
     then host arithmetic in double precision and the element-wise ops take it as a number, one fused
     kernel each. Elsewhere it stays a tensor (float64 where the device has it), so nothing syncs and
-    nothing is baked into a graph.
+    nothing is baked into a graph. A DTensor (a norm of a sharded param) is read whole first.
     """
+    if is_dtensor(step):
+        step = full(step)
     if step.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_transformed(step):
         return step.item()
     return step.to(scalar_dtype(like))
@@ -109,14 +113,15 @@ def all_finite(grads: Sequence[Tensor]) -> Tensor:
 
     Eagerly, one multi-tensor pass (max |g| is inf or NaN exactly when some element is: NaN
     propagates through the max). Compiled (Inductor fuses the checks anyway) and under ``torch.func``
-    transforms (no batching rule for the multi-tensor kernel), one ``isfinite`` per tensor."""
+    transforms (no batching rule for the multi-tensor kernel), one ``isfinite`` per tensor. DTensor
+    gradients (FSDP2) are checked whole, so every rank decides alike."""
     if not grads:
         return torch.ones((), dtype=torch.bool)
     device = grads[0].device
     if torch.compiler.is_compiling() or any(_is_transformed(g) for g in grads):
-        return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
+        return full(torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all())
     peaks = torch._foreach_norm(list(grads), float("inf"))
-    return torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all()
+    return full(torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all())
 
 
 def assign(target: Tensor, value: Any) -> None:
