@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from . import ops
 from .config import Config
+from .distributed import full
 
 __all__ = ["Algorithm", "Grid", "LeafState", "Reduction", "Shared", "State", "SHARED_KEY"]
 
@@ -97,12 +98,13 @@ class Shared:
 
 
 def sum_contributions(contributions: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor] | None:
-    """The per-key sums of the parameters' contributions, in a fixed order, on ``device``."""
+    """The per-key sums of the parameters' contributions, in a fixed order, on ``device`` (a
+    sharded param's read whole: every rank holds every total)."""
     if not contributions:
         return None
     totals = {}
     for key in contributions[0]:
-        values = [c[key].to(device) for c in contributions]
+        values = [full(c[key]).to(device) for c in contributions]
         totals[key] = torch.stack(values).sum() if len(values) > 1 else values[0]
     return totals
 

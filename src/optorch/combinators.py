@@ -575,7 +575,9 @@ def torch_param_groups(params: Any, settings: Combinators | None) -> Any:
         return [p for _, p in params] if named else params
     if not named:
         got = "param-group dicts" if any(isinstance(p, Mapping) for p in params) else "unnamed tensors"
-        raise ValueError(f"param_groups matches parameters by name: pass the model or model.named_parameters(), not {got}")
+        raise ValueError(f"param_groups matches parameters by name: pass the model or model.named_parameters(), not {got} "
+                         "(to a wrapper that hands param groups to each rank's optimizer, such as ZeroRedundancyOptimizer, "
+                         "give the groups of optorch.distributed.split_param_groups(config, model))")
     labels = settings.labels([name for name, _ in params])
     groups = [{"params": [p for (_, p), label in zip(params, labels) if label == "default"]}]
     groups += [{"params": [p for (_, p), label in zip(params, labels) if label == f"param_groups.{i}"], **rule.overrides} for i, rule in enumerate(rules)]

@@ -90,17 +90,6 @@ def local_shards(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequ
     return params, grads, states
 
 
-def as_dtensors(state: Mapping[str, Tensor], like: Tensor) -> dict[str, Tensor]:
-    """``state`` with its plain tensors (0-dim scalars such as a step or DAG's alpha) viewed as
-    replicated DTensors on ``like``'s mesh, sharing their memory: an update's DTensor results are then
-    written into them whole (a pending reduction done on the way) rather than refused."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    mesh = like.device_mesh
-    replicated = [Replicate()] * mesh.ndim
-    return {key: value if is_dtensor(value) else DTensor.from_local(value, mesh, replicated, run_check=False) for key, value in state.items()}
-
-
 def in_backward() -> bool:
     """Whether this runs inside autograd's backward pass (e.g. a ``register_post_accumulate_grad_hook``
     that steps an optimizer per parameter)."""

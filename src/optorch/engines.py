@@ -330,15 +330,6 @@ def run_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: d
     return contribution[0] if contribution else None
 
 
-def run_dtensor_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, *shared: Any,
-                       mask: Tensor | None = None):
-    """:func:`run_update` for a sharded param (a DTensor): DTensor's ops take each reduction over the
-    whole parameter, the plain state tensors (0-dim scalars) take their DTensor results whole, and so
-    does the contribution to the shared state, which every rank then holds in full."""
-    contribution = run_update(update, param, grad, distributed.as_dtensors(state, param), config, *shared, mask=mask)
-    return None if contribution is None else {key: distributed.full(value) for key, value in contribution.items()}
-
-
 class UpdateEngine:
     """The algorithm's pure ``update`` run in place (see the module docs); ``compiled`` selects the
     compiled kernel, with the eager path as its fallback where compiling is impossible."""
@@ -365,8 +356,7 @@ class UpdateEngine:
                 item = Work(item.config, *distributed.local_shards(item.params, item.grads, item.states))
             if traced or not self.compiled:
                 for param, grad, state in zip(item.params, item.grads, item.states):
-                    run = run_dtensor_update if _is_dtensor(param) else run_update
-                    contribution = run(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask)
+                    contribution = run_update(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask)
                     if contribution is not None:
                         contributions.append(contribution)
                 continue
@@ -386,7 +376,7 @@ class UpdateEngine:
         for index in single:
             param, grad, state = item.params[index], item.grads[index], item.states[index]
             if _is_dtensor(param):  # sharded: DTensor's own ops (whole-parameter reductions), eagerly
-                contribution = run_dtensor_update(self.algorithm.update, param, grad, state, item.config, *shared)
+                contribution = run_update(self.algorithm.update, param, grad, state, item.config, *shared)
             else:
                 contribution = self._call(*self._flat_if_elementwise(param, grad, state), item.config, shared)
             if contribution is not None:

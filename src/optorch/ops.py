@@ -54,6 +54,12 @@ def weight_decay(param: Tensor, grad: Tensor, weight_decay: Any, decoupled_rate:
     return param, add(grad, param, weight_decay)
 
 
+def norm(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The 2-norm of the whole tensor, 0-dim; of a sharded DTensor, over every shard and read whole
+    on every rank (one all-reduce), so later scalar math is plain."""
+    return full(torch.linalg.vector_norm(x, dtype=dtype))
+
+
 def step_count(step: Tensor, like: Tensor) -> float | Tensor:
     """A step counter, ready for per-step scalar math (bias corrections, decayed learning rates).
 
@@ -127,7 +133,10 @@ def all_finite(grads: Sequence[Tensor]) -> Tensor:
 def assign(target: Tensor, value: Any) -> None:
     """``target.copy_(value)`` (or ``fill_`` for a number), a 0-dim target through a 1-element view:
     torch 2.13's Inductor turns a 0-dim float64 CPU input into a scalar and silently drops in-place
-    writes to it, in a compiled kernel as in a compiled ``optimizer.step``."""
+    writes to it, in a compiled kernel as in a compiled ``optimizer.step``. A DTensor value for a
+    plain target (a sharded param's 0-dim statistic) is read whole."""
+    if is_dtensor(value) and not is_dtensor(target):
+        value = full(value)
     if target.dim() == 0:
         target = target.view(1)
         value = value.reshape(1) if isinstance(value, Tensor) else value
