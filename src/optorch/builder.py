@@ -223,6 +223,11 @@ def assemble(params: Iterable[Any], algorithm: Algorithm, config: Config, *, eng
         params = combinators.torch_param_groups(params, settings)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    entries = sorted({key for group in params if isinstance(group, Mapping) for key in group if key in ENTRY_KEYS})
+    if entries:  # a group key is an override: a scheduled lr set in every group would never be scheduled
+        raise ConfigError(f"param groups set {', '.join(map(repr, entries))}: builder entries apply to the whole optimizer, not to a "
+                          "group. (ZeroRedundancyOptimizer copies its keyword arguments into every param group: give entries to "
+                          "functools.partial(optorch.optim.<Name>, ...) or functools.partial(optorch.build, config) instead.)")
     optimizer = into if into is not None else Optimizer.__new__(Optimizer)
     Optimizer.__init__(optimizer, params, algorithm, config, engine=engine, schedules=schedules, combinators=settings, partition_group=partition_group)
     if rules is not None:

@@ -26,7 +26,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Partition", "check_layout", "check_partition", "full", "in_backward", "is_dtensor", "local_shards", "meta_like", "split_param_groups"]
+__all__ = ["Partition", "check_layout", "check_partition", "finite_everywhere", "full", "in_backward", "is_dtensor", "local_shards", "meta_like", "split_param_groups",
+           "zeros_reduced"]
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -42,6 +43,21 @@ def full(value: Any) -> Any:
     return value.full_tensor() if is_dtensor(value) else value
 
 
+def finite_everywhere(grads: Sequence[Tensor]) -> Tensor:
+    """Whether every element of ``grads`` (DTensors among them) is finite, decided alike on every
+    rank: each rank checks its own shards, then one all-reduce per mesh dimension takes the minimum
+    (a rank whose shard is empty has nothing to check, and still takes part)."""
+    import torch.distributed as dist
+
+    local = [g.to_local() if is_dtensor(g) else g for g in grads]
+    flag = torch.stack([torch.isfinite(g).all().to(local[0].device) for g in local]).all().to(torch.float32)
+    meshes = {id(g.device_mesh): g.device_mesh for g in grads if is_dtensor(g)}
+    for mesh in meshes.values():
+        for dim in range(mesh.ndim):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
+    return flag.bool()
+
+
 def meta_like(param: Tensor) -> Tensor:
     """A meta tensor of ``param``'s dtype, shape and (for a DTensor) layout: what a fresh state made
     from it looks like, without memory."""
@@ -51,6 +67,21 @@ def meta_like(param: Tensor) -> Tensor:
 
     local = torch.empty(param.to_local().shape, dtype=param.dtype, device="meta")
     return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def zeros_reduced(param: Tensor, dim: int) -> Tensor:
+    """Zeros shaped like ``param`` reduced over ``dim`` (kept as size 1), e.g. a factored second
+    moment; for a DTensor, sharded as ``param`` along the dims kept and whole along ``dim``."""
+    shape = list(param.shape)
+    shape[dim] = 1
+    if not is_dtensor(param):
+        return param.new_zeros(shape)
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import zeros as dtensor_zeros
+
+    dim %= param.dim()
+    placements = [Replicate() if p.is_shard(dim) else p for p in param.placements]
+    return dtensor_zeros(shape, dtype=param.dtype, device_mesh=param.device_mesh, placements=placements)
 
 
 def _layout(tensor: Tensor) -> tuple | None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .distributed import full, is_dtensor
+from .distributed import finite_everywhere, full, is_dtensor
 
 
 def _is_number(x: Any) -> bool:
@@ -123,20 +123,25 @@ def all_finite(grads: Sequence[Tensor]) -> Tensor:
     gradients (FSDP2) are checked whole, so every rank decides alike."""
     if not grads:
         return torch.ones((), dtype=torch.bool)
+    if any(is_dtensor(g) for g in grads):
+        return finite_everywhere(grads)
     device = grads[0].device
     if torch.compiler.is_compiling() or any(_is_transformed(g) for g in grads):
-        return full(torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all())
+        return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
     peaks = torch._foreach_norm(list(grads), float("inf"))
-    return full(torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all())
+    return torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all()
 
 
 def assign(target: Tensor, value: Any) -> None:
     """``target.copy_(value)`` (or ``fill_`` for a number), a 0-dim target through a 1-element view:
     torch 2.13's Inductor turns a 0-dim float64 CPU input into a scalar and silently drops in-place
     writes to it, in a compiled kernel as in a compiled ``optimizer.step``. A DTensor value for a
-    plain target (a sharded param's 0-dim statistic) is read whole."""
+    plain target (a sharded param's 0-dim statistic) is read whole, and one for a DTensor target is
+    written in the target's layout."""
     if is_dtensor(value) and not is_dtensor(target):
         value = full(value)
+    elif is_dtensor(value) and (value.device_mesh, value.placements) != (target.device_mesh, target.placements):
+        value = value.redistribute(target.device_mesh, target.placements)
     if target.dim() == 0:
         target = target.view(1)
         value = value.reshape(1) if isinstance(value, Tensor) else value
