@@ -487,15 +487,16 @@ def _change(before: list[Tensor], after: list[Tensor]) -> float:
 # processes
 
 
-def _worker(rank: int, world: int, backend: str, init: str, workdir: str, todo: list[Case], out: str | None) -> None:
+def _worker(rank: int, world: int, backend: str, init: str, workdir: str, todo: list[Case], out: str, extra: Callable[[], Any] | None) -> None:
     import torch.distributed as dist
 
-    if init:
-        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     try:
-        results = _run_all(todo, workdir)
-        if out is not None and dist.get_rank() == 0:
-            torch.save({case.label: vars(result) for case, result in results.items()}, out)
+        results: dict[str, Any] = {case.label: vars(result) for case, result in _run_all(todo, workdir).items()}
+        if extra is not None:
+            results["extra"] = extra()
+        if dist.get_rank() == 0:
+            torch.save(results, out)
     finally:
         dist.destroy_process_group()
 
@@ -521,14 +522,16 @@ def _run_all(todo: Sequence[Case], workdir: str) -> dict[Case, Result]:
     return results
 
 
-def spawn(todo: Sequence[Case], world: int = 2, backend: str = "gloo") -> dict[str, dict[str, Any]]:
-    """Run ``todo`` in ``world`` local processes; rank 0's results by case label."""
+def spawn(todo: Sequence[Case], world: int = 2, backend: str = "gloo", extra: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run ``todo`` in ``world`` local processes; rank 0's results by case label. ``extra`` (a
+    module-level function) runs on every rank after the cases, its rank 0's value under ``"extra"``
+    (more checks in the same processes: starting them is most of the time)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as workdir:
         out = os.path.join(workdir, "results.pt")
         init = "file://" + os.path.join(workdir, "init")
-        mp.spawn(_worker, args=(world, backend, init, workdir, list(todo), out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, backend, init, workdir, list(todo), out, extra), nprocs=world, join=True)
         return torch.load(out, weights_only=False)
 
 
