@@ -62,6 +62,7 @@ from . import ops
 from .algorithm import Algorithm, LeafState, Reduction
 from .config import Config as _Config
 from .config import Count, Flag, NonNegative, Probability, Scalar, UnitInterval, is_zero
+from .distributed import full
 
 __all__ = ["Config", "Reduction", "REDUCTIONS", "TUPLES", "algorithm", "init", "init_leaf", "lowpass", "step", "update", "window"]
 
@@ -379,7 +380,8 @@ def _numerator(w: Tensor, g: Tensor, d: Tensor, v: Tensor, state: LeafState, new
             source = ops.like(lr, w) * torch.sign(x) * torch.minimum(x.abs(), 4 * h) / (csq + 1)
         p, new_state["pc"] = lowpass(state["pc"], source, t, c.beta_n, 0.0, 1.0)
         clipped = torch.minimum(p.abs(), ops.like(lr, w) * (csq + 1))
-    smoothed, new_state["lr_num"] = lowpass(state["lr_num"], clipped.mean(), t, 0.1, 0.0, 0.9)
+    # sum / n is mean's own arithmetic (bit for bit); a sharded param's sum is one number reduced, not the tensor gathered
+    smoothed, new_state["lr_num"] = lowpass(state["lr_num"], full(clipped.sum()) / clipped.numel(), t, 0.1, 0.0, 0.9)
     return smoothed
 
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import pydantic
 
-from . import adaptive, combinators, registry, schedules
+from . import adaptive, combinators, distributed, registry, schedules
 from .algorithm import Algorithm
 from .config import Config, did_you_mean, first_location, problems, shown
 from .configfile import ConfigError, load_config, where
@@ -194,17 +194,22 @@ def _naming_the_file(config: Any, values: bool = True) -> Iterator[None]:
         raise type(error)(f"{where(config, key)}: {error}", **({"key": key} if isinstance(error, ConfigError) else {})) from None
 
 
-def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterable[Any], *, engine: str = "auto"):
+def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterable[Any], *, engine: str = "auto", partition_group: Any = None,
+          into: Any = None):
     """A :class:`optorch.Optimizer` (a ``torch.optim.Optimizer``) for ``params``.
 
     ``params`` is what torch.optim accepts: an iterable of tensors, or of param-group dicts whose keys
     override the config for that group; or an ``nn.Module`` or ``model.named_parameters()``, which a
     ``param_groups`` entry needs (it matches names). ``engine`` picks how the step executes (see
-    :class:`optorch.Optimizer`); the math is the algorithm's either way.
+    :class:`optorch.Optimizer`); the math is the algorithm's either way. ``partition_group``: the
+    process group whose ranks each step a share of the params (ZeroRedundancyOptimizer's; see
+    ``docs/distributed.md``). ``into``: an uninitialised instance of a subclass of
+    :class:`optorch.Optimizer` to build (what the classes of :mod:`optorch.optim` do).
     """
     parsed = parse(config)
     with _naming_the_file(config, values=False):  # a param_groups pattern that matches none of the params' names
-        return assemble(params, parsed.algorithm, parsed.config, engine=engine, schedules=parsed.schedules, settings=parsed.settings, rules=parsed.rules)
+        return assemble(params, parsed.algorithm, parsed.config, engine=engine, schedules=parsed.schedules, settings=parsed.settings, rules=parsed.rules,
+                        partition_group=partition_group, into=into)
 
 
 class Parsed(NamedTuple):
@@ -229,16 +234,28 @@ def parse(config: Mapping[str, Any] | Config | str | os.PathLike) -> Parsed:
 
 
 def assemble(params: Iterable[Any], algorithm: Algorithm, config: Config, *, engine: str = "auto", schedules: Mapping[str, Schedule] | None = None,
-             settings: combinators.Combinators | None = None, rules: adaptive.AdaptiveConfig | None = None):
+             settings: combinators.Combinators | None = None, rules: adaptive.AdaptiveConfig | None = None, partition_group: Any = None,
+             into: Any = None):
     """The optimizer for the parsed parts of a config (:func:`build` after parsing): ``settings`` are
     its combinator entries, ``rules`` its ``adapt`` entry."""
     from .shim import Optimizer
 
+    if rules is not None and distributed.zero_owner() is not None:
+        # ZeRO copies its own param groups into this optimizer's before each step: knobs written here would be undone
+        raise ConfigError("an 'adapt' entry inside ZeroRedundancyOptimizer would adapt this rank's optimizer, whose param groups "
+                          "ZeRO overwrites with its own before every step; build without 'adapt' and adapt ZeRO's: "
+                          "optorch.AdaptiveOpt(zero_optimizer, config=optorch.builder.parse_adaptive(config))")
     try:
         params = combinators.torch_param_groups(params, settings)
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    optimizer = Optimizer(params, algorithm, config, engine=engine, schedules=schedules, combinators=settings)
+    entries = sorted({key for group in params if isinstance(group, Mapping) for key in group if key in ENTRY_KEYS})
+    if entries:  # a group key is an override: a scheduled lr set in every group would never be scheduled
+        raise ConfigError(f"param groups set {', '.join(map(repr, entries))}: builder entries apply to the whole optimizer, not to a "
+                          "group. (ZeroRedundancyOptimizer copies its keyword arguments into every param group: give entries to "
+                          "functools.partial(optorch.optim.<Name>, ...) or functools.partial(optorch.build, config) instead.)")
+    optimizer = into if into is not None else Optimizer.__new__(Optimizer)
+    Optimizer.__init__(optimizer, params, algorithm, config, engine=engine, schedules=schedules, combinators=settings, partition_group=partition_group)
     if rules is not None:
         optimizer.adaptive = adaptive.AdaptiveOpt(optimizer, config=rules)  # its state rides in optimizer.state_dict()
     return optimizer

@@ -285,6 +285,9 @@ class _Plan:
             self.fail(f"the state_dict has state for parameter {shown(index)}, which no param group lists")
         if not isinstance(leaf, Mapping):
             self.fail(f"the state of parameter {index} is not a dict")
+        # torch.distributed.checkpoint's flattened loading rebuilds each key of the live state, and a key
+        # the checkpoint lacks (one torch's layout leaves out, e.g. SGD's step) as an empty dict: absent
+        leaf = {key: value for key, value in leaf.items() if not (isinstance(value, Mapping) and not value)}
         param, config = self.params[index]
         extras = {key: leaf[key] for key in leaf if key in optimizer._extras}
         own = {key: value for key, value in leaf.items() if key not in optimizer._extras}

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import amp, ops, registry
+from . import amp, distributed, ops, registry
 from .algorithm import Algorithm
 from .amp import ScalerConfig
 from .config import Config, Count, Number, did_you_mean, first_location, problems, shown
@@ -93,10 +93,10 @@ class Stepper(Protocol):
 
 def global_norm(grads: Sequence[Tensor]) -> Tensor:
     """:math:`\\|g\\|_2` over all tensors: the 2-norm of the per-tensor 2-norms, as
-    ``torch.nn.utils.get_total_norm`` computes it."""
+    ``torch.nn.utils.get_total_norm`` computes it (of sharded DTensors: over the whole tensors)."""
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device) for g in grads]))
+    return distributed.full(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device) for g in grads])))
 
 
 def clip_coefficient(total_norm: Tensor, max_norm: Any) -> Tensor:
@@ -582,7 +582,9 @@ def torch_param_groups(params: Any, settings: Combinators | None) -> Any:
         return [p for _, p in params] if named else params
     if not named:
         got = "param-group dicts" if any(isinstance(p, Mapping) for p in params) else "unnamed tensors"
-        raise ValueError(f"param_groups matches parameters by name: pass the model or model.named_parameters(), not {got}")
+        raise ValueError(f"param_groups matches parameters by name: pass the model or model.named_parameters(), not {got} "
+                         "(to a wrapper that hands param groups to each rank's optimizer, such as ZeroRedundancyOptimizer, "
+                         "give the groups of optorch.distributed.split_param_groups(config, model))")
     labels = settings.labels([name for name, _ in params])
     groups = [{"params": [p for (_, p), label in zip(params, labels) if label == "default"]}]
     groups += [{"params": [p for (_, p), label in zip(params, labels) if label == f"param_groups.{i}"], **rule.overrides} for i, rule in enumerate(rules)]
@@ -664,9 +666,13 @@ class InPlace:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def new_param(self, param: Tensor, state: dict[str, Tensor]) -> None:
-        """A param's first step: its average starts at its value before the update."""
+        """A param's first step: its average starts at its value before the update; its accumulated
+        gradient at zero, if it has none yet (so a new state has every key a checkpoint has: DCP's
+        flattened loading reads the keys of the state it loads into)."""
         if self.settings.ema is not None and "ema" not in state:
             state["ema"] = param.detach().clone()
+        if self.settings.accumulate_steps > 1 and "grad_acc" not in state:
+            state["grad_acc"] = torch.zeros_like(param)
 
     @torch.no_grad()
     def before_step(self, work: Sequence[Any]) -> bool | Tensor:
@@ -694,7 +700,7 @@ class InPlace:
             for param in self._params():
                 acc = state[param].get("grad_acc") if param in state else None
                 # a param without a gradient now steps if it had one earlier in this window
-                if acc is None or (id(param) not in with_grad and not bool(acc.any())):
+                if acc is None or (id(param) not in with_grad and not bool(distributed.full(acc.any()))):
                     continue
                 if param.grad is None:
                     param.grad = acc / k
@@ -706,9 +712,12 @@ class InPlace:
             ops.assign(micro_step, 0)
             params = [p for item in work for p in item.params]
         grads = [p.grad for p in params]
+        partition = self.optimizer.partition  # this rank's share of the params (ZeRO): decide over all shares
         apply: bool | Tensor = True
         if self.settings.amp is not None:
             unscaled, found_inf = amp.unscale(grads, self.scaler)
+            if partition is not None:
+                found_inf = partition.reduce(found_inf, "max")
             new = amp.update(self.scaler, found_inf, self.settings.amp)
             ops.assign(self._value("amp.scale"), new.scale)
             ops.assign(self._value("amp.growth_tracker"), new.growth_tracker)
@@ -720,12 +729,15 @@ class InPlace:
         if self.settings.skip_nonfinite:
             names = ("notfinite_count", "total_notfinite", "last_finite")
             counters = {name: self._value(f"skip.{name}") for name in names}
-            finite, new_counters = finite_counters(ops.all_finite(grads).cpu(), counters, None)
+            finite = ops.all_finite(grads).cpu()
+            if partition is not None:
+                finite = partition.reduce(finite, "min").bool()
+            finite, new_counters = finite_counters(finite, counters, None)
             for name in names:  # counted only on steps amp let through, as apply_if_finite inside amp.scaled
                 ops.assign(counters[name], new_counters[name] if apply is True else torch.where(apply, new_counters[name], counters[name]))
             apply = finite if apply is True else apply & finite
-        if self.settings.clip_grad_norm is not None and grads:
-            self.last_grad_norm = global_norm(grads)
+        if self.settings.clip_grad_norm is not None and (grads or partition is not None):
+            self.last_grad_norm = global_norm(grads) if partition is None else partition.norm(global_norm(grads))
             coefficient = clip_coefficient(self.last_grad_norm, self.settings.clip_grad_norm)
             for grad in grads:
                 grad.mul_(coefficient.to(grad.device))

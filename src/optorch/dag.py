@@ -59,6 +59,7 @@ from . import ops
 from .algorithm import Algorithm, LeafState, Shared
 from .config import Config as _Config
 from .config import Flag, NonNegative, Number, Probability, UnitInterval, check_count, is_zero, representable, shown
+from .distributed import full
 
 __all__ = ["Config", "Hyper", "ShrinkSettings", "CosineSchedule", "init", "step", "algorithm", "init_leaf", "update", "kappa"]
 
@@ -281,10 +282,10 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     d = grad.numel()
     k = ops.like(_amplitude(config, shared["global_step"]), state["alpha"])
 
-    norm = torch.linalg.vector_norm(grad, dtype=dtype)
+    norm = ops.norm(grad, dtype)
     sigma = norm * (1.0 / math.sqrt(d))
     if config.use_exact_sigma:  # population std, refreshed every sigma_every steps, stale in between
-        exact = torch.std(grad.to(dtype), correction=0)
+        exact = full(torch.std(grad.to(dtype), correction=0))  # of a sharded param: all-gathers it (DTensor's std)
         sigma = torch.where(torch.remainder(step, config.sigma_every) == 0, exact, state["sigma"])
     alpha_hat = (
         _setting(h, "kappa") * (norm + eps) / (sigma + eps)
@@ -298,7 +299,9 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     x = grad * torch.reciprocal(norm + eps).to(grad.dtype) * (alpha / s).to(grad.dtype)
     u = torch.tanh(x) * (k * s).to(grad.dtype)
     # Measured on x (so with the /s), used by the next step's alpha; float32 like the original's mean.
-    saturation = (x.abs() > tau).to(torch.float32).mean().to(dtype)
+    # The count / d is mean's own arithmetic, bit for bit. A sharded param's count is read whole first:
+    # its shards' counts are exact, their quotients in float32 are not (and one number moves, not the tensor).
+    saturation = (full((x.abs() > tau).to(torch.float32).sum()) / d).to(dtype)
     sat_ratio = torch.where(torch.remainder(step, config.sat_every) == 0, saturation, state["sat_ratio"])
     new_state = {"alpha": alpha, "sat_ratio": sat_ratio, "sigma": sigma}
 
@@ -348,6 +351,6 @@ algorithm = Algorithm(
     init_leaf,
     update,
     elementwise=False,
-    shared=Shared(init_shared, finish, derived=("d_total",)),
+    shared=Shared(init_shared, finish, derived=("d_total",), contributions=("sum_u2", "numel")),
 )
 init, step = algorithm.init, algorithm.step

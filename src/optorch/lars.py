@@ -99,8 +99,8 @@ def is_excluded(param: torch.Tensor, config: Config) -> bool:
 
 def trust_ratio(param: torch.Tensor, grad: torch.Tensor, config: Config) -> torch.Tensor:
     """The 0-dim local rate r of one tensor (1 where either norm is zero), without host syncs."""
-    param_norm = torch.linalg.vector_norm(param)
-    grad_norm = torch.linalg.vector_norm(grad)
+    param_norm = ops.norm(param)
+    grad_norm = ops.norm(grad)
     adapt = (param_norm > 0) & (grad_norm > 0)
     denominator = grad_norm + config.weight_decay * param_norm + config.eps
     # The unselected branch must stay finite too: torch.func.grad through where() would turn a 0/0 into NaN.
