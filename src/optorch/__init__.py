@@ -2,24 +2,32 @@
 
 Each algorithm is a module with a frozen ``Config``, ``init(params, config) -> state`` and a pure
 ``step(params, grads, state, config) -> (params, state)``; :func:`build` turns a config into a
-``torch.optim.Optimizer`` that runs the same math in place.
+``torch.optim.Optimizer`` that runs the same math in place, :func:`build_stepper` into the pure stepper.
+
+The code lives in layers (``core``, ``algorithms`` and ``schedules``, ``functional``, ``shim``,
+``builder``, ``tools``; see docs/architecture.md); this namespace is the public API, and every
+algorithm is also ``optorch.<name>`` (``optorch.adam.Config``).
 """
 
-from . import (
-    adadelta, adafactor, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, schedules, sgd,
+from . import _moved
+from . import schedules
+from .algorithms import (
+    ALGORITHMS, UnknownOptimizerError, adadelta, adafactor, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam,
+    register, rmsprop, rprop, sgd,
 )
-from . import amp
-from . import adaptive
-from .adaptive import AdaptiveConfig, AdaptiveOpt
-from .algorithm import Algorithm, Grid
-from .builder import ConfigError, build, load_config, parse_config
-from . import combinators
-from .combinators import bind
-from .config import Config
-from .inject import InjectedHyperparams, inject_hyperparams
-from .registry import ALGORITHMS, UnknownOptimizerError, register
+from .builder import ConfigError, build, build_stepper, load_config, parse_config
+from .core.algorithm import Algorithm, Grid
+from .core.config import Config
+from .functional import amp
+from .functional.adaptive import AdaptiveConfig
+from .functional.combinators import bind
+from .functional.inject import InjectedHyperparams, inject_hyperparams
 from .shim import Optimizer
-from .checkpoint import complete as complete_state_dict
+from .shim.adaptive import AdaptiveOpt
+from .shim.checkpoint import complete as complete_state_dict
+
+_moved.install()
+from . import adaptive, combinators  # noqa: E402 - old paths, answered by _moved: after install()
 
 __version__ = "0.2.0.dev0"
 
@@ -36,6 +44,7 @@ __all__ = [
     "UnknownOptimizerError",
     "bind",
     "build",
+    "build_stepper",
     "complete_state_dict",
     "inject_hyperparams",
     "load_config",
@@ -63,3 +72,7 @@ __all__ = [
     "schedules",
     "sgd",
 ]
+
+
+def __getattr__(name: str):
+    return _moved.attribute(name)

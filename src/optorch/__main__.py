@@ -1,5 +1,5 @@
 """``python -m optorch verify`` / ``python -m optorch compare``: the same command line as the ``optorch`` console script."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

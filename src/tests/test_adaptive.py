@@ -722,7 +722,7 @@ def test_the_entry_is_adapt_so_autosgm_keeps_its_own_adaptive_flag():
 
 
 def test_compare_steps_the_rules_and_records_the_adapted_knobs(tmp_path):
-    compare = pytest.importorskip("optorch.compare")
+    compare = pytest.importorskip("optorch.tools.compare")
     pytest.importorskip("sklearn")
     pytest.importorskip("tqdm")
     path = tmp_path / "sgd_adaptive.yaml"

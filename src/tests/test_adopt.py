@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optorch
-from optorch import verify
+from optorch.tools import verify
 from test_shim import loss_at, make_model, params_of, through_bytes, train
 
 ADOPT = pytest.importorskip("adopt").ADOPT

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import optorch
-from optorch import registry
+from optorch.algorithms import registry
 
 ALGORITHMS = sorted(registry.ALGORITHMS)
 TORCH_ALGORITHMS = sorted(name for name, a in registry.ALGORITHMS.items() if a.torch_optimizer is not None)

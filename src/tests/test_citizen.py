@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import optorch
-from optorch import registry
-from optorch.algorithm import SHARED_KEY
+from optorch.algorithms import registry
+from optorch.core.algorithm import SHARED_KEY
 
 TOLERANCE = 1e-12  # float64, the shim's engines against the reference
 ALGORITHMS = ["rmsprop", "adopt", "dag", "lars", "adafactor", "adam", "sgd"]

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import optorch
-from optorch import cli, engines, registry, verify
+from optorch.tools import cli, verify
+from optorch.shim import engines
+from optorch.algorithms import registry
 
 SMALL = ["verify", "--algo", "adam", "--steps", "10", "--dtype", "float64", "--device", "cpu", "--no-compile", "--jobs", "1", "--no-progress"]
 
@@ -121,6 +123,6 @@ def test_reductions_and_recordings_are_verified(capsys):
     args = ["verify", "--algo", "autosgm", "--dtype", "float64", "--device", "cpu", "--engine", "pure", "--engine", "eager", "--steps", "20", "--jobs", "1", "--no-progress"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    expected = 2 * len(optorch.autosgm.REDUCTIONS) + 2 * len(optorch.recorded.cases("autosgm"))
+    expected = 2 * len(optorch.autosgm.REDUCTIONS) + 2 * len(optorch.tools.recorded.cases("autosgm"))
     assert f"OK: {expected} checks" in out
     assert "= SGD: heavy-ball " in out and "= Adam: adam-cosine-restarts" in out and "recorded: polywin_maximize" in out

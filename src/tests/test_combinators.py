@@ -12,7 +12,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import optorch
 from optorch import combinators as C
-from optorch import schedules, verify
+from optorch import schedules
+from optorch.tools import verify
 
 DTYPE = torch.float64
 NAMES = {"linear.weight": (3, 4), "linear.bias": (3,), "norm.weight": (3,), "norm.bias": (3,)}
@@ -363,7 +364,7 @@ def test_the_shim_steps_as_the_pure_stepper_from_the_same_config(engine):
     optimizer = optorch.build(FULL, model, engine=engine)
     assert optimizer.engine == engine
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    stepper = C.from_config(FULL, params)
+    stepper = optorch.build_stepper(FULL, params)
     state = stepper.init(params)
     shadow = _net()  # the same weights, to compute the pure stepper's grads
     for t in range(16):
@@ -578,7 +579,7 @@ def test_params_may_be_a_module_named_parameters_or_tensors():
 
 def test_all_finite_eager_compiled_and_under_vmap():
     """The eager multi-tensor check, the compiled one and the per-tensor one under vmap agree."""
-    from optorch.ops import all_finite
+    from optorch.core.ops import all_finite
 
     nan, inf = float("nan"), float("inf")
     cases = [[torch.ones(3), torch.zeros(2, 2)], [torch.ones(3), torch.tensor([1.0, nan])], [torch.tensor([-inf]), torch.ones(2)]]
@@ -631,7 +632,7 @@ def test_shim_loss_scaling_steps_as_the_pure_scaled_stepper_and_resumes():
     model = _net()
     optimizer = optorch.build(config, model, engine="eager")
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    stepper = C.from_config(config, params)
+    stepper = optorch.build_stepper(config, params)
     state = stepper.init(params)
     shadow = _net()
     for t in range(14):

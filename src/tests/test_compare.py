@@ -20,7 +20,9 @@ if any(importlib.util.find_spec(module) is None for module in ("sklearn", "tqdm"
     pytest.skip("needs the compare extra: scikit-learn, tqdm, matplotlib", allow_module_level=True)
 
 import optorch  # noqa: E402
-from optorch import adam, cli, compare, registry  # noqa: E402
+from optorch import adam  # noqa: E402
+from optorch.tools import cli, compare
+from optorch.algorithms import registry
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

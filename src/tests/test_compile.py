@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import optorch
-from optorch import verify
+from optorch.tools import verify
 
 pytestmark = pytest.mark.compile
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import optorch
-from optorch import registry
+from optorch.algorithms import registry
 
 pytestmark = pytest.mark.compile
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import optorch
-from optorch import builder, combinators, registry
+from optorch import builder, combinators
+from optorch.algorithms import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs"

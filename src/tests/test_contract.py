@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import optorch
-from optorch.algorithm import Shared
-from optorch.config import NonNegative
+from optorch.core.algorithm import Shared
+from optorch.core.config import NonNegative
 
 
 class Config(optorch.Config):

@@ -16,7 +16,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import optorch
-from optorch import dag, recorded, verify
+from optorch import dag
+from optorch.tools import recorded, verify
 
 DTYPE = torch.float64
 

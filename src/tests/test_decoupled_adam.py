@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import optorch
-from optorch import decoupled_adam, verify
+from optorch import decoupled_adam
+from optorch.tools import verify
 
 
 def _problem():

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 import optorch
-from optorch import distributed, verify_distributed
-from optorch.verify_distributed import RESUME_TOLERANCE, TOLERANCE, Case
+from optorch import distributed  # the public path (its names live in optorch.core.distributed and optorch.builder)
+from optorch.tools import verify_distributed
+from optorch.tools.verify_distributed import RESUME_TOLERANCE, TOLERANCE, Case
 
 dist = pytest.importorskip("torch.distributed")
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optorch import builder, docgen, registry, schedules
+from optorch import builder, schedules
+
+from optorch.tools import docgen
+
+from optorch.algorithms import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -13,12 +17,12 @@ def test_committed_reference_is_current() -> None:
     committed = (ROOT / docgen.PAGE).read_text()
     assert committed == docgen.render(), (
         f"{docgen.PAGE} is stale (a Config, a schedule or a top-level entry changed): "
-        "regenerate it with `python -m optorch.docgen` from the repository root and commit it"
+        "regenerate it with `python -m optorch.tools.docgen` from the repository root and commit it"
     )
 
 
 def test_every_field_is_described_and_every_description_is_used() -> None:
-    assert docgen.undescribed() == [], "give these fields a docstring, or an entry in optorch.docgen.DESCRIPTIONS"
+    assert docgen.undescribed() == [], "give these fields a docstring, or an entry in optorch.tools.docgen.DESCRIPTIONS"
     assert set(docgen.DESCRIPTIONS) - docgen.used_descriptions() == set(), "entries of DESCRIPTIONS that no field uses"
 
 

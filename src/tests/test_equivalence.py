@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import optorch
-from optorch import adam, autosgm, recorded, registry, verify
+from optorch import adam, autosgm
+from optorch.tools import recorded, verify
+from optorch.algorithms import registry
 
 EXPECTED_GRIDS = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "adopt", "asgd", "lars", "nadam", "radam", "rmsprop", "rprop", "sgd"]
 """Every algorithm verified over a flag grid against a live reference: a reference package missing
@@ -99,7 +101,7 @@ def test_the_default_plan_checks_every_path_and_dtype():
         assert {check.dtype for check in mine} == set(verify.DTYPES), name
         assert {check.path for check in mine} >= {"pure", "eager"}, name
     compiled = {check.algorithm for check in plan.checks if check.path == "compiled"}
-    assert compiled == set(verify.COMPILED_REPRESENTATIVES) or not optorch.engines.compiler_available()
+    assert compiled == set(verify.COMPILED_REPRESENTATIVES) or not optorch.shim.engines.compiler_available()
     assert {check.algorithm for check in plan.checks if check.default_dtype == "float64"} == set(verify.grid_algorithms()) | {"adopt", "dag"}
 
 
@@ -187,17 +189,17 @@ def test_a_float32_bug_in_a_bias_correction_is_caught(monkeypatch):
         lr, (beta1, beta2), wd = config.lr, config.betas, config.weight_decay
         g = -grad if config.maximize else grad
         step = state["step"] + 1
-        param, g = optorch.ops.weight_decay(param, g, wd, config.decay_rate() if config.decoupled_weight_decay else None)
-        exp_avg = optorch.ops.lerp(state["exp_avg"], g, 1 - beta1)
-        exp_avg_sq = optorch.ops.addcmul(state["exp_avg_sq"] * beta2, g, g, 1 - beta2)
+        param, g = optorch.core.ops.weight_decay(param, g, wd, config.decay_rate() if config.decoupled_weight_decay else None)
+        exp_avg = optorch.core.ops.lerp(state["exp_avg"], g, 1 - beta1)
+        exp_avg_sq = optorch.core.ops.addcmul(state["exp_avg_sq"] * beta2, g, g, 1 - beta2)
         new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         if config.amsgrad:
             exp_avg_sq = new_state["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
-        t = optorch.ops.step_count(step, param)
+        t = optorch.core.ops.step_count(step, param)
         step_size = lr / (1 - beta1**t)
         bias_correction2_sqrt = _half_in_float32(torch.tensor((1 - beta2**t) ** 0.5, dtype=param.dtype))  # the bug
         denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + config.eps
-        return optorch.ops.addcdiv(param, exp_avg, denom, -step_size), new_state
+        return optorch.core.ops.addcdiv(param, exp_avg, denom, -step_size), new_state
 
     verify._cached.cache_clear()
     cases = verify.cover("adam")

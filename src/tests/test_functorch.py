@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from optorch import registry, verify
+from optorch.algorithms import registry
+
+from optorch.tools import verify
 
 DTYPE = torch.float64
 

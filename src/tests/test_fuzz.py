@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 import optorch
 from optorch import builder, combinators
+from optorch.core.errors import first_location
 from test_hardening import assert_same, snapshot
 
 pytestmark = pytest.mark.fuzz
@@ -80,7 +81,7 @@ def reference(name: str, config: dict, init: dict[str, torch.Tensor]):
             optimizer.step()
 
         return params, step, optimizer
-    stepper = combinators.from_config(config, dict(init))
+    stepper = optorch.build_stepper(config, dict(init))
     current = {"params": {k: v.detach().clone() for k, v in init.items()}}
     current["state"] = stepper.init(current["params"])
 
@@ -97,7 +98,7 @@ def params_of(ref) -> dict[str, torch.Tensor]:
 
 def names_what_is_wrong(error: BaseException, config: dict) -> bool:
     message = builder.explain(error)
-    location = builder.first_location(error) if isinstance(error, pydantic.ValidationError) else getattr(error, "key", ())
+    location = first_location(error) if isinstance(error, pydantic.ValidationError) else getattr(error, "key", ())
     return (bool(location) and location[0] in config) or any(str(key) in message for key in config)
 
 
@@ -176,7 +177,7 @@ def test_random_configs_build_and_step_correctly_or_fail_clearly(name, data):
         try:
             optimizer.step()
         except pydantic.ValidationError as error:  # a schedule that leaves the key's range later (step 0 is checked when parsed)
-            assert builder.first_location(error)[0] in config.get("schedule", {}), error
+            assert first_location(error)[0] in config.get("schedule", {}), error
             assert_same(snapshot(optimizer), before)
             return
         ref[1](grads)

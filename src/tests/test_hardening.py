@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import optorch
-from optorch import cli, compare
+from optorch.tools import cli, compare
 
 # ------------------------------------------------------------------------------------------------
 # the harness

@@ -9,7 +9,8 @@ import torch
 from pytorch_optimizer import LARS as TheirLARS
 
 import optorch
-from optorch import lars, verify
+from optorch import lars
+from optorch.tools import verify
 
 F64 = dict(dtype=torch.float64)
 

@@ -12,7 +12,9 @@ import torch
 import tree
 from torch.utils import _pytree as pytree
 
-from optorch import registry, verify
+from optorch.algorithms import registry
+
+from optorch.tools import verify
 
 
 def _configs(name: str) -> list[pytest.param]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import optorch
-from optorch import recorded, verify
+from optorch.tools import recorded, verify
 
 AUTOSGM_EPS_SCALE = 8
 """Without the emulated first-step nudge, AutoSGM's replay is off by the nudge's effect: measured 1.0 to

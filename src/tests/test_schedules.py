@@ -25,7 +25,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.optim import lr_scheduler as L
 
 from optorch import schedules as S
-from optorch import verify
+from optorch.tools import verify
 
 STEPS = 300
 CLOSED_ULPS = 2

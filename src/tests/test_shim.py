@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import optorch
-from optorch import registry
-from optorch.engines import TORCH_KERNELS
+from optorch.algorithms import registry
+from optorch.shim.engines import TORCH_KERNELS
 
 # ------------------------------------------------------------------------------------------------
 # cases: flag combinations per algorithm, chosen so every state key and branch is exercised
@@ -1077,7 +1077,7 @@ def test_frozen_params_in_a_group_are_untouched():
 @pytest.mark.parametrize("name", TORCH_ALGORITHMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_auto_engine_picks_torch_only_where_its_kernel_is_verified(name, dtype):
-    """auto runs torch's fused kernel exactly where optorch.engines.TORCH_KERNELS lists it (checked
+    """auto runs torch's fused kernel exactly where optorch.shim.engines.TORCH_KERNELS lists it (checked
     against torch's default kernel in test_engines.py), else optorch's own compiled update."""
     expected = "torch" if dtype in TORCH_KERNELS.get((name, "cpu"), ()) else "compiled"
     model = make_model().to(dtype)

@@ -1,0 +1,430 @@
+r"""AutoSGM: a first-order lowpass filter of the gradient and an iteration-dependent learning rate.
+
+Reimplements ``AutoSGM`` of somefunAgba/autosgm @c5b0935 (``asgm.py``), elementwise mode. Notation:
+:math:`t` the parameter's step count, :math:`w` the parameter, :math:`\lambda` the weight decay,
+:math:`\epsilon` eps, :math:`\alpha_0` lr.
+
+**The filter** :math:`\mathrm{LPF}(\beta, \gamma, \eta, \text{debias})` (:func:`lowpass`; :math:`\eta = 0`
+means :math:`1 - \beta`), with state :math:`s`:
+
+.. math::
+
+    p_t = s_{t-1} + \eta x_t, \qquad
+    y_t = p_t / c_t \;(c_1 = 1,\ c_{t \ge 2} = 1 - \gamma), \qquad
+    s_t = \beta p_t - \gamma\eta x_t,
+
+and with debias :math:`y_t \leftarrow y_t \cdot \frac{(1 - \beta)/\eta}{1 - \beta^t}`: the transfer function
+:math:`\eta(1 - \gamma z^{-1})/(1 - \beta z^{-1})`. :math:`\mathrm{EMA}_\beta = \mathrm{LPF}(\beta, 0, 0)` and
+:math:`\mathrm{SUM}_\beta = \mathrm{LPF}(\beta, 0, 1)`, neither debiased.
+
+**One step** (:math:`\sigma = -1` with maximize, else 1):
+
+.. math::
+
+    g &= \sigma\nabla f(w) \;(+\, \lambda w \text{ with coupled decay}) \\
+    m &= \mathrm{LPF}_{g\_sm}(g;\ \beta_i, \gamma_i, \eta_i, \text{debias}) \\
+    d &= \sqrt{\mathrm{LPF}_{g\_var}((g + \epsilon)^2;\ \beta_a, 0, \eta_i, \text{debias})} + \epsilon
+        \quad (d = 1 \text{ unless adaptive}) \\
+    v &= m / d \;(+\, \tfrac{1 - \beta_i}{1 - \gamma_i}\lambda w \text{ with decoupled decay}) \\
+    w &\leftarrow w - \alpha_t v, \qquad \alpha_t = \rho_t \cdot a_t
+
+with :math:`\rho_t` the window (:func:`window`) and the numerator :math:`a_t`: :math:`\alpha_0` (numerator 0
+or 4, or not adaptive), else :math:`\mathrm{LPF}_{lr\_num}(\overline{\min(|P_t|, \alpha_0(c_t + 1))};\
+0.1, 0, 0.9)`, a per-tensor mean, with :math:`c_t = \mathrm{EMA}_{\beta_n}(w^2)` and
+:math:`P_t = \mathrm{SUM}_{\beta_n}(\alpha_0 w v)` (numerator 1),
+:math:`P_t = \mathrm{SUM}_{\beta_n}(\alpha_0\,\mathrm{sign}(wv)\min(|wv|, 4h_t)/(c_t + 1))`,
+:math:`h_t = \mathrm{EMA}_{\beta_a}(|wv|)` (numerator 2), or :math:`\min(Q_t, \alpha_0)`,
+:math:`Q_t = \mathrm{EMA}_{\beta_n}(\alpha_0 (g/d)^2)` (numerator 3).
+
+State per parameter, under the original's names, only what the config uses: ``step``, ``g_sm``;
+``g_var`` when adaptive; ``pc``, ``lr_num`` (0-dim) for numerators 1-3; ``wsq`` for 1-2; ``pcx`` for 2.
+The window needs no state: its frame position follows from ``step``.
+
+Deviations from the original (docs/algorithms/autosgm.md lists them all, each with a test): the
+parameter is updated itself (no private weight copy, no ``+eps`` nudge of tiny initial weights);
+``lr`` is a param-group key and the config is read every step; maximize negates the gradient, not
+the step; the epoch counter is ``ceil(t / spe)``; frames always restart; scalars are kept in the
+parameter's precision (the original keeps lr in float32); 0-dim parameters work; 2D mode is absent.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import field_validator, model_validator
+from torch import Tensor
+
+from ..core import ops
+from ..core.algorithm import Algorithm, LeafState, Reduction
+from ..core.config import Config as _Config
+from ..core.config import Count, Flag, NonNegative, Probability, Scalar, UnitInterval, is_zero
+from ..core.distributed import full
+
+__all__ = ["Config", "Reduction", "REDUCTIONS", "TUPLES", "algorithm", "init", "init_leaf", "lowpass", "step", "update", "window"]
+
+
+# The original's tuple arguments and the named fields their positions fill, in order.
+TUPLES: dict[str, tuple[str, ...]] = {
+    "lr_cfg": ("adaptive", "lr", "numerator"),
+    "beta_cfg": ("beta_n", "beta_a", "beta_i", "gamma_i", "eta_i", "debias"),
+    "rc_cfg": (
+        "window", "window_sequence", "window_floor", "window_order", "window_full",
+        "window_epochs", "window_steps_per_epoch", "window_unit", "window_flat_top",
+    ),
+    "wd_cfg": ("weight_decay", "decoupled_weight_decay"),
+    "eps_cfg": ("eps",),
+}
+_OFF_ONLY = {"mix_cfg": 5, "dbg": None}  # accepted for migration, only with their feature off
+
+
+def _positive(value: Any) -> Any:
+    if not isinstance(value, Tensor) and not value > 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return value
+
+
+def _kind(value: int, count: int, meanings: str) -> int:
+    """``value`` if it is one of the ``count`` kinds 0, 1, ..., else an error listing them."""
+    if value not in range(count):
+        raise ValueError(f"must be 0-{count - 1} ({meanings}), got {value}")
+    return value
+
+
+class Config(_Config):
+    """AutoSGM's hyperparameters under names; the original's tuples are accepted too (see ``TUPLES``)."""
+
+    accepted_keys: ClassVar[tuple[str, ...]] = (*TUPLES, *_OFF_ONLY)
+
+    # lr_cfg
+    adaptive: Flag = True
+    lr: NonNegative = 1e-2
+    numerator: Count = 0
+    # beta_cfg
+    beta_n: Probability = 0.9999
+    beta_a: Probability = 0.999
+    beta_i: Probability = 0.9
+    gamma_i: Scalar = 0.0
+    eta_i: UnitInterval = 0.0
+    debias: Flag = True
+    # rc_cfg
+    window: Count = 0
+    window_sequence: Count = 0
+    window_floor: UnitInterval = 0.0
+    window_order: Scalar = 2.0
+    window_full: Flag = False
+    window_epochs: Count = 1000
+    window_steps_per_epoch: Count = 1
+    window_unit: Count = 1
+    window_flat_top: UnitInterval = 0.0
+    # wd_cfg, eps_cfg
+    weight_decay: NonNegative = 0.0
+    decoupled_weight_decay: Flag = False
+    eps: NonNegative = 1e-10
+    maximize: Flag = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_tuples(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        for key, size in _OFF_ONLY.items():
+            if key not in values:
+                continue
+            value = values.pop(key)
+            if key == "dbg" and value is not False:
+                raise ValueError("dbg=True (diagnostics history) is not supported; leave dbg out or False")
+            if key == "mix_cfg":
+                if not isinstance(value, (tuple, list)) or len(value) != size:
+                    raise ValueError(f"mix_cfg must have {size} entries (mix2d, avg, lr0_2d, pole_2d, zero_2d), got {value!r}")
+                if value[0] is not False:
+                    raise ValueError("mix_cfg: the 2D mode (mix2d=True) is not implemented; set mix_cfg[0] to False")
+        for key, names in TUPLES.items():
+            if key not in values:
+                continue
+            value = values.pop(key)
+            if not isinstance(value, (tuple, list)) or len(value) != len(names):
+                raise ValueError(f"{key} must have {len(names)} entries ({', '.join(names)}), got {value!r}")
+            both = [name for name in names if name in values]
+            if both:
+                raise ValueError(f"{key} and {', '.join(both)} are both given; use the tuple or the named fields, not both")
+            expanded = dict(zip(names, value))
+            if key == "rc_cfg":  # m: 0 is a full window, anything else a half one
+                expanded["window_full"] = _int_flag("rc_cfg m", expanded["window_full"]) == 0
+            if key == "wd_cfg":  # wd_lvl: 0 is coupled (L2), anything else decoupled
+                expanded["decoupled_weight_decay"] = _int_flag("wd_cfg wd_lvl", expanded["decoupled_weight_decay"]) != 0
+            values.update(expanded)
+        return values
+
+    @field_validator("window_order")
+    @classmethod
+    def _order_positive(cls, value):
+        return _positive(value)
+
+    @field_validator("numerator")
+    @classmethod
+    def _numerator(cls, value):
+        return _kind(value, 5, "0 unity, 1 partial correlation, 2 clipped partial correlation, 3 moment, 4 = 0")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value):
+        return _kind(value, 7, "0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic")
+
+    @field_validator("window_sequence")
+    @classmethod
+    def _sequence(cls, value):
+        _kind(value, 2, "0 uniform, 1 Kronecker")
+        if value == 1:
+            warnings.warn("autosgm: window_sequence (inseq) = 1 is ignored, as in the original: the uniform sequence is used", UserWarning, stacklevel=2)
+        return value
+
+    @field_validator("window_epochs", "window_steps_per_epoch")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @field_validator("window_unit")
+    @classmethod
+    def _unit(cls, value):
+        if value < 0:
+            raise ValueError(f"must be >= 0 (0 epochs, 1 steps, 2 steps restarting each epoch, >= 3 steps in that many stairs), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.window_epochs * self.window_steps_per_epoch < 2:
+            raise ValueError(f"window_epochs * window_steps_per_epoch (tau * spe) must be >= 2, got {self.window_epochs} * {self.window_steps_per_epoch}")
+        if self.window_unit == 0 and self.window_epochs <= 1:
+            raise ValueError("window_unit 0 (frames counted in epochs) needs window_epochs (tau) > 1")
+        if self.window == 3 and not isinstance(self.window_order, Tensor) and self.window_order == 1:
+            raise ValueError("window 3 (exponential) needs window_order (its base n) != 1")
+        if self.window in (5, 6) and not isinstance(self.window_order, Tensor):
+            stairs = self.window_unit if self.window_unit >= 3 else 1
+            power = 2 * stairs * self.window_order if self.window == 5 else self.window_order
+            if power >= 1024:  # the logistic computes 2 ** power, which overflows float64 from 1024 on
+                raise ValueError(f"window {self.window} (logistic) raises 2 to {'2 * stairs * window_order' if self.window == 5 else 'window_order'}, "
+                                 f"which must be below 1024 (2 ** 1024 overflows float64), got {power:g}")
+        gamma, beta = self.gamma_i, self.beta_i
+        if not isinstance(gamma, Tensor) and not isinstance(beta, Tensor) and not (gamma < beta or gamma == 0):
+            raise ValueError(f"gamma_i (the filter's zero) must be below beta_i (its pole) or 0, got gamma_i={gamma}, beta_i={beta}")
+        return self
+
+
+def _int_flag(name: str, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# the filter and the window
+
+
+def _where(cond: Any, a: Any, b: Any) -> Any:
+    """``a if cond else b``, for a Python bool or a tensor condition."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    return torch.where(cond, a, b)
+
+
+def lowpass(state: Tensor, x: Tensor, t: Any, beta: Any, gamma: Any = 0.0, eta: Any = 0.0, debias: bool = False) -> tuple[Tensor, Tensor]:
+    """One step of the first-order filter LPF(beta, gamma, eta, debias): ``(output, new_state)``.
+
+    ``t`` is the 1-based step (a number or a tensor); ``eta = 0`` stands for ``1 - beta``.
+    """
+    eta = (1 - beta if eta == 0 else eta) if not isinstance(eta, Tensor) else torch.where(eta == 0, 1 - beta, eta)
+    p = ops.add(state, x, eta)
+    new_state = p * beta
+    y = p
+    if not is_zero(gamma):
+        new_state = ops.add(new_state, x, -gamma * eta)
+        y = p / ops.like(_where(t == 1, 1.0, 1 - gamma), p)  # the first output is not normalised
+    if debias:
+        y = y * ops.like((1 - beta) / eta / (1 - beta**t), p)
+    return y, new_state
+
+
+def _cos(v: Any) -> Any:
+    return torch.cos(v) if isinstance(v, Tensor) else math.cos(v)
+
+
+def _ceil(v: Any) -> Any:
+    return torch.ceil(v) if isinstance(v, Tensor) else math.ceil(v)
+
+
+def _at_least_one(v: Any) -> Any:
+    return torch.clamp(v, min=1) if isinstance(v, Tensor) else max(1, v)
+
+
+def _shape(kind: int, f: Any, n: Any, stairs: int) -> Any:
+    """The window shape S(f) on [0, 1] (1 at f = 0), in ``stairs`` scaled copies (the original's M)."""
+    if kind == 2:  # polynomial; ignores the stairs
+        return (1 - f) ** n
+    if kind == 5:  # logistic, inflection mid-frame
+
+        def mean_sigmoid(x):
+            return sum(1 / (1 + 2 ** (2 * stairs * n * (x - (j + 0.5) / stairs))) for j in range(stairs)) / stairs
+
+        low = mean_sigmoid(1.0)
+        return (mean_sigmoid(f) - low) / (mean_sigmoid(0.0) - low)
+    i = _at_least_one(_ceil(stairs * f))
+    r = stairs * f - i + 1
+    if kind == 1:  # raised cosine
+        s = _cos(math.pi * r / 2) ** n
+    elif kind == 3:  # exponential, base n
+        s = (n**r - n) / (1 - n)
+    elif kind == 4:  # simple polynomial
+        s = (1 - r**n) ** 2
+    else:  # 6: logistic, late inflection (not normalised, as in the original)
+        high, low = 1 / (1 + 2 ** (-n)), 1 / (1 + 2**n)
+        s = (1 / (1 + 2 ** (2 * n * (r - 0.875))) - low) / (high - low)
+    return (stairs - i + s) / stairs
+
+
+def window(t: Any, config: Config) -> Any:
+    """The window (learning-rate schedule) value rho_t at the 1-based step ``t`` (a number or a tensor).
+
+    Frames of L steps (or epochs, window_unit 0) restart cyclically; inside a frame, f = c / L for
+    the frame's c-th step (from 0), folded to |2f - 1| for a full window. rho = 1 on the flat top
+    (f < window_flat_top), else x + (1 - x) S(f') with f' = (f - e) / (1 - e) and x the floor.
+    """
+    kind = config.window
+    e = config.window_flat_top
+    if kind == 0 or (not isinstance(e, Tensor) and e == 1):
+        return 1.0
+    tau, spe, unit = config.window_epochs, config.window_steps_per_epoch, config.window_unit
+    if unit == 0:  # frames of tau epochs; the epoch is ceil(t / spe) (the original counts by tau)
+        u, length = _ceil(t / spe), tau
+    else:
+        u, length = t, spe if unit == 2 else tau * spe
+    f = ((u - 1) % length) / length
+    if config.window_full:
+        f = abs(2 * f - 1)
+    x = config.window_floor
+    shaped = _shape(kind, (f - e) / (1 - e), config.window_order, unit if unit >= 3 else 1)
+    rho = x + (1 - x) * shaped
+    flat = (f < e) | (e == 1) if isinstance(e, Tensor) else f < e
+    if isinstance(flat, bool):
+        return 1.0 if flat else rho
+    return torch.where(flat, torch.ones_like(rho), rho)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stepper
+
+
+def init_leaf(param: Tensor, config: Config) -> LeafState:
+    state = {"step": ops.new_step(param), "g_sm": torch.zeros_like(param)}
+    if config.adaptive:
+        state["g_var"] = torch.zeros_like(param)
+        if config.numerator in (1, 2, 3):
+            state["pc"] = torch.zeros_like(param)
+            state["lr_num"] = torch.zeros((), dtype=param.dtype, device=param.device)
+        if config.numerator in (1, 2):
+            state["wsq"] = torch.zeros_like(param)
+        if config.numerator == 2:
+            state["pcx"] = torch.zeros_like(param)
+    return state
+
+
+def update(param: Tensor, grad: Tensor, state: LeafState, config: Config):
+    c = config
+    step = state["step"] + 1
+    t = ops.step_count(step, param)
+    g = -grad if c.maximize else grad
+    wd = c.weight_decay
+    if not c.decoupled_weight_decay and not is_zero(wd):
+        g = ops.add(g, param, wd)
+    m, g_sm = lowpass(state["g_sm"], g, t, c.beta_i, c.gamma_i, c.eta_i, c.debias)
+    new_state = {"step": step, "g_sm": g_sm}
+    d = None
+    if c.adaptive:
+        shifted = g if is_zero(c.eps) else g + c.eps  # the original's (g + eps)^2
+        moment, new_state["g_var"] = lowpass(state["g_var"], shifted * shifted, t, c.beta_a, 0.0, c.eta_i, c.debias)
+        d = moment.sqrt() + c.eps
+        v = m / d
+    else:
+        v = m
+    if c.decoupled_weight_decay and not is_zero(wd):
+        v = ops.add(v, param, (1 - c.beta_i) / (1 - c.gamma_i) * wd)
+    rho = window(t, c)
+    if c.adaptive and c.numerator in (1, 2, 3):
+        numerator = _numerator(param, g, d, v, state, new_state, t, c)
+        alpha = rho * numerator
+    else:  # numerator 4's Huber prefilter is unreachable in the original: 4 is 0
+        alpha = c.lr * rho
+    return ops.add(param, v, -ops.like(alpha, param)), new_state
+
+
+def _numerator(w: Tensor, g: Tensor, d: Tensor, v: Tensor, state: LeafState, new_state: LeafState, t: Any, c: Config) -> Tensor:
+    """The per-tensor learning-rate numerator of numerators 1-3 (a 0-dim tensor); fills its state."""
+    lr = c.lr
+    if c.numerator == 3:
+        u = g / d
+        q, new_state["pc"] = lowpass(state["pc"], ops.like(lr, w) * u * u, t, c.beta_n)
+        clipped = torch.clamp(q, max=lr) if not isinstance(lr, Tensor) else torch.minimum(q, ops.like(lr, q))
+    else:
+        csq, new_state["wsq"] = lowpass(state["wsq"], w * w, t, c.beta_n)
+        x = w * v
+        if c.numerator == 1:
+            source = ops.like(lr, w) * x
+        else:  # a Markov (Huber-like) clip of w v at four times its running mean magnitude
+            h, new_state["pcx"] = lowpass(state["pcx"], x.abs(), t, c.beta_a)
+            source = ops.like(lr, w) * torch.sign(x) * torch.minimum(x.abs(), 4 * h) / (csq + 1)
+        p, new_state["pc"] = lowpass(state["pc"], source, t, c.beta_n, 0.0, 1.0)
+        clipped = torch.minimum(p.abs(), ops.like(lr, w) * (csq + 1))
+    # sum / n is mean's own arithmetic (bit for bit); a sharded param's sum is one number reduced, not the tensor gathered
+    smoothed, new_state["lr_num"] = lowpass(state["lr_num"], full(clipped.sum()) / clipped.numel(), t, 0.1, 0.0, 0.9)
+    return smoothed
+
+
+# ------------------------------------------------------------------------------------------------
+# exact reductions to torch.optim (spec section 7), shared by the tests
+
+
+_MU, _LR = 0.9, 2.0**-5
+_ADAM = {"adaptive": True, "lr": 2.0**-7, "beta_a": 0.999, "beta_i": 0.9, "eps": 1e-30}
+_ADAM_TORCH = {"lr": 2.0**-7, "betas": (0.9, 0.999), "eps": 1e-30}
+_PLAIN = {"adaptive": False, "lr": _LR, "beta_i": 0.0}
+
+
+def _lambda(factor: Callable[[int], float]) -> Callable[[torch.optim.Optimizer], Any]:
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+REDUCTIONS: tuple[Reduction, ...] = (
+    Reduction("sgd", _PLAIN, "SGD", {"lr": _LR}),
+    Reduction("sgd-l2", {**_PLAIN, "weight_decay": 0.0625}, "SGD", {"lr": _LR, "weight_decay": 0.0625}),
+    Reduction("heavy-ball", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False}, "SGD", {"lr": _LR, "momentum": _MU}),
+    Reduction("heavy-ball-l2-maximize", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False, "weight_decay": 0.0625, "maximize": True},
+              "SGD", {"lr": _LR, "momentum": _MU, "weight_decay": 0.0625, "maximize": True}),
+    Reduction("heavy-ball-eta", {**_PLAIN, "beta_i": _MU, "debias": False}, "SGD", {"lr": _LR * (1 - _MU), "momentum": _MU}),
+    Reduction("heavy-ball-debiased", {**_PLAIN, "beta_i": _MU}, "SGD", {"lr": _LR, "momentum": _MU},
+              _lambda(lambda s: (1 - _MU) / (1 - _MU ** (s + 1)))),
+    Reduction("nesterov", {**_PLAIN, "beta_i": _MU, "gamma_i": _MU / (1 + _MU), "eta_i": 1.0, "debias": False},
+              "SGD", {"lr": _LR, "momentum": _MU, "nesterov": True}, _lambda(lambda s: 1 / (1 + _MU) if s == 0 else 1.0)),
+    Reduction("adam", _ADAM, "Adam", _ADAM_TORCH),
+    Reduction("adam-l2-maximize", {**_ADAM, "weight_decay": 0.0625, "maximize": True}, "Adam", {**_ADAM_TORCH, "weight_decay": 0.0625, "maximize": True}),
+    Reduction("adamw", {**_ADAM, "weight_decay": 0.25 * (1 - 0.0) / (1 - 0.9), "decoupled_weight_decay": True}, "AdamW", {**_ADAM_TORCH, "weight_decay": 0.25}),
+    Reduction("adam-beta1-0", {**_ADAM, "beta_i": 0.0}, "Adam", {**_ADAM_TORCH, "betas": (0.0, 0.999)}),
+    Reduction("rmsprop", {**_ADAM, "beta_a": 0.99, "beta_i": 0.0, "debias": False}, "RMSprop", {"lr": 2.0**-7, "alpha": 0.99, "eps": 1e-30}),
+    Reduction("sgd-cosine-frame", {**_PLAIN, "window": 1, "window_order": 2.0, "window_floor": 0.125, "window_epochs": 1, "window_steps_per_epoch": 150},
+              "SGD", {"lr": _LR}, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=150, eta_min=0.125 * _LR)),
+    Reduction("adam-cosine-restarts", {**_ADAM, "window": 1, "window_order": 2.0, "window_floor": 0.125, "window_epochs": 5, "window_steps_per_epoch": 6},
+              "Adam", _ADAM_TORCH, lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=30, eta_min=0.125 * 2.0**-7)),
+    Reduction("sgd-linear-frame", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False, "window": 2, "window_order": 1.0, "window_floor": 0.25,
+                                   "window_epochs": 1, "window_steps_per_epoch": 150},
+              "SGD", {"lr": _LR, "momentum": _MU}, lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.25, total_iters=150)),
+)
+"""Spec section 7: each AutoSGM config and the torch.optim optimizer (and scheduler) it reduces to
+exactly, up to float64 rounding (eps 1e-30 stands for 0: the original's (g + eps)^2 is g^2 then)."""
+
+algorithm = Algorithm("autosgm", Config, init_leaf, update, elementwise=False, reductions=REDUCTIONS)
+init, step = algorithm.init, algorithm.step

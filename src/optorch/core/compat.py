@@ -1,0 +1,51 @@
+"""The one home of what optorch takes from torch that torch does not promise to keep.
+
+Each name here is a private or semi-private torch API (a leading underscore, or a functional kernel
+that torch.optim exposes without documenting). Kept in one module, a torch release that moves one is
+a change to this file alone, and ``pyproject.toml``'s torch range says which releases were checked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adagrad import adagrad as torch_adagrad
+from torch.optim.adam import adam as torch_adam
+from torch.optim.sgd import sgd as torch_sgd
+from torch.utils import _pytree as pytree
+
+__all__ = [
+    "cpp_compiler_available",
+    "in_backward",
+    "is_functorch_wrapped",
+    "pytree",
+    "torch_adagrad",
+    "torch_adam",
+    "torch_sgd",
+    "unflatten_dense_tensors",
+]
+
+unflatten_dense_tensors = torch._C._nn.unflatten_dense_tensors
+"""Views of one flat tensor shaped like the given tensors (what DDP's bucketing uses)."""
+
+
+def is_functorch_wrapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.func`` transform's wrapper (grad, vmap, jvp)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def in_backward() -> bool:
+    """Whether this runs inside autograd's backward pass (e.g. a ``register_post_accumulate_grad_hook``
+    that steps an optimizer per parameter)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def cpp_compiler_available() -> bool:
+    """Whether Inductor finds a C++ compiler (raises nothing; any failure means none)."""
+    try:
+        # Inductor is heavy and only compiled engines need it: imported on first use
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to find one means no compiling
+        return False
