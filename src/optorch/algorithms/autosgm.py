@@ -61,7 +61,8 @@ from torch import Tensor
 from ..core import ops
 from ..core.algorithm import Algorithm, LeafState, Reduction
 from ..core.config import Config as _Config
-from ..core.config import Count, Flag, NonNegative, Probability, Scalar, UnitInterval, is_zero
+from ..core.config import Count, Flag, NonNegative, Probability, Scalar, UnitInterval
+from ..core.scalars import is_zero
 from ..core.distributed import full
 
 __all__ = ["Config", "Reduction", "REDUCTIONS", "TUPLES", "algorithm", "init", "init_leaf", "lowpass", "step", "update", "window"]

@@ -58,7 +58,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from ..core import ops
 from ..core.algorithm import Algorithm, LeafState, Shared
 from ..core.config import Config as _Config
-from ..core.config import Flag, NonNegative, Number, Probability, UnitInterval, check_count, is_zero, representable
+from ..core.config import Flag, NonNegative, Number, Probability, UnitInterval, check_count, representable
+from ..core.scalars import is_zero
 from ..core.errors import shown
 from ..core.distributed import full
 

@@ -27,7 +27,8 @@ from pydantic import model_validator
 
 from . import adam
 from ..core.algorithm import Algorithm, Reduction
-from ..core.config import NonNegative, is_zero
+from ..core.config import NonNegative
+from ..core.scalars import is_zero
 
 __all__ = ["Config", "init", "step", "algorithm"]
 

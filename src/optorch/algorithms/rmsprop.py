@@ -23,7 +23,8 @@ import torch
 from ..core import ops
 from ..core.algorithm import Algorithm, Grid, LeafState
 from ..core.config import Config as _Config
-from ..core.config import Flag, NonNegative, Probability, UnitInterval, is_zero
+from ..core.config import Flag, NonNegative, Probability, UnitInterval
+from ..core.scalars import is_zero
 
 __all__ = ["Config", "init", "step", "algorithm"]
 

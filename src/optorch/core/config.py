@@ -17,16 +17,15 @@ The settings around the algorithms (schedules, combinators, the loss scaler, ada
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Annotated, Any, Callable, ClassVar, Sequence
+from typing import Annotated, Any, Callable, ClassVar
 
-import pydantic
 import torch
 from .errors import shown
+from .scalars import is_real
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool, ValidationInfo, field_validator
 
 __all__ = ["Config", "Count", "Flag", "Number", "Scalar", "NonNegative", "Probability", "UnitInterval", "check_count", "check_tensor_hyperparameter",
-           "is_zero", "representable"]
+           "representable"]
 
 
 
@@ -44,7 +43,7 @@ def check_tensor_hyperparameter(value: torch.Tensor) -> torch.Tensor:
 def _coerce_scalar(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return check_tensor_hyperparameter(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise ValueError(f"expected a real number or a 0-dim tensor, got {type(value).__name__} {shown(value)}")
     try:
         number = float(value)
@@ -99,11 +98,6 @@ def representable(value: float, dtype: torch.dtype) -> bool:
     unless it is 0 (a loss scale of 1e-50 is 0 in float32; one of 1e39 is inf)."""
     rounded = torch.tensor(value, dtype=torch.float64).to(dtype).item()
     return math.isfinite(rounded) and (rounded != 0 or value == 0)
-
-
-def is_zero(value: Any) -> bool:
-    """True only for a number that is exactly zero; a tensor's value is unknown, so never."""
-    return not isinstance(value, torch.Tensor) and value == 0
 
 
 class Config(BaseModel):

@@ -5,7 +5,6 @@ names), reading the bases there and writing the adapted values back: the pure si
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Mapping
 
 import torch
@@ -13,6 +12,7 @@ from torch import Tensor
 
 
 
+from ..core.scalars import is_scalar
 from .adaptive import AdaptiveConfig, knob_value
 
 __all__ = ["BASE_PREFIX", "PREFIX", "bases", "flatten_state", "locations", "read_knob", "write_hyperparams"]
@@ -45,15 +45,9 @@ def locations(group: Mapping[str, Any], optimizer_name: str | None = None) -> di
         value = group.get(key)
         if index is not None:
             value = value[index] if isinstance(value, (tuple, list)) and len(value) > index else None
-        if _is_number(value):
+        if is_scalar(value):
             found[knob] = (key, index)
     return found
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return value.numel() == 1 and value.is_floating_point()
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def read_knob(container: Mapping[str, Any], location: tuple[str, int | None]) -> Any:

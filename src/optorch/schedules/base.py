@@ -4,7 +4,6 @@ and the warmup-then-decay family. The module docs of :mod:`optorch.schedules` gi
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Annotated, Any, Literal
 
 import torch
@@ -14,6 +13,7 @@ from torch import Tensor
 from ..core.config import Count, Number
 
 from ..core.ops import scalar_dtype
+from ..core.scalars import is_real
 
 __all__ = ["Constant", "Cosine", "Linear", "Schedule", "WarmupStableDecay"]
 
@@ -36,7 +36,7 @@ def _as_step(step: Any) -> float | Tensor:
         if step.is_complex():
             raise TypeError(f"a step must be real, got a {step.dtype} tensor")
         return torch.clamp(step.to(scalar_dtype(step)), min=0.0)
-    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+    if not is_real(step):
         raise TypeError(f"a step must be an int, a float or a tensor, got {type(step).__name__} {step!r}")
     return max(float(step), 0.0)
 

@@ -6,7 +6,6 @@ the rule state in its ``state_dict``).
 from __future__ import annotations
 
 import math
-import numbers
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +15,7 @@ from torch import Tensor
 from ..core.compat import pytree
 
 
+from ..core.scalars import is_real
 from ..functional.adaptive import AdaptiveConfig, adaptable, init, knob_value, update
 from ..functional.knobs import BASE_PREFIX, flatten_state, locations, read_knob
 
@@ -73,7 +73,7 @@ class AdaptiveOpt:
             places, store = self._locations(group), self._base_store(index)
             for knob in rules:
                 if knob in places and BASE_PREFIX + knob not in store:
-                    store[BASE_PREFIX + knob] = _float(read_knob(group, places[knob]))
+                    store[BASE_PREFIX + knob] = float(read_knob(group, places[knob]))
 
     def _base_store(self, index: int) -> dict[str, Any]:
         if self._bases_in_groups:
@@ -124,7 +124,7 @@ class AdaptiveOpt:
     def knobs(self, group: int = 0) -> dict[str, float]:
         """Every knob the param group has, by knob name, as floats."""
         group_ = self.optimizer.param_groups[group]
-        return {knob: _float(read_knob(group_, place)) for knob, place in self._locations(group_).items()}
+        return {knob: float(read_knob(group_, place)) for knob, place in self._locations(group_).items()}
 
     def _knob(self, name: str) -> float | None:
         return self.knobs().get(name)
@@ -226,10 +226,6 @@ def plot_history(history: Mapping[str, list[float]], path: str | Path, title: st
     return path
 
 
-def _float(value: Any) -> float:
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
-
-
 def _loss_value(loss: Any) -> float:
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
@@ -243,7 +239,7 @@ def _loss_value(loss: Any) -> float:
             dist.all_reduce(loss)
             loss = loss / dist.get_world_size()
         return float(loss)
-    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+    if not is_real(loss):
         raise TypeError(f"step_loss needs a loss tensor or a number, got {type(loss).__name__}")
     return float(loss)
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..functional.knobs import BASE_PREFIX, flatten_state
 from ..functional.amp import MIN_SCALE
+from ..core.scalars import as_float
 from ..core.errors import problems, shown
 if TYPE_CHECKING:  # the optimizer loads through this module: named for the annotations only
     from .optimizer import Optimizer
@@ -254,7 +255,7 @@ class _Plan:
                 self.fail(f"param group {i} of the state_dict has no {SCHEDULE_KEY!r}, which this optimizer's 'schedule' entry needs "
                           "(a torch.optim checkpoint?); to continue the schedule from a known step, load "
                           "optorch.complete_state_dict(optimizer, state_dict, schedule_step=N)")
-            position = _number(saved[SCHEDULE_KEY])
+            position = as_float(saved[SCHEDULE_KEY])
             if position is None or not math.isfinite(position) or not 0 <= position < 2**63 or position != int(position):
                 self.fail(f"param group {i}: {SCHEDULE_KEY!r} must be a whole number >= 0, got {shown(saved[SCHEDULE_KEY])}")
         for key in saved:
@@ -317,7 +318,7 @@ class _Plan:
         for key, reference in expected.items():
             value = internal[key]
             if reference.dim() == 0:
-                number = _number(value)
+                number = as_float(value)
                 if number is None:
                     self.fail(f"{key!r} of parameter {index} must be a number or a one-element tensor, got {_describe(value)}")
                 if key == "step" and isinstance(value, Tensor) and value.dtype not in (torch.float32, torch.float64):
@@ -382,7 +383,7 @@ class _Plan:
                     new[key] = group[key]  # how this shim runs is not the checkpoint's to say
             new[FORMAT_KEY] = FORMAT
             if optimizer.schedules:
-                new[SCHEDULE_KEY] = torch.tensor(int(_number(saved[SCHEDULE_KEY])), dtype=torch.int64)
+                new[SCHEDULE_KEY] = torch.tensor(int(as_float(saved[SCHEDULE_KEY])), dtype=torch.int64)
             new["params"] = group["params"]
             new.update(optimizer._linked)
             self.new_groups.append(new)
@@ -503,14 +504,6 @@ def _agree(a: Any, b: Any) -> bool:
 
 def _castable(param: Tensor) -> set[torch.dtype]:
     return {torch.float16, torch.bfloat16, torch.float32, torch.float64, param.dtype} if param.is_floating_point() else {param.dtype}
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, Tensor):
-        return float(value.reshape(())) if value.numel() == 1 and not value.is_complex() else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
 
 
 def _describe(value: Any) -> str:

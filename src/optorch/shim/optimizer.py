@@ -45,7 +45,8 @@ from ..core.config import Config
 from .engines import ENGINES, Engine, TorchEngine, Work, make_engine, resolve_engine
 from .persistence import Persistent
 from .runtime import attach
-from .state import FORMAT, FORMAT_KEY, NO_EMA, NO_SCALER, SCHEDULE_KEY, SHARED_PREFIX, StateDict, _StateCheck, _check_unique, _is_zero, _assign, _equal_values, _same
+from ..core.scalars import reads_zero
+from .state import FORMAT, FORMAT_KEY, NO_EMA, NO_SCALER, SCHEDULE_KEY, SHARED_PREFIX, StateDict, _StateCheck, _check_unique, _assign, _equal_values, _same
 
 __all__ = ["ENGINES", "Optimizer"]
 
@@ -362,7 +363,7 @@ class Optimizer(Persistent, torch.optim.Optimizer):
         what ``torch.distributed.checkpoint`` runs to create the state it then saves or loads. It
         creates the state and changes nothing else (no param, position, counter or statistic). Every
         rank decides alike: a sharded gradient is checked whole, and under a partition the ranks vote."""
-        if not all(_is_zero(group.get("lr", 0.0)) for group in self.param_groups):
+        if not all(reads_zero(group.get("lr", 0.0)) for group in self.param_groups):
             return False
         grads = [p.grad for p in self._all_params() if p.grad is not None]
         local = not any(self.state.values()) and all(not bool(distributed.full(g.any())) for g in grads)

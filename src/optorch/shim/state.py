@@ -210,12 +210,6 @@ def _check_unique(params: list[Any] | None, groups: list[dict[str, Any]]) -> Non
         raise ValueError("some parameters appear in more than one parameter group")
 
 
-def _is_zero(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return value.numel() == 1 and not bool(value)
-    return isinstance(value, (int, float)) and value == 0
-
-
 def _same(a: tuple, b: tuple) -> bool:
     """Whether two tuples of hyperparameter values are the same: tensors by identity, the rest by
     type and value (a tensor replaced by an equal one is new: its later in-place changes count)."""

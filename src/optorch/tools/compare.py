@@ -50,6 +50,7 @@ from ..core.algorithm import Algorithm
 from ..builder.make import assemble
 from ..builder.spec import Parsed, explain, parse
 from ..core.errors import ConfigError
+from ..core.scalars import as_float
 from ..core.config import Config
 
 __all__ = [
@@ -426,24 +427,14 @@ def _knobs(optimizer) -> dict[str, float]:
             else:
                 items = {f"{prefix}{key}": value}
             for name, item in items.items():
-                number = _number(item)
+                number = as_float(item)
                 if number is not None:
                     knobs[name] = number
     for key, value in (optimizer.shared or {}).items():
-        number = _number(value)
+        number = as_float(value)
         if number is not None:
             knobs[f"shared.{key}"] = number
     return knobs
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return float(value.item())
-    return None
 
 
 # -- reporting ---------------------------------------------------------------------------------
