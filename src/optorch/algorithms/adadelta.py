@@ -30,7 +30,9 @@ __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
 class Config(_Config):
     lr: NonNegative = 1.0
+    """scales the update (torch's default 1.0)"""
     rho: UnitInterval = 0.9
+    """decay rate of the running averages of squared gradients and updates"""
     eps: NonNegative = 1e-6
     weight_decay: NonNegative = 0.0
     maximize: Flag = False

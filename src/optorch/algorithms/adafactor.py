@@ -57,10 +57,15 @@ FACTORED = ("row_var", "col_var")
 
 class Config(_Config):
     lr: NonNegative = 1e-2
+    """cap on the relative step size; also scales the decoupled weight decay"""
     beta2_decay: NonPositive = -0.8
+    """the second-moment weight at step t is t ** beta2_decay"""
     eps: tuple[NonNegative | None, NonNegative] = (None, 1e-3)
+    """(eps1, eps2): eps1 regularizes the second moment (None: the dtype's eps), eps2 floors the parameter RMS"""
     d: AtLeastOne = 1.0
+    """clipping threshold on the RMS of the update"""
     weight_decay: NonNegative = 0.0
+    """decoupled weight decay, times the learning rate"""
     maximize: Flag = False
 
     @field_validator("eps", mode="before")

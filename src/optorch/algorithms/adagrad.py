@@ -29,8 +29,10 @@ __all__ = ["Config", "init", "step", "algorithm"]
 class Config(_Config):
     lr: NonNegative = 1e-2
     lr_decay: NonNegative = 0.0
+    """the learning rate at step t is lr / (1 + (t - 1) lr_decay)"""
     weight_decay: NonNegative = 0.0
     initial_accumulator_value: NonNegative = 0.0
+    """starting value of the sum of squared gradients"""
     eps: NonNegative = 1e-10
     maximize: Flag = False
 

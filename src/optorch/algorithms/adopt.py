@@ -48,11 +48,13 @@ class Config(_Config):
     lr: NonNegative = 1e-3
     betas: tuple[Probability, Probability] = (0.9, 0.9999)
     eps: NonNegative = 1e-6
+    """floor on the square root of the second moment"""
     clip_exponent: Annotated[Scalar, _bounded(lambda v: 0.0 <= v <= 19.0, "in [0, 19]")] | None = 0.25
     """The clip bound at step count k is ``k ** clip_exponent`` (finite in float64 for every k up to
     2**53 when the exponent is at most 19); None: no clipping."""
     weight_decay: NonNegative = 0.0
     decouple: Flag = False
+    """decoupled weight decay (skipped on the first call) instead of an L2 penalty"""
     maximize: Flag = False
 
 

@@ -33,8 +33,11 @@ __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 class Config(_Config):
     lr: NonNegative = 1e-2
     lambd: NonNegative = 1e-4
+    """decay term"""
     alpha: UnitInterval = 0.75  # above 1, (1 + lambd * lr * t) ** alpha overflows (an error, in torch too) in long runs
+    """power of the step-size decay"""
     t0: Scalar = 1e6
+    """step at which averaging starts"""
     weight_decay: NonNegative = 0.0
     maximize: Flag = False
 

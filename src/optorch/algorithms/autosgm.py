@@ -102,29 +102,49 @@ class Config(_Config):
 
     # lr_cfg
     adaptive: Flag = True
+    """normalize by the second moment (lr_cfg[0])"""
     lr: NonNegative = 1e-2
     numerator: Count = 0
+    """numerator of the learning-rate estimate, 0-4 (lr_cfg[2])"""
     # beta_cfg
     beta_n: Probability = 0.9999
+    """pole of the numerator's smoothing filter (beta_cfg[0])"""
     beta_a: Probability = 0.999
+    """pole of the second-moment average (beta_cfg[1])"""
     beta_i: Probability = 0.9
+    """pole of the gradient's smoothing filter, the momentum (beta_cfg[2])"""
     gamma_i: Scalar = 0.0
+    """zero of the gradient's smoothing filter, below beta_i or 0 (beta_cfg[3])"""
     eta_i: UnitInterval = 0.0
+    """input gain of the smoothing filter; 0 means 1 - beta_i (beta_cfg[4])"""
     debias: Flag = True
+    """bias-correct both filters (beta_cfg[5])"""
     # rc_cfg
     window: Count = 0
+    """learning-rate window: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic (rc_cfg[0])"""
     window_sequence: Count = 0
+    """0, or 1, which warns and is ignored as in the original (rc_cfg[1])"""
     window_floor: UnitInterval = 0.0
+    """the window's floor (rc_cfg[2])"""
     window_order: Scalar = 2.0
+    """the window's order, > 0 (rc_cfg[3])"""
     window_full: Flag = False
+    """a full window instead of a half one (rc_cfg[4] == 0)"""
     window_epochs: Count = 1000
+    """the window's period in epochs (rc_cfg[5])"""
     window_steps_per_epoch: Count = 1
+    """steps per epoch (rc_cfg[6])"""
     window_unit: Count = 1
+    """the window's time unit (rc_cfg[7])"""
     window_flat_top: UnitInterval = 0.0
+    """fraction of the window held flat at its top (rc_cfg[8])"""
     # wd_cfg, eps_cfg
     weight_decay: NonNegative = 0.0
+    """weight decay (wd_cfg[0])"""
     decoupled_weight_decay: Flag = False
+    """decoupled weight decay (wd_cfg[1] != 0)"""
     eps: NonNegative = 1e-10
+    """added to the denominator (eps_cfg[0])"""
     maximize: Flag = False
 
     @model_validator(mode="before")

@@ -118,14 +118,23 @@ class Hyper(_Settings):
     """The alpha controller (the original's ``hyper`` dict)."""
 
     tau: Positive = 1.25
+    """target of the controller"""
     p_star: Annotated[Number, Field(gt=0.0, lt=1.0)] = 0.10
+    """target saturation probability"""
     kappa: Optional[NonNegativeNumber] = None
+    """gain; None: tau / Phi^-1(1 - p_star / 2)"""
     beta: NonNegativeNumber = 1 / 3
+    """exponent of the controller"""
     eta: NonNegativeNumber = 0.3
+    """step of the controller"""
     rho: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.1
+    """smoothing of the controller"""
     eps: Positive = 1e-5
+    """added to the controller's denominators"""
     alpha_min: NonNegativeNumber = 1e-12
+    """lower clamp of alpha"""
     alpha_max: NonNegativeNumber = 1e12
+    """upper clamp of alpha"""
 
     @model_validator(mode="after")
     def _resolve(self) -> "Hyper":
@@ -144,10 +153,15 @@ class ShrinkSettings(_Settings):
     """The global RMS shrink (the original's ``shrink`` dict)."""
 
     lambda_rms: Positive = 0.3
+    """strength of the global RMS shrink"""
     s_min: Annotated[Number, Field(gt=0.0, le=1.0)] = 0.1
+    """floor of the shrink factor"""
     gamma: NonNegativeNumber = 1.0
+    """exponent of the shrink"""
     ema_beta: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.98
+    """decay of the RMS averages"""
     warmup_steps: Annotated[int, BeforeValidator(_count), Field(ge=0)] = 500
+    """steps before the shrink starts"""
 
 
 class CosineSchedule(_Settings):
@@ -158,8 +172,11 @@ class CosineSchedule(_Settings):
     """
 
     name: Literal["cosine"] = "cosine"
+    """the schedule kind"""
     k0: NonNegativeNumber
+    """k_val at step 0"""
     total_steps: Annotated[int, BeforeValidator(_count), Field(ge=1)]
+    """optimizer steps until k_val reaches 0"""
 
     def __call__(self, step: torch.Tensor) -> torch.Tensor:
         return _cosine(self, step)
@@ -184,17 +201,27 @@ class Config(_Config):
     dampening: UnitInterval = 0.0
     weight_decay: NonNegative = 0.0
     k_val: NonNegative = 2.0
+    """gain of the alpha controller; global"""
     k_sched: Optional[CosineSchedule] = None
+    """a cosine schedule for k_val; global"""
     nesterov: Flag = False
     maximize: Flag = False
     foreach: Optional[Flag] = None
+    """accepted for compatibility; changes nothing"""
     differentiable: Flag = False
+    """accepted for compatibility; changes nothing"""
     fused: Optional[Flag] = None
+    """accepted for compatibility; changes nothing"""
     hyper: Hyper = Hyper()
+    """the alpha controller's settings, merged over their defaults; global"""
     shrink: ShrinkSettings = ShrinkSettings()
+    """the global RMS shrink's settings, merged over their defaults; global"""
     use_exact_sigma: Flag = False
+    """exact per-tensor standard deviation instead of the estimate; global"""
     sigma_every: Every = 1
+    """recompute sigma every this many steps; global"""
     sat_every: Every = 10
+    """recompute the saturation statistics every this many steps; global"""
 
     global_keys: ClassVar[tuple[str, ...]] = ("k_val", "k_sched", "hyper", "shrink", "use_exact_sigma", "sigma_every", "sat_every")
     accepted_keys: ClassVar[tuple[str, ...]] = ("lambda_rms", "s_min")

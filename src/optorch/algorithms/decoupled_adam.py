@@ -37,6 +37,7 @@ class Config(adam.Config):
     initial_lr: NonNegative | None = None
     """The schedule's base learning rate; ``None`` means ``lr`` (a constant schedule)."""
     decoupled_weight_decay: ClassVar[bool] = True
+    field_descriptions: ClassVar[dict[str, str]] = {"weight_decay": "fraction of the parameter removed per step at the schedule's peak"}
     linked_defaults: ClassVar[dict[str, str]] = {"initial_lr": "lr"}
 
     @model_validator(mode="before")

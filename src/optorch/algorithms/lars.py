@@ -68,7 +68,9 @@ class Config(_Config):
     dampening: UnitInterval = 0.0
     weight_decay: NonNegative = 0.0
     trust_coefficient: NonNegative = 1e-3
+    """trust coefficient of the layer-wise ratio"""
     eps: NonNegative = 1e-8
+    """added to the trust ratio's denominator"""
     nesterov: Flag = False
     maximize: Flag = False
     exclude_1d: Flag = False

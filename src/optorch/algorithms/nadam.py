@@ -37,6 +37,7 @@ class Config(_Config):
     eps: NonNegative = 1e-8
     weight_decay: NonNegative = 0.0
     momentum_decay: NonNegative = 4e-3
+    """momentum decay of the mu schedule"""
     decoupled_weight_decay: Flag = False
     maximize: Flag = False
 

@@ -32,10 +32,12 @@ __all__ = ["Config", "init", "step", "algorithm"]
 class Config(_Config):
     lr: NonNegative = 1e-2
     alpha: UnitInterval = 0.99
+    """smoothing constant of the squared-gradient average"""
     eps: NonNegative = 1e-8
     weight_decay: NonNegative = 0.0
     momentum: Probability = 0.0
     centered: Flag = False
+    """normalize by the estimated variance instead of the second moment"""
     maximize: Flag = False
 
 

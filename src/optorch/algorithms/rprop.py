@@ -34,8 +34,11 @@ __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
 class Config(_Config):
     lr: NonNegative = 1e-2
+    """initial step size"""
     etas: tuple[Scalar, Scalar] = (0.5, 1.2)
+    """(decrease, increase) factors of the step size"""
     step_sizes: tuple[NonNegative, NonNegative] = (1e-6, 50.0)
+    """(minimum, maximum) step size"""
     maximize: Flag = False
 
     @field_validator("etas", "step_sizes", mode="before")

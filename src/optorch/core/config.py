@@ -24,8 +24,8 @@ from .errors import shown
 from .scalars import is_real
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool, ValidationInfo, field_validator
 
-__all__ = ["Config", "Count", "Flag", "Number", "Scalar", "NonNegative", "Probability", "UnitInterval", "check_count", "check_tensor_hyperparameter",
-           "representable"]
+__all__ = ["SHARED_DESCRIPTIONS", "Config", "Count", "Flag", "Number", "Scalar", "NonNegative", "Probability", "UnitInterval", "check_count", "check_tensor_hyperparameter",
+           "describe", "representable"]
 
 
 
@@ -100,6 +100,30 @@ def representable(value: float, dtype: torch.dtype) -> bool:
     return math.isfinite(rounded) and (rounded != 0 or value == 0)
 
 
+SHARED_DESCRIPTIONS: dict[str, str] = {
+    "eps": "added to the denominator for numerical stability",
+    "weight_decay": "weight decay (an L2 penalty added to the gradient unless the algorithm decouples it)",
+    "maximize": "maximize the objective instead of minimizing it",
+    "lr": "learning rate",
+    "betas": "decay rates of the first and second moment averages",
+    "amsgrad": "use the running maximum of the second moment (AMSGrad)",
+    "decoupled_weight_decay": "decoupled (AdamW-style) weight decay instead of an L2 penalty",
+    "momentum": "momentum factor",
+    "dampening": "dampening of the momentum buffer update",
+    "nesterov": "Nesterov momentum (needs a non-zero momentum and zero dampening)",
+}
+"""What a field means when torch.optim uses its name the same way in every algorithm: the description
+of every field of that name that has no docstring of its own (the config reference shows it)."""
+
+
+def describe(model: type[BaseModel], descriptions: dict[str, str]) -> None:
+    """Give each field of ``model`` that has no description the one ``descriptions`` has for its name,
+    so that a meaning shared by many models is written once (a field's docstring still comes first)."""
+    for name, info in model.model_fields.items():
+        if info.description is None and name in descriptions:
+            info.description = descriptions[name]
+
+
 class Config(BaseModel):
     """Base of every algorithm's config: frozen, unknown keys rejected, validated on construction."""
 
@@ -108,6 +132,17 @@ class Config(BaseModel):
     accepted_keys: ClassVar[tuple[str, ...]] = ()
     """Constructor keys besides the fields, e.g. an original's tuple arguments, which a
     ``model_validator(mode="before")`` folds into the fields. The builder accepts them too."""
+
+    field_descriptions: ClassVar[dict[str, str]] = {}
+    """Descriptions of inherited fields whose meaning this config changes (its own fields take a
+    docstring instead)."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        describe(cls, SHARED_DESCRIPTIONS)
+        for name, text in cls.__dict__.get("field_descriptions", {}).items():
+            cls.model_fields[name].description = text  # each subclass holds its own copy of the field
 
     linked_defaults: ClassVar[dict[str, str]] = {}
     """``{key: source}``: in the shim, a param group that leaves ``key`` out takes it from its own

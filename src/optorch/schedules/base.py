@@ -10,12 +10,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from ..core.config import Count, Number
+from ..core.config import Count, Number, describe
 
 from ..core.ops import scalar_dtype
 from ..core.scalars import is_real
 
-__all__ = ["Constant", "Cosine", "Linear", "Schedule", "WarmupStableDecay"]
+__all__ = ["FIELD_DESCRIPTIONS", "Constant", "Cosine", "Linear", "Schedule", "WarmupStableDecay"]
 
 # Numbers are finite ints or floats and step counts ints: never a bool or a string read as one.
 Steps = Annotated[Count, Field(ge=0)]
@@ -98,10 +98,58 @@ def _with_warmup(schedule: "Schedule", s: float | Tensor, decayed: float | Tenso
 # --- the schedules ------------------------------------------------------------------------------
 
 
+FIELD_DESCRIPTIONS: dict[str, str] = {
+    "name": "the schedule kind",
+    "value": "the constant value",
+    "init_value": "the value at the start (after any warmup: the peak)",
+    "end_value": "the value at the end",
+    "transition_steps": "length of the transition",
+    "transition_begin": "steps before the transition starts",
+    "warmup_steps": "steps of the linear warmup from warmup_start_value to init_value",
+    "warmup_start_value": "the value at step 0 when there is a warmup",
+    "decay_steps": "the total length, warmup included, after which the value is end_value",
+    "stable_steps": "steps held at init_value after the warmup",
+    "decay_type": "shape of the decay",
+    "decay_rate": "factor per transition_steps",
+    "staircase": "decay in whole transitions (a staircase) instead of continuously",
+    "power": "exponent of the polynomial",
+    "step_size": "steps between decays",
+    "gamma": "factor of each decay",
+    "milestones": "steps at which the value is multiplied by gamma",
+    "T_0": "length of the first cycle",
+    "T_mult": "factor by which each cycle is longer than the last",
+    "max_lr": "the peak value",
+    "total_steps": "the length of the whole schedule",
+    "pct_start": "fraction of total_steps spent rising",
+    "anneal_strategy": "shape of the annealing",
+    "div_factor": "the start value is max_lr / div_factor",
+    "final_div_factor": "the end value is the start value / final_div_factor",
+    "three_phase": "a third phase that anneals below the start value (torch's three_phase)",
+    "schedules": "the schedules to join, each a schedule config",
+    "boundaries": "steps at which the next schedule starts (one fewer than schedules)",
+    "timescale": "the value is init_value / sqrt(1 + step / timescale)",
+    "window": "the window's kind: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic",
+    "window_floor": "the window's floor",
+    "window_order": "the window's order, > 0",
+    "window_full": "a full window instead of a half one",
+    "window_epochs": "the window's period in epochs",
+    "window_steps_per_epoch": "steps per epoch",
+    "window_unit": "the window's time unit",
+    "window_flat_top": "fraction of the window held flat at its top",
+}
+"""What a schedule's field means, by name: the same in every schedule that has it (AutoSGM's window
+keys: their ``rc_cfg`` places are in the autosgm algorithm's table)."""
+
+
 class Schedule(BaseModel):
     """Base of every schedule: frozen, unknown keys rejected, validated on construction."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        describe(cls, FIELD_DESCRIPTIONS)
 
     def __call__(self, step: Any) -> float | Tensor:
         """The value at ``step`` (an int, a float or a tensor; negative steps count as 0)."""

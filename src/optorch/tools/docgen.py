@@ -10,8 +10,9 @@ drift from the code; a test compares the committed page with a fresh rendering. 
     python -m optorch.tools.docgen --check    # exit 1 if the committed page is stale
 
 Descriptions come from a field's docstring (the string literal after it in the class body) or
-``Field(description=...)``, else from :data:`DESCRIPTIONS`. The test requires one for every field and
-refuses entries of :data:`DESCRIPTIONS` that no field uses.
+``Field(description=...)``, which a name shared by many models takes from one table
+(:data:`optorch.core.config.SHARED_DESCRIPTIONS`, :data:`optorch.schedules.base.FIELD_DESCRIPTIONS`).
+The test requires one for every field.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..builder.spec import ADAPTIVE_KEY, SCHEDULE_KEY
 from ..core import config
 from ..functional import adaptive, settings
 
-__all__ = ["DESCRIPTIONS", "ENTRIES", "Entry", "PAGE", "main", "render"]
+__all__ = ["ENTRIES", "Entry", "PAGE", "main", "render"]
 
 PAGE = Path("docs/reference/config.md")
 """Where the page lives, relative to the repository root."""
@@ -75,133 +76,6 @@ ENTRIES: tuple[Entry, ...] = (
           "[combinators page](../combinators.md) and [mixed precision](../amp.md)."),
 )
 """The builder's top-level entries, one line each: add one here with the entry (the page lists them all)."""
-
-DESCRIPTIONS: dict[str, str] = {
-    # names torch.optim uses the same way in every algorithm
-    "lr": "learning rate",
-    "betas": "decay rates of the first and second moment averages",
-    "eps": "added to the denominator for numerical stability",
-    "weight_decay": "weight decay (an L2 penalty added to the gradient unless the algorithm decouples it)",
-    "maximize": "maximize the objective instead of minimizing it",
-    "amsgrad": "use the running maximum of the second moment (AMSGrad)",
-    "decoupled_weight_decay": "decoupled (AdamW-style) weight decay instead of an L2 penalty",
-    "momentum": "momentum factor",
-    "dampening": "dampening of the momentum buffer update",
-    "nesterov": "Nesterov momentum (needs a non-zero momentum and zero dampening)",
-    # one algorithm's own names
-    "adadelta.lr": "scales the update (torch's default 1.0)",
-    "adadelta.rho": "decay rate of the running averages of squared gradients and updates",
-    "adafactor.lr": "cap on the relative step size; also scales the decoupled weight decay",
-    "adafactor.beta2_decay": "the second-moment weight at step t is t ** beta2_decay",
-    "adafactor.eps": "(eps1, eps2): eps1 regularizes the second moment (None: the dtype's eps), eps2 floors the parameter RMS",
-    "adafactor.d": "clipping threshold on the RMS of the update",
-    "adafactor.weight_decay": "decoupled weight decay, times the learning rate",
-    "adagrad.lr_decay": "the learning rate at step t is lr / (1 + (t - 1) lr_decay)",
-    "adagrad.initial_accumulator_value": "starting value of the sum of squared gradients",
-    "adopt.eps": "floor on the square root of the second moment",
-    "adopt.decouple": "decoupled weight decay (skipped on the first call) instead of an L2 penalty",
-    "asgd.lambd": "decay term",
-    "asgd.alpha": "power of the step-size decay",
-    "asgd.t0": "step at which averaging starts",
-    "autosgm.adaptive": "normalize by the second moment (lr_cfg[0])",
-    "autosgm.numerator": "numerator of the learning-rate estimate, 0-4 (lr_cfg[2])",
-    "autosgm.beta_n": "pole of the numerator's smoothing filter (beta_cfg[0])",
-    "autosgm.beta_a": "pole of the second-moment average (beta_cfg[1])",
-    "autosgm.beta_i": "pole of the gradient's smoothing filter, the momentum (beta_cfg[2])",
-    "autosgm.gamma_i": "zero of the gradient's smoothing filter, below beta_i or 0 (beta_cfg[3])",
-    "autosgm.eta_i": "input gain of the smoothing filter; 0 means 1 - beta_i (beta_cfg[4])",
-    "autosgm.debias": "bias-correct both filters (beta_cfg[5])",
-    "autosgm.window": "learning-rate window: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic (rc_cfg[0])",
-    "autosgm.window_sequence": "0, or 1, which warns and is ignored as in the original (rc_cfg[1])",
-    "autosgm.window_floor": "the window's floor (rc_cfg[2])",
-    "autosgm.window_order": "the window's order, > 0 (rc_cfg[3])",
-    "autosgm.window_full": "a full window instead of a half one (rc_cfg[4] == 0)",
-    "autosgm.window_epochs": "the window's period in epochs (rc_cfg[5])",
-    "autosgm.window_steps_per_epoch": "steps per epoch (rc_cfg[6])",
-    "autosgm.window_unit": "the window's time unit (rc_cfg[7])",
-    "autosgm.window_flat_top": "fraction of the window held flat at its top (rc_cfg[8])",
-    "autosgm.weight_decay": "weight decay (wd_cfg[0])",
-    "autosgm.decoupled_weight_decay": "decoupled weight decay (wd_cfg[1] != 0)",
-    "autosgm.eps": "added to the denominator (eps_cfg[0])",
-    "dag.k_val": "gain of the alpha controller; global",
-    "dag.k_sched": "a cosine schedule for k_val; global",
-    "dag.foreach": "accepted for compatibility; changes nothing",
-    "dag.differentiable": "accepted for compatibility; changes nothing",
-    "dag.fused": "accepted for compatibility; changes nothing",
-    "dag.hyper": "the alpha controller's settings, merged over their defaults; global",
-    "dag.shrink": "the global RMS shrink's settings, merged over their defaults; global",
-    "dag.use_exact_sigma": "exact per-tensor standard deviation instead of the estimate; global",
-    "dag.sigma_every": "recompute sigma every this many steps; global",
-    "dag.sat_every": "recompute the saturation statistics every this many steps; global",
-    "decoupled_adam.weight_decay": "fraction of the parameter removed per step at the schedule's peak",
-    "lars.trust_coefficient": "trust coefficient of the layer-wise ratio",
-    "lars.eps": "added to the trust ratio's denominator",
-    "nadam.momentum_decay": "momentum decay of the mu schedule",
-    "rmsprop.alpha": "smoothing constant of the squared-gradient average",
-    "rmsprop.centered": "normalize by the estimated variance instead of the second moment",
-    "rprop.lr": "initial step size",
-    "rprop.etas": "(decrease, increase) factors of the step size",
-    "rprop.step_sizes": "(minimum, maximum) step size",
-    "Hyper.tau": "target of the controller",
-    "Hyper.p_star": "target saturation probability",
-    "Hyper.kappa": "gain; None: tau / Phi^-1(1 - p_star / 2)",
-    "Hyper.beta": "exponent of the controller",
-    "Hyper.eta": "step of the controller",
-    "Hyper.rho": "smoothing of the controller",
-    "Hyper.eps": "added to the controller's denominators",
-    "Hyper.alpha_min": "lower clamp of alpha",
-    "Hyper.alpha_max": "upper clamp of alpha",
-    "ShrinkSettings.lambda_rms": "strength of the global RMS shrink",
-    "ShrinkSettings.s_min": "floor of the shrink factor",
-    "ShrinkSettings.gamma": "exponent of the shrink",
-    "ShrinkSettings.ema_beta": "decay of the RMS averages",
-    "ShrinkSettings.warmup_steps": "steps before the shrink starts",
-    "CosineSchedule.name": "the schedule kind",
-    "CosineSchedule.k0": "k_val at step 0",
-    "CosineSchedule.total_steps": "optimizer steps until k_val reaches 0",
-    # schedules
-    "name": "the schedule kind",
-    "value": "the constant value",
-    "init_value": "the value at the start (after any warmup: the peak)",
-    # the autosgm_window schedule: AutoSGM's window keys (their rc_cfg places are in the autosgm table)
-    "window": "the window's kind: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic",
-    "window_floor": "the window's floor",
-    "window_order": "the window's order, > 0",
-    "window_full": "a full window instead of a half one",
-    "window_epochs": "the window's period in epochs",
-    "window_steps_per_epoch": "steps per epoch",
-    "window_unit": "the window's time unit",
-    "window_flat_top": "fraction of the window held flat at its top",
-    "end_value": "the value at the end",
-    "warmup_steps": "steps of the linear warmup from warmup_start_value to init_value",
-    "warmup_start_value": "the value at step 0 when there is a warmup",
-    "decay_steps": "the total length, warmup included, after which the value is end_value",
-    "transition_steps": "length of the transition",
-    "transition_begin": "steps before the transition starts",
-    "stable_steps": "steps held at init_value after the warmup",
-    "decay_type": "shape of the decay",
-    "decay_rate": "factor per transition_steps",
-    "staircase": "decay in whole transitions (a staircase) instead of continuously",
-    "power": "exponent of the polynomial",
-    "step_size": "steps between decays",
-    "gamma": "factor of each decay",
-    "milestones": "steps at which the value is multiplied by gamma",
-    "T_0": "length of the first cycle",
-    "T_mult": "factor by which each cycle is longer than the last",
-    "max_lr": "the peak value",
-    "total_steps": "the length of the whole schedule",
-    "pct_start": "fraction of total_steps spent rising",
-    "anneal_strategy": "shape of the annealing",
-    "div_factor": "the start value is max_lr / div_factor",
-    "final_div_factor": "the end value is the start value / final_div_factor",
-    "three_phase": "a third phase that anneals below the start value (torch's three_phase)",
-    "schedules": "the schedules to join, each a schedule config",
-    "boundaries": "steps at which the next schedule starts (one fewer than schedules)",
-    "timescale": "the value is init_value / sqrt(1 + step / timescale)",
-}
-"""Descriptions of fields without a docstring: ``"owner.field"`` (owner: an algorithm's name, or a
-nested model's class name), else the bare field name for a meaning shared by every owner."""
-
 
 # ------------------------------------------------------------------------------------------------
 # types and constraints
@@ -357,21 +231,11 @@ def _rst(text: str) -> str:
 
 
 def description(owner: str, name: str, info: FieldInfo, docstrings: dict[str, str]) -> str | None:
-    """A field's description: its docstring, its ``Field(description=)``, else :data:`DESCRIPTIONS`."""
-    text = docstrings.get(name) or info.description or DESCRIPTIONS.get(f"{owner}.{name}") or DESCRIPTIONS.get(name)
+    """A field's description: its docstring, else its ``description`` (``Field(description=)``, or the
+    shared one of its name: :data:`optorch.core.config.SHARED_DESCRIPTIONS`,
+    :data:`optorch.schedules.base.FIELD_DESCRIPTIONS`)."""
+    text = docstrings.get(name) or info.description
     return _rst(text) if text else None
-
-
-def used_descriptions() -> set[str]:
-    """The keys of :data:`DESCRIPTIONS` that some field of the page takes its description from."""
-    used = set()
-    for owner, model in _all_models():
-        docstrings = _field_docstrings(model)
-        for name, info in model.model_fields.items():
-            if docstrings.get(name) or info.description:
-                continue
-            used.add(f"{owner}.{name}" if f"{owner}.{name}" in DESCRIPTIONS else name)
-    return used
 
 
 def undescribed() -> list[str]:
