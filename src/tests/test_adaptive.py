@@ -723,6 +723,7 @@ def test_the_entry_is_adapt_so_autosgm_keeps_its_own_adaptive_flag():
 
 def test_compare_steps_the_rules_and_records_the_adapted_knobs(tmp_path):
     compare = pytest.importorskip("optorch.tools.compare")
+    compare_report = pytest.importorskip("optorch.tools.compare_report")
     pytest.importorskip("sklearn")
     pytest.importorskip("tqdm")
     path = tmp_path / "sgd_adaptive.yaml"
@@ -738,7 +739,7 @@ def test_compare_steps_the_rules_and_records_the_adapted_knobs(tmp_path):
         expected["momentum"].append(reference.momentum)
     assert result.knobs["lr"] == expected["lr"] and result.knobs["momentum"] == expected["momentum"]
     assert set(result.changing_knobs()) == {"lr", "momentum"}
-    assert {p.name for p in compare.plot_knobs([result], tmp_path)} == {"knob-lr.png", "knob-momentum.png"}
+    assert {p.name for p in compare_report.plot_knobs([result], tmp_path)} == {"knob-lr.png", "knob-momentum.png"}
 
 
 def test_plot_draws_the_loss_and_every_knob(tmp_path):

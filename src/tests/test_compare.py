@@ -21,7 +21,7 @@ if any(importlib.util.find_spec(module) is None for module in ("sklearn", "tqdm"
 
 import optorch  # noqa: E402
 from optorch import adam  # noqa: E402
-from optorch.tools import cli, compare
+from optorch.tools import cli, compare, compare_report
 from optorch.algorithms import registry
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -159,7 +159,7 @@ def test_every_default_config_runs(tmp_path):
     assert len(results) == len(compare.default_specs())
     for r in results:
         assert r.steps == 3 and len(r.train_loss) == 4 and all(math.isfinite(v) for v in r.train_loss), r.label
-    table = compare.format_table(results, target=0.3)
+    table = compare_report.format_table(results, target=0.3)
     assert len(table.splitlines()) == 2 + len(results) + 1
 
 
@@ -172,7 +172,7 @@ def test_a_changing_learning_rate_is_recorded_and_plotted(two_configs, tmp_path)
     expected = [0.1 * 0.5 ** ((k - 1) // 4) for k in range(1, 11)]
     assert results[1].changing_knobs() == {"lr": pytest.approx(expected, rel=1e-12)}
     assert results[1].knobs["momentum"] == [0.9] * 10
-    (path,) = compare.plot_knobs(results, tmp_path)
+    (path,) = compare_report.plot_knobs(results, tmp_path)
     assert path.name == "knob-lr.png" and _png_size(path)[0] > 300
 
 
@@ -180,8 +180,8 @@ def test_a_diverging_run_is_reported_not_raised(tmp_path):
     (spec,) = compare.load_specs([_write(tmp_path / "huge.yaml", "name: sgd\nlr: 1e30\n")])
     (result,) = compare.compare([spec], steps=20, eval_every=1, progress=False)
     assert result.diverged and result.steps < 20 and math.isnan(result.final_train_loss)
-    assert "diverged after" in compare.format_table([result], 0.3)
-    document = compare.results_json([result], {})
+    assert "diverged after" in compare_report.format_table([result], 0.3)
+    document = compare_report.results_json([result], {})
     json.dumps(document, allow_nan=False)  # non-finite values became null
     assert document["runs"][0]["final_train_loss"] is None
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from . import compare, verify
+from . import compare, compare_report, verify
 
 from ..algorithms import registry
 from ..core.errors import ConfigError
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return compare.run(args) if args.command == "compare" else _verify(args)
+        return compare_report.run(args) if args.command == "compare" else _verify(args)
     except (*USER_ERRORS, _UsageError) as error:
         print(f"optorch {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
-import re
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -62,11 +59,7 @@ __all__ = [
     "default_config_dir",
     "default_specs",
     "digits",
-    "format_table",
     "load_specs",
-    "plot_knobs",
-    "plot_losses",
-    "results_json",
 ]
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -83,23 +76,29 @@ class CompareError(ValueError):
 
 @dataclass(frozen=True)
 class Spec:
-    """One run to make: a label, where its config came from, and the validated config."""
+    """One run to make: a label, where its config came from, and the config as the builder parsed it."""
 
     label: str
     source: str
     """The config file, or ``"defaults"`` for an algorithm's default Config."""
-    algorithm: Algorithm
-    config: Config
-    schedules: dict[str, Any] = field(default_factory=dict)
-    """The config's ``schedule`` entry, parsed (see :func:`optorch.builder.parse_schedules`)."""
+    parsed: Parsed
+    """Every part of the config (:func:`optorch.builder.parse`): what the run's optimizer is built from."""
     scheduler: Callable[[Any], Any] | None = None
     """Optional ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, stepped after each step (for
     :func:`compare` from Python; a config file names no scheduler)."""
-    combinators: Any = None
-    """The config's combinator entries (clip_grad_norm, param_groups, ...; see
-    :func:`optorch.builder.parse_combinators`), or None."""
-    adaptive: Any = None
-    """The config's ``adaptive`` entry, parsed (an :class:`optorch.AdaptiveConfig`), or None."""
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return self.parsed.algorithm
+
+    @property
+    def config(self) -> Config:
+        return self.parsed.config
+
+    @property
+    def adaptive(self) -> Any:
+        """The config's ``adapt`` entry, parsed (an :class:`optorch.AdaptiveConfig`), or None."""
+        return self.parsed.rules
 
 
 def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
@@ -112,8 +111,7 @@ def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
     for path in map(Path, paths):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES) if path.is_dir() else [path]
         for file in files:
-            parsed = _parse_file(file)
-            specs.append(Spec(file.stem, str(file), parsed.algorithm, parsed.config, parsed.schedules, combinators=parsed.settings, adaptive=parsed.rules))
+            specs.append(Spec(file.stem, str(file), _parse_file(file)))
     return _unique_labels(specs)
 
 
@@ -159,7 +157,7 @@ def default_specs(config_dir: Path | None = None) -> list[Spec]:
     for name in registry.names():
         if name not in covered:
             algorithm = registry.get(name)
-            specs.append(Spec(f"{name} (defaults)", "defaults", algorithm, default_config(algorithm)))
+            specs.append(Spec(f"{name} (defaults)", "defaults", Parsed(algorithm, default_config(algorithm), {}, None, None)))
     return specs
 
 
@@ -204,13 +202,13 @@ def _load_digits():
     # file is not where this scikit-learn keeps it, load_digits reads it.
     spec = importlib.util.find_spec("sklearn")
     if spec is None:
-        _require("sklearn", "scikit-learn")
+        require("sklearn", "scikit-learn")
     csv = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
     if csv.is_file():
         table = np.loadtxt(csv, delimiter=",")
         if table.shape == (1797, 65):
             return table[:, :64], table[:, 64].astype(np.int64)
-    return _require("sklearn.datasets", "scikit-learn").load_digits(return_X_y=True)
+    return require("sklearn.datasets", "scikit-learn").load_digits(return_X_y=True)
 
 
 def mlp(seed: int) -> nn.Module:
@@ -325,8 +323,8 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
             raise CompareError(f"{spec.source}: {error}") from None
         scheduler = spec.scheduler(optimizer) if spec.scheduler is not None else None
         runs.append((spec, run_model, optimizer, scheduler))
-    tqdm = _require("tqdm", "tqdm").tqdm
-    results = [Result(spec.label, spec.source, spec.algorithm.name, _jsonable(spec.config.hyperparameters()), 0) for spec in specs]
+    tqdm = require("tqdm", "tqdm").tqdm
+    results = [Result(spec.label, spec.source, spec.algorithm.name, jsonable(spec.config.hyperparameters()), 0) for spec in specs]
     bars = [
         tqdm(total=steps, desc=spec.label, unit="step", position=i, leave=True, disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for i, spec in enumerate(specs)
@@ -357,8 +355,9 @@ def _turn(result: Result, run) -> bool:
 
 def _optimizer(spec: Spec, model: nn.Module, engine: str):
     # named params: a param_groups entry matches names
-    return assemble(model.named_parameters(), spec.algorithm, spec.config, engine=engine, schedules=spec.schedules,
-                    settings=spec.combinators, rules=spec.adaptive)
+    parsed = spec.parsed
+    return assemble(model.named_parameters(), parsed.algorithm, parsed.config, engine=engine, schedules=parsed.schedules,
+                    settings=parsed.settings, rules=parsed.rules)
 
 
 def _train(result: Result, model: nn.Module, optimizer, scheduler, data: Data, batches: Tensor, eval_every: int, target: float, bar):
@@ -437,237 +436,22 @@ def _knobs(optimizer) -> dict[str, float]:
     return knobs
 
 
-# -- reporting ---------------------------------------------------------------------------------
-
-
-def format_table(results: Sequence[Result], target: float) -> str:
-    """One row per run: final train loss, test accuracy, step time / fastest, steps to the target."""
-    fastest = min((r.step_time for r in results if math.isfinite(r.step_time)), default=math.nan)
-    header = ("config", "algorithm", "train loss", "test acc", "step time", f"steps to loss<={target:g}")
-    rows = []
-    for r in results:
-        rows.append(
-            (
-                r.label,
-                r.algorithm,
-                _stopped(r) or f"{r.final_train_loss:.4f}",
-                f"{100 * r.test_accuracy:.1f}%" if math.isfinite(r.test_accuracy) else "-",
-                f"{r.step_time / fastest:.2f}x" if math.isfinite(r.step_time) else "-",
-                str(r.steps_to_target) if r.steps_to_target is not None else "-",
-            )
-        )
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    align = ["<", "<", ">", ">", ">", ">"]
-
-    def line(row):
-        return "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
-
-    lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
-    if math.isfinite(fastest):
-        lines.append(f"(step time: optimizer.step(), 10th percentile, as a multiple of the fastest: {1e3 * fastest:.3f} ms)")
-    return "\n".join(lines)
-
-
-def _stopped(r: Result) -> str | None:
-    """How a run stopped early, if it did: ``"diverged after 12"``, ``"failed after 3"``, ..."""
-    for how, stopped in (("diverged", r.diverged), ("failed", r.error is not None), ("interrupted", r.interrupted)):
-        if stopped:
-            return f"{how} after {r.steps}"
-    return None
-
-
-def _pyplot():
-    matplotlib = _require("matplotlib", "matplotlib")
-    matplotlib.use("Agg", force=True)  # files only: no display, whatever backend the user has
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _styles(n: int):
-    """Distinct (color, linestyle) pairs for n lines: 10 colors, then the same colors dashed, ..."""
-    colors = [f"C{i}" for i in range(10)]
-    lines = ["-", "--", ":", "-."]
-    return [(colors[i % 10], lines[(i // 10) % 4]) for i in range(n)]
-
-
-def plot_losses(results: Sequence[Result], path: str | os.PathLike, target: float | None = None) -> Path:
-    """The training-set loss against the step, one line per run (log scale)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
-    for r, (color, style) in zip(results, _styles(len(results))):
-        points = [(s, v) for s, v in zip(r.eval_steps, r.train_loss) if math.isfinite(v) and v > 0]
-        if points:
-            ax.plot(*zip(*points), color=color, linestyle=style, label=r.label + (f" ({_stopped(r).split()[0]})" if _stopped(r) else ""))
-    if target is not None:
-        ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label=f"target {target:g}")
-    ax.set(xlabel="step", ylabel="training-set loss (cross-entropy)", yscale="log", title="optorch compare: MLP on digits")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_knobs(results: Sequence[Result], out: str | os.PathLike) -> list[Path]:
-    """One PNG per knob that changes during some run (``knob-lr.png``, ...), one line per such run."""
-    plt = _pyplot()
-    by_knob: dict[str, list[tuple[str, list[float]]]] = {}
-    for r in results:
-        for name, values in r.changing_knobs().items():
-            by_knob.setdefault(name, []).append((r.label, values))
-    paths = []
-    for name, runs in sorted(by_knob.items()):
-        fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
-        for (label, values), (color, style) in zip(runs, _styles(len(runs))):
-            ax.plot(range(1, len(values) + 1), values, color=color, linestyle=style, label=label)
-        ax.set(xlabel="step", ylabel=name, title=f"{name} over the steps")
-        positive = [v for _, vs in runs for v in vs if v > 0]
-        if positive and max(positive) > 10 * min(positive):  # e.g. lrs of different runs, decades apart
-            ax.set_yscale("log")  # a warmup's 0 is left off the log axis
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-        path = Path(out) / f"knob-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def results_json(results: Sequence[Result], meta: dict[str, Any]) -> dict[str, Any]:
-    """Everything a run recorded, as plain JSON (non-finite numbers as null)."""
-    fastest = min((r.step_time for r in results if math.isfinite(r.step_time)), default=math.nan)
-    runs = []
-    for r in results:
-        runs.append(
-            {
-                "label": r.label,
-                "source": r.source,
-                "algorithm": r.algorithm,
-                "config": r.config,
-                "steps": r.steps,
-                "diverged": r.diverged,
-                "interrupted": r.interrupted,
-                "error": r.error,
-                "final_train_loss": r.final_train_loss,
-                "test_accuracy": r.test_accuracy,
-                "step_time_s": r.step_time,
-                "step_time_ratio": r.step_time / fastest,
-                "steps_to_target": r.steps_to_target,
-                "curve": {"step": r.eval_steps, "train_loss": r.train_loss},
-                "batch_loss": r.batch_loss,
-                "changing_knobs": r.changing_knobs(),
-            }
-        )
-    return _jsonable({"meta": meta, "runs": runs})
-
-
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Tensor):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
-def _require(module: str, package: str):
+def require(module: str, package: str):
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
         raise CompareError(f"optorch compare needs {package}: pip install 'optorch[compare]'") from None
-
-
-# -- the command -------------------------------------------------------------------------------
-
-
-def run(args) -> int:
-    """``optorch compare`` with parsed arguments (see :mod:`optorch.cli`): 0, or 130 when Ctrl-C
-    stopped the runs (what they recorded is written all the same). Everything that can be checked
-    before training is: the configs, the device, the packages, the output locations."""
-    specs = load_specs(args.configs) if args.configs else default_specs()
-    if not specs:
-        raise CompareError(f"nothing to compare: no config files ({', '.join(CONFIG_SUFFIXES)}) in {', '.join(args.configs) or 'the defaults'}")
-    _check_device(args.device)
-    for module, package in (("sklearn", "scikit-learn"), ("tqdm", "tqdm"), ("matplotlib", "matplotlib")):
-        _require(module, package)
-    out = Path(args.out)
-    _check_outputs(out, Path(args.json) if args.json else None)
-    print(
-        f"optorch compare: {len(specs)} configs, MLP 64-64-10 (LayerNorm) on digits, {args.steps} steps of batch {args.batch_size}, "
-        f"seed {args.seed}, {args.device}, engine {args.engine}",
-        flush=True,
-    )
-    start = time.perf_counter()
-    results = compare(
-        specs,
-        steps=args.steps,
-        seed=args.seed,
-        device=args.device,
-        batch_size=args.batch_size,
-        engine=args.engine,
-        target=args.target,
-        progress=not args.no_progress,
-    )
-    elapsed = time.perf_counter() - start
-    table = format_table(results, args.target)
-    print("\n" + table)
-    (out / "table.txt").write_text(table + "\n")
-    written = [plot_losses(results, out / "loss.png", args.target), *plot_knobs(results, out)]
-    if args.json:
-        meta = {
-            "torch": torch.__version__,
-            "task": "MLP 64-64-10 (LayerNorm, ReLU) on sklearn digits, cross-entropy",
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-            "device": args.device,
-            "engine": args.engine,
-            "target": args.target,
-            "threads": torch.get_num_threads(),
-            "wall_s": elapsed,
-        }
-        Path(args.json).write_text(json.dumps(results_json(results, meta), indent=1, allow_nan=False) + "\n")
-        written.append(Path(args.json))
-    stopped = sum(r.interrupted for r in results)
-    print(f"\n{len(results)} runs in {elapsed:.0f} s; wrote {', '.join(str(p) for p in [out / 'table.txt', *written])}")
-    for r in results:
-        if r.error is not None:
-            print(f"optorch compare: error: {r.label} stopped at step {r.steps + 1}: {r.error}", file=sys.stderr)
-    if stopped:
-        print(f"optorch compare: interrupted: {len(results) - stopped} of {len(results)} runs finished; the others are reported "
-              "up to the step they reached", file=sys.stderr)
-        return 130
-    return 2 if any(r.error is not None for r in results) else 0
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CompareError(f"--device {device}, but CUDA is not available")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, ValueError) as error:
-        raise CompareError(f"--device {device}: {str(error).splitlines()[0]}") from None
-
-
-def _check_outputs(out: Path, json_path: Path | None) -> None:
-    """Every place the command writes to is usable, checked before any training (a bad --out or
-    --json would otherwise fail after all of it)."""
-    for directory in dict.fromkeys([out, *([json_path.parent] if json_path else [])]):
-        if directory.exists() and not directory.is_dir():
-            raise CompareError(f"cannot write to {directory}: it is not a directory")
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=directory):
-                pass
-        except OSError as error:
-            raise CompareError(f"cannot write to {directory}: {error.strerror or error}") from None
-    for path in [out / "table.txt", out / "loss.png", *([json_path] if json_path else [])]:
-        if path.exists() and not path.is_file():
-            raise CompareError(f"cannot write {path}: it exists and is not a file")

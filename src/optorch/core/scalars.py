@@ -1,0 +1,48 @@
+"""Numbers and one-element tensors: the one set of helpers every layer reads a scalar with.
+
+A hyperparameter, a loss or a checkpoint value may be a Python number or a tensor; these helpers say
+what each is without guessing twice. A bool is never a number here (``True`` is no learning rate).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["as_float", "is_real", "is_scalar", "is_zero", "reads_zero"]
+
+
+def is_real(value: Any) -> bool:
+    """A real Python number (an int or a float, not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_scalar(value: Any) -> bool:
+    """A real Python number, or a one-element floating-point tensor."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and value.is_floating_point()
+    return is_real(value)
+
+
+def as_float(value: Any) -> float | None:
+    """A Python int or float, or a one-element real tensor, as a float (read from the device); None
+    for anything else."""
+    if isinstance(value, Tensor):
+        return float(value.reshape(())) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def is_zero(value: Any) -> bool:
+    """True only for a number that is exactly zero; a tensor's value is unknown, so never."""
+    return not isinstance(value, Tensor) and value == 0
+
+
+def reads_zero(value: Any) -> bool:
+    """Exactly zero, a one-element tensor's value read too (a host read: not for a step's hot path)."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not bool(value)
+    return isinstance(value, (int, float)) and value == 0
