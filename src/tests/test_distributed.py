@@ -74,7 +74,7 @@ def test_sharded_reductions_communicate(ci_results):
 # -- the full matrix -------------------------------------------------------------------------------
 
 MATRIX = [case for case in verify_distributed.cases(full=True) if case.mode != "fsdp2-tp"]
-ALGORITHMS = [name for name, config in verify_distributed.CONFIGS.items() if not verify_distributed._entries(config)]
+ALGORITHMS = [name for name, config in verify_distributed.CONFIGS.items() if not verify_distributed.entries(config)]
 TORCH_KERNELS = ("sgd", "adam", "adamw", "adagrad")
 MATRIX_ENGINES = (
     [Case(name, "fsdp2", "compiled") for name in ALGORITHMS]  # element-wise shards through the compiled kernels
