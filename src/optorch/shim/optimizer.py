@@ -46,7 +46,7 @@ from .engines import ENGINES, Engine, TorchEngine, Work, make_engine, resolve_en
 from .persistence import Persistent
 from .runtime import attach
 from ..core.scalars import reads_zero
-from .state import FORMAT, FORMAT_KEY, NO_EMA, NO_SCALER, SCHEDULE_KEY, SHARED_PREFIX, StateDict, _StateCheck, _check_unique, _assign, _equal_values, _same
+from .state import FORMAT, FORMAT_KEY, NO_EMA, NO_SCALER, SCHEDULE_KEY, SHARED_PREFIX, StateDict, StateCheck, check_unique, assign, equal_values, same
 
 __all__ = ["ENGINES", "Optimizer"]
 
@@ -104,7 +104,7 @@ class Optimizer(Persistent, torch.optim.Optimizer):
         extras = self._settings.state_keys() if self._settings is not None else frozenset()
         self._engine = make_engine(self.engine, self.algorithm, self.param_groups, self.defaults, extras)
         self._extras = extras
-        self._states = _StateCheck(self.algorithm, self._engine, extras)
+        self._states = StateCheck(self.algorithm, self._engine, extras)
         self._checks_seen = -1  # the state checks' count when the torch engine last verified its kernel
         if self.algorithm.shared is not None and not self._linked_prefix(SHARED_PREFIX):
             fresh = self._fresh_shared(configs[0])
@@ -129,7 +129,7 @@ class Optimizer(Persistent, torch.optim.Optimizer):
         cached = self._configs[index] if index < len(self._configs) else None
         if torch.compiler.is_compiling() and cached is not None:
             return cached[1].unchecked(**dict(zip(fields, values)))
-        if cached is not None and _same(cached[0], values):
+        if cached is not None and same(cached[0], values):
             return cached[1]
         config = self.group_config(group)
         if index < len(self._configs):
@@ -154,7 +154,7 @@ class Optimizer(Persistent, torch.optim.Optimizer):
         if differing:
             raise ValueError(f"{self.algorithm.name}: {', '.join(map(repr, differing))} hold one value for all param groups; "
                              "set them on the optimizer, not in a param group")
-        _check_unique(candidate["params"], self.param_groups)
+        check_unique(candidate["params"], self.param_groups)
         if self._engine is not None:
             self._engine.add_group(candidate)
         super().add_param_group(candidate)
@@ -223,9 +223,9 @@ class Optimizer(Persistent, torch.optim.Optimizer):
                 continue
             values = [value for value in held if value is not canonical]
             first = values[0]
-            if any(not _equal_values(first, value) for value in values) or (len(values) < len(held) and not _equal_values(first, canonical)):
+            if any(not equal_values(first, value) for value in values) or (len(values) < len(held) and not equal_values(first, canonical)):
                 raise ValueError(f"{self.algorithm.name}: param groups disagree on {key!r}, which holds one value for all of them")
-            _assign(canonical, first, key)
+            assign(canonical, first, key)
             for group in self.param_groups:
                 group[key] = canonical
 

@@ -15,7 +15,8 @@ from ..core.algorithm import Algorithm
 from ..core.config import Config
 from .engines import Engine, TorchEngine
 
-__all__ = ["FORMAT", "FORMAT_KEY", "SCHEDULE_KEY", "SHARED_PREFIX", "STATE_PREFIXES", "StateDict"]
+__all__ = ["FORMAT", "FORMAT_KEY", "SCHEDULE_KEY", "SHARED_PREFIX", "STATE_PREFIXES", "StateCheck", "StateDict", "assign", "check_tensor", "check_unique",
+           "equal_values", "same"]
 
 FORMAT_KEY = "optorch_format"
 FORMAT = 2
@@ -75,7 +76,7 @@ class StateDict(dict):
 _ABSENT = object()
 
 
-class _StateCheck:
+class StateCheck:
     """A param's state checked against what its config needs, cheaply between steps.
 
     The full check (keys, shapes, dtypes, devices; a torch-layout state written directly, e.g. by
@@ -135,7 +136,7 @@ class _StateCheck:
         extras = {key: state[key] for key in state if key in self.extras}
         own = {key: value for key, value in state.items() if key not in self.extras}
         for key, value in extras.items():
-            _check_tensor(name, param, key, value, param.shape, {param.dtype}, {param.device})
+            check_tensor(name, param, key, value, param.shape, {param.dtype}, {param.device})
         if not own:
             return None
         expected = self.fresh(distributed.meta_like(param), config)
@@ -162,7 +163,7 @@ class _StateCheck:
             if reference.dim() == 0:
                 dtypes |= {torch.float32, torch.float64}
             devices = {param.device} | ({torch.device("cpu")} if reference.dim() == 0 else set())
-            _check_tensor(name, param, key, value, reference.shape, dtypes, devices)
+            check_tensor(name, param, key, value, reference.shape, dtypes, devices)
             distributed.check_layout(name, key, value, reference)
         if own.keys() != {key for key in state if key not in self.extras}:
             for key in [key for key in state if key not in self.extras]:
@@ -179,7 +180,7 @@ class _StateCheck:
         return {**exported, **{key: value for key, value in state.items() if key in self.extras}}
 
 
-def _check_tensor(name: str, param: Tensor, key: str, value: Any, shape: torch.Size, dtypes: set, devices: set) -> None:
+def check_tensor(name: str, param: Tensor, key: str, value: Any, shape: torch.Size, dtypes: set, devices: set) -> None:
     if not isinstance(value, Tensor):
         raise ValueError(f"{name}: state {key!r} of a parameter of shape {tuple(param.shape)} must be a tensor, got {type(value).__name__}")
     if value.shape != shape:
@@ -193,7 +194,7 @@ def _check_tensor(name: str, param: Tensor, key: str, value: Any, shape: torch.S
         raise ValueError(f"{name}: state {key!r} is on {value.device}, its parameter on {param.device}")
 
 
-def _check_unique(params: list[Any] | None, groups: list[dict[str, Any]]) -> None:
+def check_unique(params: list[Any] | None, groups: list[dict[str, Any]]) -> None:
     """The same param twice would be stepped twice per step (torch only warns): refused."""
     if not params:
         return
@@ -210,7 +211,7 @@ def _check_unique(params: list[Any] | None, groups: list[dict[str, Any]]) -> Non
         raise ValueError("some parameters appear in more than one parameter group")
 
 
-def _same(a: tuple, b: tuple) -> bool:
+def same(a: tuple, b: tuple) -> bool:
     """Whether two tuples of hyperparameter values are the same: tensors by identity, the rest by
     type and value (a tensor replaced by an equal one is new: its later in-place changes count)."""
     return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
@@ -222,11 +223,11 @@ def _same_value(x: Any, y: Any) -> bool:
     if isinstance(x, Tensor) or isinstance(y, Tensor) or type(x) is not type(y):
         return False
     if isinstance(x, tuple):
-        return _same(x, y)
+        return same(x, y)
     return x == y
 
 
-def _equal_values(a: Any, b: Any) -> bool:
+def equal_values(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         a_, b_ = torch.as_tensor(a), torch.as_tensor(b)
         return a_.shape == b_.shape and bool((a_.to(torch.float64) == b_.to(a_.device, torch.float64)).all()) if a_.numel() else a_.shape == b_.shape
@@ -235,7 +236,7 @@ def _equal_values(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _assign(target: Tensor, value: Any, key: str) -> None:
+def assign(target: Tensor, value: Any, key: str) -> None:
     if isinstance(value, Tensor):
         if value.shape != target.shape and value.numel() != 1:
             raise ValueError(f"{key!r} must have shape {tuple(target.shape)}, got {tuple(value.shape)}")
