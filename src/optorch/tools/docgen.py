@@ -18,28 +18,21 @@ The test requires one for every field.
 from __future__ import annotations
 
 import argparse
-import ast
-import functools
 import inspect
 import re
 import sys
-import textwrap
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import annotated_types
-from pydantic import AfterValidator, BaseModel, BeforeValidator
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from .. import schedules
 from ..algorithms import registry
 from ..builder.spec import ADAPTIVE_KEY, SCHEDULE_KEY
-from ..core import config
 from ..functional import adaptive, settings
+from .docgen_fields import description, field_docstrings, literal, model_anchor, nested_models, owner_of, rst, shown_type, union_members
 
 __all__ = ["ENTRIES", "Entry", "PAGE", "main", "render"]
 
@@ -77,193 +70,17 @@ ENTRIES: tuple[Entry, ...] = (
 )
 """The builder's top-level entries, one line each: add one here with the entry (the page lists them all)."""
 
-# ------------------------------------------------------------------------------------------------
-# types and constraints
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, float):
-        text = repr(value)
-        if len(text) > 8 and float(f"{value:g}") == value:
-            text = f"{value:g}"
-        return re.sub(r"e([+-])0*(\d)", lambda m: f"e{'' if m.group(1) == '+' else '-'}{m.group(2)}", text)
-    return repr(value)
-
-
-def _literal(value: Any) -> str:
-    """A default as a Python literal, floats short (1e-8, not 1e-08)."""
-    if isinstance(value, (tuple, list)):
-        inner = ", ".join(_literal(v) for v in value)
-        return f"({inner},)" if isinstance(value, tuple) and len(value) == 1 else (f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
-    if isinstance(value, BaseModel):
-        return f"{type(value).__name__}()"
-    if isinstance(value, bool) or value is None:
-        return repr(value)
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, (int, float)):
-        return _number(value)
-    return repr(value)
-
-
-@dataclass
-class _Bounds:
-    low: Any = None
-    low_open: bool = False
-    high: Any = None
-    high_open: bool = False
-
-    def text(self) -> str | None:
-        if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return None
-
-
-def _constraints(metadata: list[Any]) -> tuple[bool, list[str]]:
-    """(whether the metadata make the value a Scalar, the constraints they state)."""
-    scalar, texts, bounds, finite = False, [], _Bounds(), False
-    for item in metadata:
-        if isinstance(item, FieldInfo):
-            inner_scalar, inner = _constraints(list(item.metadata))
-            scalar, texts = scalar or inner_scalar, texts + inner
-        elif isinstance(item, BeforeValidator) and item.func is config._coerce_scalar:
-            scalar = True
-        elif isinstance(item, AfterValidator) and hasattr(item.func, "constraint"):
-            texts.append(item.func.constraint)
-        elif isinstance(item, annotated_types.Ge):
-            bounds.low, bounds.low_open = item.ge, False
-        elif isinstance(item, annotated_types.Gt):
-            bounds.low, bounds.low_open = item.gt, True
-        elif isinstance(item, annotated_types.Le):
-            bounds.high, bounds.high_open = item.le, False
-        elif isinstance(item, annotated_types.Lt):
-            bounds.high, bounds.high_open = item.lt, True
-        elif getattr(item, "allow_inf_nan", None) is False:
-            finite = True
-    if finite and (bounds.low is None or bounds.high is None):  # an interval says finite already
-        texts.insert(0, "finite")
-    if bounds.text():
-        texts.insert(0, bounds.text())
-    return scalar, texts
-
-
-def _describe(annotation: Any, metadata: list[Any] = ()) -> tuple[str, list[str]]:
-    """(the type as the page shows it, its constraints) of a field's annotation and metadata."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _describe(args[0], [*args[1:], *metadata])
-    scalar, constraints = _constraints(list(metadata))
-    if scalar:
-        return "scalar", constraints
-    if annotation is type(None):
-        return "None", constraints
-    if origin in (typing.Union, types.UnionType):
-        models = [arg for arg in args if isinstance(arg, type) and issubclass(arg, BaseModel)]
-        if len(models) > 2 and len(models) == len(args):  # a discriminated union: one of several configs
-            return "config (`name`: " + ", ".join(f"[{_owner(m)}](#{_model_anchor(m)})" for m in models) + ")", constraints
-        parts = [_describe(arg) for arg in args]
-        inner = [c for _, cs in parts for c in cs]
-        return " or ".join(t for t, _ in parts), constraints + list(dict.fromkeys(inner))
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            item, item_constraints = _describe(args[0])
-            return f"tuple of {item}", constraints + [f"each {c}" for c in item_constraints]
-        parts = [_describe(arg) for arg in args]
-        kinds = [t for t, _ in parts]
-        per_item = [cs for _, cs in parts]
-        if all(cs == per_item[0] for cs in per_item) and per_item[0]:
-            constraints = constraints + [f"each {c}" for c in per_item[0]]
-        else:
-            constraints = constraints + [f"item {i}: {', '.join(cs)}" for i, cs in enumerate(per_item) if cs]
-        return f"({', '.join(kinds)})", constraints
-    if origin is typing.Literal:
-        return "one of " + ", ".join(f"`{a!r}`" if not isinstance(a, str) else f'`"{a}"`' for a in args), constraints
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return f"[{annotation.__name__}](#{_model_anchor(annotation)})", constraints
-    names = {bool: "bool", int: "int", float: "float", str: "str", Any: "any"}
-    return names.get(annotation, getattr(annotation, "__name__", str(annotation))), constraints
-
-
-def _nested_models(annotation: Any) -> Iterator[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
-    for arg in typing.get_args(annotation):
-        yield from _nested_models(arg)
-
-
-def _union_members(models: Any) -> list[type[BaseModel]]:
-    if isinstance(models, type) and issubclass(models, BaseModel):
-        return [models]
-    return list(dict.fromkeys(_nested_models(models)))
-
-
-# ------------------------------------------------------------------------------------------------
-# descriptions
-
-
-@functools.lru_cache(maxsize=None)
-def _field_docstrings(cls: type) -> dict[str, str]:
-    """``{field: docstring}`` from string literals right after annotated assignments, over the MRO."""
-    found: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if klass in (object, BaseModel) or not issubclass(klass, BaseModel):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
-                found[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
-    return found
-
-
-def _rst(text: str) -> str:
-    """reST inline markup of docstrings as Markdown: :math:`x` and ``x`` become `x`."""
-    text = re.sub(r":(?:math|func|class|mod|data|meth):`~?([^`]*)`", r"`\1`", text)
-    return text.replace("``", "`")
-
-
-def description(owner: str, name: str, info: FieldInfo, docstrings: dict[str, str]) -> str | None:
-    """A field's description: its docstring, else its ``description`` (``Field(description=)``, or the
-    shared one of its name: :data:`optorch.core.config.SHARED_DESCRIPTIONS`,
-    :data:`optorch.schedules.base.FIELD_DESCRIPTIONS`)."""
-    text = docstrings.get(name) or info.description
-    return _rst(text) if text else None
-
-
 def undescribed() -> list[str]:
     """``owner.field`` for every field of the page without a description."""
     missing = []
     for owner, model in _all_models():
-        docstrings = _field_docstrings(model)
+        docstrings = field_docstrings(model)
         missing += [f"{owner}.{name}" for name, info in model.model_fields.items() if description(owner, name, info, docstrings) is None]
     return missing
 
 
 # ------------------------------------------------------------------------------------------------
 # the page
-
-
-def _model_anchor(model: type[BaseModel]) -> str:
-    """The id of a model's table heading (set explicitly, with attr_list, so links never guess)."""
-    return f"{_public_module(model)}-{model.__name__}".lower()
-
-
-def _public_module(model: type[BaseModel]) -> str:
-    """The public module a model is known by (``optorch.<this>``), which anchors stay named after
-    wherever in the layers its code lives: a schedule's is ``schedules``, the combinator entries'
-    ``combinators``, an algorithm's its own name."""
-    parts = model.__module__.split(".")
-    if parts[1] == "schedules":
-        return "schedules"
-    return {"settings": "combinators"}.get(parts[-1], parts[-1])
 
 
 def _anchor(text: str) -> str:
@@ -275,15 +92,15 @@ def _escape(text: str) -> str:
 
 
 def _table(owner: str, model: type[BaseModel]) -> list[str]:
-    docstrings = _field_docstrings(model)
+    docstrings = field_docstrings(model)
     fields = sorted(model.model_fields.items(), key=lambda item: item[0] != "name")  # the discriminator first
     lines = ["| key | type | default | constraints | description |", "|---|---|---|---|---|"]
     for name, info in fields:
-        kind, constraints = _describe(info.annotation, info.metadata)
+        kind, constraints = shown_type(info.annotation, info.metadata)
         if info.default is not PydanticUndefined:
-            default = f"`{_literal(info.default)}`"
+            default = f"`{literal(info.default)}`"
         elif info.default_factory is not None:
-            default = f"`{_literal(info.default_factory())}`"
+            default = f"`{literal(info.default_factory())}`"
         else:
             default = "required"
         text = description(owner, name, info, docstrings) or ""
@@ -295,7 +112,7 @@ def _intro(model: type[BaseModel]) -> list[str]:
     doc = inspect.getdoc(model)
     if not doc or model.__doc__ is None or doc == inspect.getdoc(BaseModel) or "__doc__" not in model.__dict__:
         return []
-    paragraphs = [" ".join(_rst(paragraph).split()) for paragraph in doc.split("\n\n")]
+    paragraphs = [" ".join(rst(paragraph).split()) for paragraph in doc.split("\n\n")]
     # a reST math block, inline or after a blank line, as a plain code block
     paragraphs = [re.sub(r"^(.*?):?\s*\.\. math::\s*(.+)$", lambda m: (m.group(1) + ":\n\n" if m.group(1) else "") + f"```\n{m.group(2)}\n```", p) for p in paragraphs]
     return [line for p in paragraphs for line in (p, "")]
@@ -305,11 +122,11 @@ def _nested_sections(owner: str, model: type[BaseModel], seen: set, level: int =
     """A section for each model nested in ``model``'s fields (once each), under ``level`` headings."""
     lines = []
     for info in model.model_fields.values():
-        for nested in _nested_models(info.annotation):
+        for nested in nested_models(info.annotation):
             if nested in seen:
                 continue
             seen.add(nested)
-            lines += [f"{'#' * level} {nested.__name__} {{#{_model_anchor(nested)}}}", "", *_intro(nested), *_table(nested.__name__, nested), ""]
+            lines += [f"{'#' * level} {nested.__name__} {{#{model_anchor(nested)}}}", "", *_intro(nested), *_table(nested.__name__, nested), ""]
             lines += _nested_sections(nested.__name__, nested, seen, level)
     return lines
 
@@ -319,7 +136,7 @@ def _all_models() -> Iterator[tuple[str, type[BaseModel]]]:
     def with_nested(owner: str, model: type[BaseModel], seen: set) -> Iterator[tuple[str, type[BaseModel]]]:
         yield owner, model
         for info in model.model_fields.values():
-            for nested in _nested_models(info.annotation):
+            for nested in nested_models(info.annotation):
                 if nested not in seen:
                     seen.add(nested)
                     yield from with_nested(nested.__name__, nested, seen)
@@ -328,13 +145,8 @@ def _all_models() -> Iterator[tuple[str, type[BaseModel]]]:
     for name in registry.names():
         yield from with_nested(name, registry.get(name).config, seen)
     for entry in ENTRIES:
-        for model in _union_members(entry.models):
-            yield from with_nested(_owner(model), model, seen)
-
-
-def _owner(model: type[BaseModel]) -> str:
-    name = model.model_fields.get("name")
-    return name.default if name is not None and isinstance(name.default, str) else model.__name__
+        for model in union_members(entry.models):
+            yield from with_nested(owner_of(model), model, seen)
 
 
 _HEADER = """\
@@ -386,12 +198,12 @@ def render() -> str:
              "| entry | value | what it does |", "|---|---|---|"]
     lines += [f"| [`{entry.key}:`](#{_anchor(entry.key)}) | `{_escape(entry.shape)}` | {_escape(entry.text)} |" for entry in ENTRIES]
     lines.append("")
-    seen = {model for entry in ENTRIES for model in _union_members(entry.models)}  # each has its own section
+    seen = {model for entry in ENTRIES for model in union_members(entry.models)}  # each has its own section
     for entry in ENTRIES:
         lines += [f"### {entry.key} {{#{_anchor(entry.key)}}}", "", f"`{entry.key}: {entry.shape}`. {entry.text}", ""]
-        for model in _union_members(entry.models):
-            owner = _owner(model)
-            lines += [f"#### {entry.key}: {owner} {{#{_model_anchor(model)}}}", "", *_intro(model), *_table(owner, model), ""]
+        for model in union_members(entry.models):
+            owner = owner_of(model)
+            lines += [f"#### {entry.key}: {owner} {{#{model_anchor(model)}}}", "", *_intro(model), *_table(owner, model), ""]
             lines += _nested_sections(owner, model, seen, level=5)
     lines += ["## Algorithms", "", "One section per registered algorithm (`optorch.registry.names()`), with a link to its page.", ""]
     for name in registry.names():
