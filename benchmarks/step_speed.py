@@ -73,11 +73,11 @@ import torch
 
 try:
     import optorch
-    from optorch import registry
+    from optorch.algorithms import registry
 except ImportError:  # running from a checkout without PYTHONPATH=src
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     import optorch
-    from optorch import registry
+    from optorch.algorithms import registry
 
 DEFAULT_SHAPES = ("1x16M", "200x80k", "2000x8k", "2000x1k")
 ROW_KEYS = ("fused", "foreach", "forloop", "peers", "auto", "compiled", "gather", "cosine", "eager", "pure")
