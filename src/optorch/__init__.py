@@ -17,6 +17,7 @@ from . import combinators
 from .combinators import bind
 from .config import Config
 from .inject import InjectedHyperparams, inject_hyperparams
+from .layout import contiguous
 from .registry import ALGORITHMS, UnknownOptimizerError, register
 from .shim import Optimizer
 from .checkpoint import complete as complete_state_dict
@@ -37,6 +38,7 @@ __all__ = [
     "bind",
     "build",
     "complete_state_dict",
+    "contiguous",
     "inject_hyperparams",
     "load_config",
     "parse_config",

@@ -284,7 +284,8 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     d = grad.numel()
     k = ops.like(_amplitude(config, shared["global_step"]), state["alpha"])
 
-    norm = torch.linalg.vector_norm(grad, dtype=dtype)
+    wide = ops.sum_dtype(grad)
+    norm = torch.linalg.vector_norm(grad, dtype=wide).to(dtype)
     sigma = norm * (1.0 / math.sqrt(d))
     if config.use_exact_sigma:  # population std, refreshed every sigma_every steps, stale in between
         exact = torch.std(grad.to(dtype), correction=0)
@@ -298,10 +299,12 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     rho = _setting(h, "rho")
     alpha = torch.clamp((1 - rho) * state["alpha"] + rho * alpha_hat, _setting(h, "alpha_min"), _setting(h, "alpha_max"))
 
-    x = grad * torch.reciprocal(norm + eps).to(grad.dtype) * (alpha / s).to(grad.dtype)
-    u = torch.tanh(x) * (k * s).to(grad.dtype)
-    # Measured on x (so with the /s), used by the next step's alpha; float32 like the original's mean.
-    saturation = (x.abs() > tau).to(torch.float32).mean().to(dtype)
+    # Once per step, not per element: compiled, these would be recomputed in the element-wise loop.
+    inverse_norm, gain, amplitude = ops.once(*(v.to(grad.dtype) for v in (torch.reciprocal(norm + eps), alpha / s, k * s)))
+    x = grad * inverse_norm * gain
+    u = ops.tanh(x) * amplitude
+    # Measured on x (so with the /s), used by the next step's alpha; rounded to float32 like the original's mean.
+    saturation = (x.abs() > tau).to(wide).mean().to(torch.float32).to(dtype)
     sat_ratio = torch.where(torch.remainder(step, config.sat_every) == 0, saturation, state["sat_ratio"])
     new_state = {"alpha": alpha, "sat_ratio": sat_ratio, "sigma": sigma}
 
@@ -313,7 +316,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         buf = ops.add(state["momentum_buffer"] * config.momentum, u, 1 - config.dampening)
         new_state["momentum_buffer"] = buf
         u = ops.add(u, buf, config.momentum) if config.nesterov else buf
-    contributions = {"sum_u2": (u * u).sum().to(shared["s_t"].dtype), "numel": torch.full_like(shared["s_t"], d)}
+    contributions = {"sum_u2": (u * u).sum(dtype=wide).to(shared["s_t"].dtype), "numel": torch.full_like(shared["s_t"], d)}
     return ops.add(param, u, -config.lr), new_state, contributions
 
 

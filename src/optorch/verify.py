@@ -366,9 +366,9 @@ def check(
     algorithm = registry.get(name)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     limit = default_tolerance(dtype) if tolerance is None else tolerance
-    if tolerance is None and dtype == torch.float64 and engine == "compiled" and not algorithm.elementwise:
-        limit = FLOAT64_COMPILED_REDUCTION_TOLERANCE
     config = {k: v for k, v in config.items() if k != "name"}
+    if tolerance is None and dtype == torch.float64 and engine == "compiled" and not algorithm.is_elementwise(algorithm.as_config(config)):
+        limit = FLOAT64_COMPILED_REDUCTION_TOLERANCE
     kwargs = dict(steps=steps, dtype=dtype, device=device, intermittent=intermittent)
     if engine == "pure":
         candidate, path = run_pure(algorithm.name, config, **kwargs), "pure"
