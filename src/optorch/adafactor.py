@@ -45,6 +45,7 @@ from . import ops
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
 from .config import Flag, NonNegative, Scalar, _bounded, is_zero
+from .distributed import zeros_reduced
 
 __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
@@ -76,9 +77,8 @@ def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
         raise RuntimeError(f"adafactor does not support complex parameters (got a {param.dtype} parameter), as torch.optim.Adafactor does not")
     empty = param.new_zeros(0)
     if _factored(param):
-        row, col = list(param.shape), list(param.shape)
-        row[-1], col[-2] = 1, 1
-        return {"step": ops.new_step(param), "row_var": param.new_zeros(row), "col_var": param.new_zeros(col), "variance": empty}
+        # a sharded param's factors are sharded as it is along the dims they keep (no communication to update them)
+        return {"step": ops.new_step(param), "row_var": zeros_reduced(param, -1), "col_var": zeros_reduced(param, -2), "variance": empty}
     return {"step": ops.new_step(param), "row_var": empty, "col_var": empty.clone(), "variance": torch.zeros_like(param)}
 
 
@@ -126,7 +126,8 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square() / g.size(-2)
         row_var = new_state["row_var"] = ops.lerp(state["row_var"], row_mean, weight)
         col_var = new_state["col_var"] = ops.lerp(state["col_var"], col_mean, weight)
-        var_estimate = (row_var @ col_var) / row_var.mean(dim=-2, keepdim=True).clamp(min=ops.like(eps1, param))
+        # the outer product as a broadcast product: the same numbers (one product each), and it keeps a sharded layout
+        var_estimate = (row_var * col_var) / row_var.mean(dim=-2, keepdim=True).clamp(min=ops.like(eps1, param))
     else:
         var_estimate = new_state["variance"] = ops.lerp(state["variance"], g * g, weight)
     u = var_estimate.clamp(min=ops.like(eps1 * eps1, param)).rsqrt() * g

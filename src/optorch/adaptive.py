@@ -50,16 +50,17 @@ The design is the project's own (docs/rules.md): the original AdaptiveOpt is a R
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 from torch.utils import _pytree as pytree
+
+from .config import Count, Number, did_you_mean, shown
 
 __all__ = [
     "AdaptiveConfig",
@@ -97,9 +98,7 @@ def _parse_rule(value: Any, where: str) -> Optional[str]:
     seen = []
     for term in terms:
         if term not in TERMS:
-            close = difflib.get_close_matches(term, TERMS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown term {term!r} in the rule {value!r} for {where}{hint}; terms: {', '.join(TERMS)}")
+            raise ValueError(f"unknown term {term!r} in the rule {value!r} for {where}{did_you_mean(term, TERMS)}; terms: {', '.join(TERMS)}")
         if term in seen:
             raise ValueError(f"term {term!r} appears twice in the rule {value!r} for {where}")
         seen.append(term)
@@ -126,47 +125,47 @@ class AdaptiveConfig(BaseModel):
     """RMSprop's alpha's rule."""
     wd_rule: Optional[str] = None
     """Weight decay's rule (``trend`` runs inverted: less decay while improving)."""
-    cycle_length: int = Field(500, ge=1)
+    cycle_length: Annotated[Count, Field(ge=1)] = 500
     """T_0 of ``cosine`` and ``cosine_restart``, in steps."""
-    cycle_mult: float = Field(2.0, ge=1.0, allow_inf_nan=False)
+    cycle_mult: Annotated[Number, Field(ge=1.0)] = 2.0
     """``cosine_restart``: each cycle is ``floor(previous * cycle_mult)`` steps long."""
     trend_signal: Literal["fast_slow", "ema_step"] = "fast_slow"
     """How ``trend`` tells improving from worsening: the fast/slow EMA gap, or the fast EMA's last move."""
-    fast_beta: float = Field(0.9, ge=0.0, lt=1.0, allow_inf_nan=False)
+    fast_beta: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.9
     """Decay of the fast loss EMA F."""
-    slow_beta: float = Field(0.99, ge=0.0, lt=1.0, allow_inf_nan=False)
+    slow_beta: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.99
     """Decay of the slow loss EMA L."""
-    improve_tol: float = Field(1e-3, ge=0.0, allow_inf_nan=False)
+    improve_tol: Annotated[Number, Field(ge=0.0)] = 1e-3
     """Improving when (L - F) / |L| exceeds this, worsening below its negative."""
-    ema_step_tol: float = Field(1e-4, ge=0.0, allow_inf_nan=False)
+    ema_step_tol: Annotated[Number, Field(ge=0.0)] = 1e-4
     """``trend_signal="ema_step"``: the fast EMA must move by more than this (absolute) to count."""
-    var_window: int = Field(20, ge=2)
+    var_window: Annotated[Count, Field(ge=2)] = 20
     """Losses in the window whose coefficient of variation ``variance`` and ``stable`` use."""
-    trend_up: float = Field(1.01, ge=1.0, allow_inf_nan=False)
+    trend_up: Annotated[Number, Field(ge=1.0)] = 1.01
     """``trend``'s multiplier on an improving step."""
-    trend_down: float = Field(0.98, gt=0.0, le=1.0, allow_inf_nan=False)
+    trend_down: Annotated[Number, Field(gt=0.0, le=1.0)] = 0.98
     """``trend``'s multiplier on a worsening step."""
-    relative_gain: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    relative_gain: Annotated[Number, Field(ge=0.0)] = 1.0
     """``relative``: the factor grows by 1 + gain * clip(r, -c, c) per step."""
-    relative_clip: float = Field(0.05, ge=0.0, allow_inf_nan=False)
+    relative_clip: Annotated[Number, Field(ge=0.0)] = 0.05
     """``relative``: c, the clip on the relative improvement r."""
-    var_gain: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    var_gain: Annotated[Number, Field(ge=0.0)] = 1.0
     """``variance`` and ``stable``: the factor is 1 / (1 + var_gain * CV)."""
-    stable_beta: float = Field(0.99, ge=0.0, lt=1.0, allow_inf_nan=False)
+    stable_beta: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.99
     """``stable``: decay of its EMA of the variance factor."""
-    cos_floor: float = Field(0.1, ge=0.0, le=1.0, allow_inf_nan=False)
+    cos_floor: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.1
     """The cosine rules' lowest factor."""
-    factor_bounds: tuple[float, float] = (0.1, 10.0)
+    factor_bounds: tuple[Number, Number] = (0.1, 10.0)
     """Bounds of the compounding rule states (``trend``, ``relative``)."""
-    lr_bounds: tuple[float, float] = (1e-3, 2.0)
+    lr_bounds: tuple[Number, Number] = (1e-3, 2.0)
     """The lr's bounds relative to its base."""
-    lr_limits: tuple[Optional[float], Optional[float]] = (None, None)
+    lr_limits: tuple[Optional[Number], Optional[Number]] = (None, None)
     """Optional absolute (min, max) of the lr, applied after ``lr_bounds``."""
-    wd_max_ratio: float = Field(10.0, ge=1.0, allow_inf_nan=False)
+    wd_max_ratio: Annotated[Number, Field(ge=1.0)] = 10.0
     """Weight decay stays in [0, wd_max_ratio * base]."""
-    momentum_bounds: tuple[float, float] = (0.5, 0.99)
+    momentum_bounds: tuple[Number, Number] = (0.5, 0.99)
     """Momentum and beta1 stay in [min(lo, base), max(hi, base)]."""
-    beta2_bounds: tuple[float, float] = (0.9, 0.9999)
+    beta2_bounds: tuple[Number, Number] = (0.9, 0.9999)
     """Beta2 and alpha stay in [min(lo, base), max(hi, base)]."""
 
     @field_validator("lr_rule", "momentum_rule", "alpha_rule", "wd_rule", mode="before")
@@ -232,7 +231,7 @@ def parse_entry(entry: Any) -> AdaptiveConfig:
     unknown = [key for key in entry if key not in AdaptiveConfig.model_fields]
     if unknown:
         valid = list(AdaptiveConfig.model_fields)
-        hints = [f"{k!r} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(str(k), valid, n=1)) else repr(k) for k in unknown]
+        hints = [f"{shown(k)}{did_you_mean(k, valid)}" for k in unknown]
         raise ValueError(f"unknown key(s) {', '.join(hints)}; valid keys: {', '.join(valid)}")
     return AdaptiveConfig(**entry)
 

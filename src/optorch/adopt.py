@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import functools
 import numbers
+from typing import Annotated
 
 import torch
 
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
-from .config import Flag, NonNegative, Probability, is_zero
+from .config import Flag, NonNegative, Probability, Scalar, _bounded, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update", "reference"]
 
@@ -46,8 +47,9 @@ class Config(_Config):
     lr: NonNegative = 1e-3
     betas: tuple[Probability, Probability] = (0.9, 0.9999)
     eps: NonNegative = 1e-6
-    clip_exponent: NonNegative | None = 0.25
-    """The clip bound at step count k is ``k ** clip_exponent``; None: no clipping."""
+    clip_exponent: Annotated[Scalar, _bounded(lambda v: 0.0 <= v <= 19.0, "in [0, 19]")] | None = 0.25
+    """The clip bound at step count k is ``k ** clip_exponent`` (finite in float64 for every k up to
+    2**53 when the exponent is at most 19); None: no clipping."""
     weight_decay: NonNegative = 0.0
     decouple: Flag = False
     maximize: Flag = False

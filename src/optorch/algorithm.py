@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from . import ops
 from .config import Config
+from .distributed import full
 
 __all__ = ["Algorithm", "Grid", "LeafState", "Reduction", "Shared", "State", "SHARED_KEY"]
 
@@ -84,22 +85,26 @@ class Shared:
     ``requires_grad``); ``finish(shared, totals, config)`` returns the next shared state once per
     step, after every parameter has stepped, with ``totals`` the sums over the stepped parameters
     of what their ``update`` contributed, or ``None`` when no parameter had a gradient. Keys in
-    ``derived`` depend on the parameters alone (e.g. their total size): the shim recomputes them
-    when a param group is added, keeping the rest.
+    ``derived`` are sums over the parameters alone (e.g. their total size): the shim recomputes them
+    when a param group is added, keeping the rest. ``contributions`` names the keys ``update``
+    contributes: an optimizer holding one rank's share of the params (ZeroRedundancyOptimizer) sums
+    them, and the ``derived`` keys, over every rank's share, even where none of its own params stepped.
     """
 
     init: Callable[[list[Tensor], Config], dict[str, Tensor]]
     finish: Callable[[dict[str, Tensor], "dict[str, Tensor] | None", Config], dict[str, Tensor]]
     derived: tuple[str, ...] = ()
+    contributions: tuple[str, ...] = ()
 
 
 def sum_contributions(contributions: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor] | None:
-    """The per-key sums of the parameters' contributions, in a fixed order, on ``device``."""
+    """The per-key sums of the parameters' contributions, in a fixed order, on ``device`` (a
+    sharded param's read whole: every rank holds every total)."""
     if not contributions:
         return None
     totals = {}
     for key in contributions[0]:
-        values = [c[key].to(device) for c in contributions]
+        values = [full(c[key]).to(device) for c in contributions]
         totals[key] = torch.stack(values).sum() if len(values) > 1 else values[0]
     return totals
 

@@ -47,18 +47,23 @@ allowed (and need no scaling: bf16 has float32's exponent range).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Annotated, Any, NamedTuple, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from .config import Count, Flag, Number, representable
 from .ops import all_finite, scalar_dtype, select
 
-__all__ = ["Scaled", "ScalerConfig", "ScalerState", "init", "scale_loss", "scaled", "unscale", "update"]
+__all__ = ["MIN_SCALE", "Scaled", "ScalerConfig", "ScalerState", "init", "scale_loss", "scaled", "unscale", "update"]
+
+
+MIN_SCALE = torch.finfo(torch.float32).tiny
+"""The smallest loss scale accepted, 2**-126 (float32's smallest normal number): unscaling multiplies
+by 1/scale in float32, which a scale below ~2.9e-39 makes inf (and every gradient inf or NaN)."""
 
 
 class ScalerConfig(BaseModel):
@@ -66,22 +71,23 @@ class ScalerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    init_scale: float = Field(2.0**16, gt=0.0, allow_inf_nan=False)
-    """The first scale (finite in float32)."""
-    growth_factor: float = Field(2.0, gt=1.0, allow_inf_nan=False)
+    init_scale: Annotated[Number, Field(gt=0.0)] = 2.0**16
+    """The first scale (kept in float32, where it and its reciprocal must be finite and non-zero)."""
+    growth_factor: Annotated[Number, Field(gt=1.0)] = 2.0
     """The scale is multiplied by this after ``growth_interval`` clean steps in a row."""
-    backoff_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    backoff_factor: Annotated[Number, Field(gt=0.0, lt=1.0)] = 0.5
     """The scale is multiplied by this on a step with an inf or NaN gradient."""
-    growth_interval: int = Field(2000, ge=1, strict=True)
+    growth_interval: Annotated[Count, Field(ge=1)] = 2000
     """Clean steps in a row before the scale grows."""
-    enabled: bool = Field(True, strict=True)
+    enabled: Flag = True
     """False: a scale of 1 and no updates (a disabled GradScaler)."""
 
     @field_validator("init_scale")
     @classmethod
-    def _finite_in_float32(cls, value: float) -> float:
-        if not math.isfinite(torch.tensor(value, dtype=torch.float32).item()):
-            raise ValueError(f"must be finite in float32 (at most {torch.finfo(torch.float32).max:.4g}), got {value}")
+    def _usable_in_float32(cls, value: float) -> float:
+        if not (MIN_SCALE <= value and representable(value, torch.float32)):
+            raise ValueError(f"must be in [2**-126, {torch.finfo(torch.float32).max:.4g}], where it and its reciprocal are finite "
+                             f"in float32, got {value}")
         return value
 
 

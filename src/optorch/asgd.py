@@ -13,8 +13,8 @@ With gradient :math:`g_t`, learning rate :math:`\gamma`, decay :math:`\lambda` (
     \eta_t &= \gamma / (1 + \lambda\gamma t)^{\alpha}, \qquad \mu_t = 1 / \max(1, t - t_0)
 
 :math:`\bar\theta` (``ax``) is the running average, kept in the state and never fed back.
-State per parameter: ``step``, ``eta`` and ``mu`` (0-dim float32 tensors as torch keeps them, so
-rounded to float32), ``ax`` (:math:`\bar\theta`).
+State per parameter: ``step``, ``eta`` and ``mu`` (0-dim tensors in torch's scalar dtype, float32 unless
+the default dtype is float64, and rounded to it, as torch's are), ``ax`` (:math:`\bar\theta`).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import torch
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
-from .config import Flag, NonNegative, Scalar, is_zero
+from .config import Flag, NonNegative, Scalar, UnitInterval, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
 
 class Config(_Config):
     lr: NonNegative = 1e-2
-    lambd: Scalar = 1e-4
-    alpha: Scalar = 0.75
+    lambd: NonNegative = 1e-4
+    alpha: UnitInterval = 0.75  # above 1, (1 + lambd * lr * t) ** alpha overflows (an error, in torch too) in long runs
     t0: Scalar = 1e6
     weight_decay: NonNegative = 0.0
     maximize: Flag = False
@@ -41,13 +41,15 @@ class Config(_Config):
 def _scalar(value, like: torch.Tensor) -> torch.Tensor:
     """A per-tensor scalar state entry (``like``'s dtype and device) holding ``value``."""
     # torch's ASGD makes the new value a tensor of the default dtype before copying it into the state,
-    # so a float64 state (after a checkpoint load) still holds float32-rounded values.
+    # so a float64 state (after a checkpoint load) still holds float32-rounded values. (From a tensor
+    # hyperparameter torch keeps the tensor's dtype; here a tensor is rounded as a number is, since the
+    # shim's compiled engine passes every number as a tensor.)
     value = value.to(torch.get_default_dtype()) if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     return value.to(device=like.device, dtype=like.dtype, copy=True)
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
-    step = ops.new_step(param)
+    step = ops.new_step(param)  # eta and mu share its dtype, torch's scalar dtype, as in torch
     return {"step": step, "eta": _scalar(config.lr, step), "mu": torch.ones_like(step), "ax": torch.zeros_like(param)}
 
 

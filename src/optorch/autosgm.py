@@ -52,20 +52,20 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Annotated, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import field_validator, model_validator
 from torch import Tensor
 
 from . import ops
 from .algorithm import Algorithm, LeafState, Reduction
 from .config import Config as _Config
-from .config import Flag, NonNegative, Probability, Scalar, UnitInterval, is_zero
+from .config import Count, Flag, NonNegative, Probability, Scalar, UnitInterval, is_zero
+from .distributed import full
 
 __all__ = ["Config", "Reduction", "REDUCTIONS", "TUPLES", "algorithm", "init", "init_leaf", "lowpass", "step", "update", "window"]
 
-Int = Annotated[int, Field(strict=True)]
 
 # The original's tuple arguments and the named fields their positions fill, in order.
 TUPLES: dict[str, tuple[str, ...]] = {
@@ -102,7 +102,7 @@ class Config(_Config):
     # lr_cfg
     adaptive: Flag = True
     lr: NonNegative = 1e-2
-    numerator: Int = 0
+    numerator: Count = 0
     # beta_cfg
     beta_n: Probability = 0.9999
     beta_a: Probability = 0.999
@@ -111,14 +111,14 @@ class Config(_Config):
     eta_i: UnitInterval = 0.0
     debias: Flag = True
     # rc_cfg
-    window: Int = 0
-    window_sequence: Int = 0
+    window: Count = 0
+    window_sequence: Count = 0
     window_floor: UnitInterval = 0.0
     window_order: Scalar = 2.0
     window_full: Flag = False
-    window_epochs: Int = 1000
-    window_steps_per_epoch: Int = 1
-    window_unit: Int = 1
+    window_epochs: Count = 1000
+    window_steps_per_epoch: Count = 1
+    window_unit: Count = 1
     window_flat_top: UnitInterval = 0.0
     # wd_cfg, eps_cfg
     weight_decay: NonNegative = 0.0
@@ -205,6 +205,12 @@ class Config(_Config):
             raise ValueError("window_unit 0 (frames counted in epochs) needs window_epochs (tau) > 1")
         if self.window == 3 and not isinstance(self.window_order, Tensor) and self.window_order == 1:
             raise ValueError("window 3 (exponential) needs window_order (its base n) != 1")
+        if self.window in (5, 6) and not isinstance(self.window_order, Tensor):
+            stairs = self.window_unit if self.window_unit >= 3 else 1
+            power = 2 * stairs * self.window_order if self.window == 5 else self.window_order
+            if power >= 1024:  # the logistic computes 2 ** power, which overflows float64 from 1024 on
+                raise ValueError(f"window {self.window} (logistic) raises 2 to {'2 * stairs * window_order' if self.window == 5 else 'window_order'}, "
+                                 f"which must be below 1024 (2 ** 1024 overflows float64), got {power:g}")
         gamma, beta = self.gamma_i, self.beta_i
         if not isinstance(gamma, Tensor) and not isinstance(beta, Tensor) and not (gamma < beta or gamma == 0):
             raise ValueError(f"gamma_i (the filter's zero) must be below beta_i (its pole) or 0, got gamma_i={gamma}, beta_i={beta}")
@@ -375,7 +381,8 @@ def _numerator(w: Tensor, g: Tensor, d: Tensor, v: Tensor, state: LeafState, new
             source = ops.like(lr, w) * torch.sign(x) * torch.minimum(x.abs(), 4 * h) / (csq + 1)
         p, new_state["pc"] = lowpass(state["pc"], source, t, c.beta_n, 0.0, 1.0)
         clipped = torch.minimum(p.abs(), ops.like(lr, w) * (csq + 1))
-    smoothed, new_state["lr_num"] = lowpass(state["lr_num"], clipped.mean(), t, 0.1, 0.0, 0.9)
+    # sum / n is mean's own arithmetic (bit for bit); a sharded param's sum is one number reduced, not the tensor gathered
+    smoothed, new_state["lr_num"] = lowpass(state["lr_num"], full(clipped.sum()) / clipped.numel(), t, 0.1, 0.0, 0.9)
     return smoothed
 
 

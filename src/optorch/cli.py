@@ -1,8 +1,9 @@
 """The ``optorch`` command line: ``optorch verify`` and ``optorch compare`` (also ``python -m optorch ...``).
 
-``verify`` runs every algorithm that has a torch.optim counterpart over its whole flag grid against
-torch.optim on this machine's devices, and prints one row per check. It exits 1 if any check fails,
-so it can gate a deployment on a new device or torch version.
+``verify`` checks every algorithm against its reference on this machine's devices, dtypes and engines
+(:func:`optorch.verify.plan`: a representative subset by default, ``--full`` for everything) and
+prints one row per check. It exits 1 if any check fails, so it can gate a deployment on a new device
+or torch version.
 
 ``compare`` trains a small MLP on scikit-learn's digits once per optimizer config (same init, same
 batches) and reports a table and plots (see :mod:`optorch.compare`).
@@ -11,6 +12,7 @@ batches) and reports a table and plots (see :mod:`optorch.compare`).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Sequence
@@ -18,19 +20,25 @@ from typing import Sequence
 import torch
 
 from . import compare, registry, verify
+from .configfile import ConfigError
 from .shim import ENGINES
 
 __all__ = ["main"]
 
 _VERIFY_EPILOG = """\
 paths: "pure" is the pure stepper optorch.<algo>.step, one call per param group; "torch", "eager" and
-"compiled" are the torch.optim shim optorch.build(..., engine=E). Each runs against torch.optim's own
-class (default execution flags) on a small deterministic problem: several tensors, a frozen parameter,
-two param groups with different learning rates, gradients recomputed from the current parameters.
+"compiled" are the torch.optim shim optorch.build(..., engine=E); "torch:fused" is torch's fused kernel
+wherever the shim's "auto" engine may pick it. References: torch.optim's own class (default execution),
+an independent implementation (torch-adopt, pytorch_optimizer), the torch.optim optimizer a config
+reduces to, or the original's recorded trajectory (ADOPT, DAG, AutoSGM).
 
-The compiled engine compiles once per flag combination (seconds each), so by default it runs on a
-representative subset of each grid (every flag takes each of its values at least once); --compile-all
-runs it on every combination, --no-compile skips it.
+float64 must equal the reference (<= 1e-12). float32, bfloat16 and float16 are judged against the
+float64 truth: optorch's error there must be within a small factor of the reference's own error, plus a
+few ulps (docs/verification.md). N/A: the reference's own low-precision run is too far from the truth
+for the check to tell a wrong optimizer (e.g. float16 Adam, whose second moment underflows).
+
+By default a representative subset (every flag takes each of its values; the compiled engine on a few
+representatives) answers in about a minute; --full checks every combination on every path.
 """
 
 
@@ -44,19 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_VERIFY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verify_parser.add_argument("--algo", action="append", metavar="NAME", help="algorithm to check (repeatable; default: every registered algorithm with a torch.optim counterpart)")
-    verify_parser.add_argument("--steps", type=_positive_int, default=100, metavar="N", help="optimizer steps per check (default 100)")
-    verify_parser.add_argument("--dtype", choices=("float64", "float32", "both"), default="both", help="default both")
+    verify_parser.add_argument("--full", action="store_true", help="every flag combination on every path, the compiled engine included (long)")
+    verify_parser.add_argument("--algo", action="append", metavar="NAME", help="algorithm to check (repeatable; default: every registered algorithm)")
+    verify_parser.add_argument("--dtype", action="append", choices=verify.DTYPES, help="dtype to check (repeatable; default: all four)")
     verify_parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all", help="default: all available")
     verify_parser.add_argument("--engine", action="append", choices=verify.PATHS, help="path to check (repeatable; default: pure, torch, eager and compiled)")
     verify_parser.add_argument("--no-compile", action="store_true", help="leave out the compiled engine")
-    verify_parser.add_argument("--compile-all", action="store_true", help="run the compiled engine on every flag combination, not a representative subset")
-    verify_parser.add_argument(
-        "--none-grads",
-        choices=("off", "on", "both"),
-        default="both",
-        help="drop one parameter's gradient every third step (torch skips it and its step count falls behind): off, on, or both (default)",
-    )
+    verify_parser.add_argument("--steps", type=_positive_int, default=100, metavar="N", help="optimizer steps per check (default 100)")
+    verify_parser.add_argument("--jobs", type=_positive_int, default=verify.cores(), metavar="N", help="processes to run checks in (default: this machine's cores)")
+    verify_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     compare_parser = commands.add_parser(
         "compare",
         help="train a small model once per optimizer config and compare the runs",
@@ -72,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--seed", type=int, default=0, help="seed of the init, the train/test split and the batch order (default 0)")
     compare_parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     compare_parser.add_argument("--engine", choices=ENGINES, default="eager", help="the shim's engine (default eager: the same code path for every algorithm, no compile time)")
-    compare_parser.add_argument("--target", type=float, default=0.3, metavar="LOSS", help="training-set loss whose first step is reported (default 0.3)")
+    compare_parser.add_argument("--target", type=_finite_float, default=0.3, metavar="LOSS", help="training-set loss whose first step is reported (default 0.3)")
     compare_parser.add_argument("--json", metavar="PATH", help="also write every run's results and curves as JSON")
     compare_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -84,7 +88,9 @@ Every run uses the torch.optim shim (optorch.build) in an ordinary training loop
 run), as a multiple of the fastest run. Any hyperparameter that changes during a run (an LR scheduler, an
 adaptive rule) and any scalar of an algorithm's shared state is plotted against the step.
 
-A bad config file stops the command before any training, naming the file and the field.
+A bad config file stops the command before any training, naming the file, the line and the field;
+so does an output location that cannot be written. Ctrl-C stops the runs and still writes the table,
+the plots and the JSON of what they recorded (exit code 130).
 Needs the compare extra: pip install 'optorch[compare]'.
 """
 
@@ -96,6 +102,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+USER_ERRORS = (registry.UnknownOptimizerError, ConfigError, verify.NoGridError, compare.CompareError, OSError)
+"""What a user's input can cause (a config, a path, an option): one line and exit code 2, never a traceback."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # One intra-op thread: the tensors of both commands are tiny, and torch's CPU kernels spend
@@ -104,9 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         return compare.run(args) if args.command == "compare" else _verify(args)
-    except (registry.UnknownOptimizerError, verify.NoGridError, _UsageError, compare.CompareError) as error:
-        print(f"optorch {args.command}: error: {error}", file=sys.stderr)
+    except (*USER_ERRORS, _UsageError) as error:
+        print(f"optorch {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"optorch {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         torch.set_num_threads(threads)
 
@@ -115,75 +135,79 @@ class _UsageError(Exception):
     pass
 
 
-def _case_label(name: str, config: dict | str, intermittent: bool) -> str:
-    if isinstance(config, str):  # a reduction, by label
-        reduction = next(r for r in registry.get(name).reductions if r.label == config)
-        return f"= {reduction.optimizer}: {reduction.label}"
-    return verify.label(config, intermittent)
-
-
 def _verify(args: argparse.Namespace) -> int:
-    names = [registry.get(name).name for name in args.algo] if args.algo else verify.grid_algorithms() + verify.reduction_algorithms()
-    # An algorithm is checked over its flag grid against its reference and/or through its reductions
-    # to torch.optim configs (AutoSGM); one with neither makes flag_grid say why it cannot be verified.
-    grids = {name: verify.flag_grid(name) if (name in verify.grid_algorithms() or not registry.get(name).reductions) else []
-             for name in dict.fromkeys(names)}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise _UsageError("--device cuda, but CUDA is not available")
     paths = [p for p in dict.fromkeys(args.engine or verify.PATHS) if not (p == "compiled" and args.no_compile)]
     if not paths:
         raise _UsageError("nothing to check: --no-compile left no path")
-    dtypes = ["float64", "float32"] if args.dtype == "both" else [args.dtype]
-    devices = verify.available_devices() if args.device == "all" else [args.device]
-    if "cuda" in devices and not torch.cuda.is_available():
-        raise _UsageError("--device cuda, but CUDA is not available")
-    none_grads = {"off": [False], "on": [True], "both": [False, True]}[args.none_grads]
-    subset = "compiled" in paths and not args.compile_all
-
-    cases = []
-    for name, grid in grids.items():
-        compiled_configs = verify.representative(name) if subset and grid else grid
-        for device in devices:
-            for dtype in dtypes:
-                if dtype == "float32" and name not in verify.float32_algorithms():
-                    continue  # torch's own float32 kernels disagree on this problem (Grid.float32)
-                for config in grid:
-                    for intermittent in none_grads:
-                        for path in verify.paths_for(name, paths):
-                            if path != "compiled" or config in compiled_configs:
-                                cases.append((name, config, device, dtype, intermittent, path))
-
-        for reduction in registry.get(name).reductions:
-            for device in devices:
-                for dtype in dtypes:
-                    for path in verify.paths_for(name, paths):
-                        if path != "compiled" or not subset or reduction is registry.get(name).reductions[0]:
-                            cases.append((name, reduction.label, device, dtype, False, path))
-
-    print(f"optorch verify: torch {torch.__version__}, {len(cases)} checks against torch.optim, {args.steps} steps each")
-    if subset:
-        print("(the compiled engine runs on a representative subset of each flag grid; --compile-all for all of it)")
-    flags_width = max([5] + [len(_case_label(n, c, i)) for n, c, _, _, i, _ in cases])
-    columns = (("algorithm", 9), ("flags", flags_width), ("path", 14), ("device", 6), ("dtype", 7), ("steps", 5), ("max abs diff", 12), ("tolerance", 9), ("result", 6))
-    row = "  ".join(f"{{:{'>' if title in ('steps', 'max abs diff', 'tolerance') else '<'}{width}}}" for title, width in columns)
+    plan = verify.plan(full=args.full, algorithms=args.algo, dtypes=args.dtype or verify.DTYPES, paths=paths, steps=args.steps,
+                       devices=None if args.device == "all" else [args.device])
+    if not plan.checks:
+        raise _UsageError("nothing to check here: " + "; ".join(plan.skipped))
+    scope = "every flag combination" if args.full else "a representative subset, --full for every flag combination"
+    print(f"optorch verify: torch {torch.__version__}, {len(plan.checks)} checks ({scope})")
+    print(f"float64: equal to the reference within {verify.FLOAT64_TOLERANCE:g}; below: error against the float64 truth within "
+          f"{verify.FACTOR:g} x the reference's own error + {verify.FLOOR_ULPS[torch.float32]:g} ulps\n")
+    flags_width = max(len(check.flags) for check in plan.checks)
+    columns = (("algorithm", 9), ("flags", flags_width), ("path", 12), ("device", 6), ("dtype", 8), ("steps", 5), ("error", 9),
+               ("ref. error", 10), ("tolerance", 9), ("result", 6))
+    row = "  ".join(f"{{:{'>' if title in ('steps', 'error', 'ref. error', 'tolerance') else '<'}{width}}}" for title, width in columns)
     print(row.format(*(title for title, _ in columns)).rstrip())
     print(row.format(*("-" * width for _, width in columns)))
 
-    failed, start = 0, time.perf_counter()
-    for name, config, device, dtype, intermittent, path in cases:
-        try:
-            if isinstance(config, str):  # a reduction, by label
-                result = verify.check_reduction(name, config, steps=args.steps, dtype=dtype, device=device, engine=path)
-            else:
-                result = verify.check(name, config, steps=args.steps, dtype=dtype, device=device, engine=path, intermittent=intermittent)
-        except Exception as error:  # a check that crashes is a failed check; report it and go on
-            failed += 1
-            shown = "pure" if path == "pure" else f"shim:{path}"
-            tolerance = f"{verify.default_tolerance(getattr(torch, dtype)):.0e}"
-            print(row.format(name, _case_label(name, config, intermittent), shown, device, dtype, args.steps, "-", tolerance, "ERROR").rstrip())
-            print(f"    {type(error).__name__}: {error}", flush=True)
-            continue
-        failed += not result.passed
-        fields = (result.algorithm, result.flags, result.path, result.device, result.dtype, result.steps, f"{result.max_abs_diff:.2e}", f"{result.tolerance:.0e}", "PASS" if result.passed else "FAIL")
-        print(row.format(*fields).rstrip(), flush=True)
+    progress = _Progress(len(plan.checks), enabled=not args.no_progress and sys.stderr.isatty())
+    verdicts: dict[str, list] = {}
+    start = time.perf_counter()
+    progress.show()
+    for check, result in verify.run(plan.checks, jobs=args.jobs):
+        progress.clear()
+        if isinstance(result, verify.Crash):
+            print(row.format(check.algorithm, check.flags, check.shown_path, check.device, check.dtype, check.steps, "-", "-", "-", "ERROR").rstrip())
+            print(f"    {result.error}", flush=True)
+            verdicts.setdefault("ERROR", []).append(check)
+        else:
+            reference_error = "-" if result.reference_error is None else f"{'~' if result.basis == 'sensitivity' else ''}{result.reference_error:.2e}"
+            print(row.format(result.algorithm, result.flags, result.path, result.device, result.dtype, result.steps, f"{result.error:.2e}",
+                             reference_error, f"{result.tolerance:.1e}", result.verdict).rstrip(), flush=True)
+            verdicts.setdefault(result.verdict, []).append(result)
+        progress.show(f"{check.algorithm} {check.dtype} {check.shown_path}")
+    progress.clear()
     elapsed = time.perf_counter() - start
-    print(f"\n{'FAILED' if failed else 'OK'}: {len(cases)} checks, {len(cases) - failed} passed, {failed} failed, in {elapsed:.0f} s")
+    failed = len(verdicts.get("FAIL", [])) + len(verdicts.get("ERROR", []))
+    counts = ", ".join(f"{len(verdicts[v])} {_VERDICTS[v]}" for v in _VERDICTS if v in verdicts)
+    print(f"\n{'FAILED' if failed else 'OK'}: {len(plan.checks)} checks in {elapsed:.0f} s: {counts}")
+    for note in plan.subset:
+        print(f"  subset: {note}")
+    for note in plan.skipped:
+        print(f"  skipped: {note}")
+    for reason in sorted({r.expected_failure for v in ("XFAIL", "XPASS") for r in verdicts.get(v, [])}):
+        print(f"  expected to fail: {reason}")
+    not_judged = sorted({f"{r.algorithm} {r.dtype}" for r in verdicts.get("N/A", [])})
+    if not_judged:
+        print(f"  N/A (the reference's own run is too far from the float64 truth to judge by): {', '.join(not_judged)}")
     return 1 if failed else 0
+
+
+_VERDICTS = {"PASS": "passed", "FAIL": "failed", "ERROR": "crashed", "XFAIL": "failed as expected", "XPASS": "passed though expected to fail",
+             "N/A": "not judged"}
+
+
+class _Progress:
+    """A one-line progress bar on stderr (a terminal only), cleared before each printed row."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done = total, enabled, -1
+
+    def show(self, last: str = "") -> None:
+        """Count one more check done (``last``) and draw the bar."""
+        self.done += 1
+        if self.enabled:
+            filled = 30 * self.done // self.total
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {last}\033[K")
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()

@@ -39,20 +39,21 @@ non-finite, clip, step, EMA. That is ``multi_steps(apply_if_finite(clip_by_globa
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Annotated, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
+import pydantic
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import amp, ops, registry
+from . import amp, distributed, ops, registry
 from .algorithm import Algorithm
 from .amp import ScalerConfig
-from .config import Config
+from .config import Config, Count, Number, did_you_mean, first_location, problems, shown
+from .configfile import ConfigError
 
 __all__ = [
     "KEYS",
@@ -92,10 +93,10 @@ class Stepper(Protocol):
 
 def global_norm(grads: Sequence[Tensor]) -> Tensor:
     """:math:`\\|g\\|_2` over all tensors: the 2-norm of the per-tensor 2-norms, as
-    ``torch.nn.utils.get_total_norm`` computes it."""
+    ``torch.nn.utils.get_total_norm`` computes it (of sharded DTensors: over the whole tensors)."""
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device) for g in grads]))
+    return distributed.full(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device) for g in grads])))
 
 
 def clip_coefficient(total_norm: Tensor, max_norm: Any) -> Tensor:
@@ -418,7 +419,7 @@ class _Settings(BaseModel):
 class EmaSettings(_Settings):
     """The ``ema`` entry: ``{decay: 0.999, warmup: false}``, or just the decay."""
 
-    decay: float = Field(ge=0.0, le=1.0)
+    decay: Annotated[Number, Field(ge=0.0, le=1.0)]
     """The EMA's decay beta: ema <- beta * ema + (1 - beta) * param after each step."""
     warmup: StrictBool = False
     """Use min(decay, (1 + t) / (10 + t)) at the t-th update, so early averages forget the start."""
@@ -450,11 +451,11 @@ class Combinators(_Settings):
     [{match: ["*.bias", "*norm*"], weight_decay: 0.0}]`` (by parameter name, first match wins; needs
     named params)."""
 
-    clip_grad_norm: Optional[PositiveFloat] = None
+    clip_grad_norm: Optional[Annotated[Number, Field(gt=0.0)]] = None
     """Scale the gradients so their global 2-norm is at most this (``clip_grad_norm_``)."""
     skip_nonfinite: StrictBool = False
     """Skip (and count) a step whose gradients hold a NaN or an inf."""
-    accumulate_steps: PositiveInt = 1
+    accumulate_steps: Annotated[Count, Field(ge=1)] = 1
     """Step every k-th call, on the mean of the k calls' gradients."""
     ema: Optional[EmaSettings] = None
     """Keep an EMA of the params: ``{decay, warmup}`` or just the decay."""
@@ -469,12 +470,6 @@ class Combinators(_Settings):
     def _decay_only(cls, value: Any) -> Any:
         return {"decay": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
-    @model_validator(mode="after")
-    def _no_inf(self) -> "Combinators":
-        if self.clip_grad_norm is not None and self.clip_grad_norm == float("inf"):
-            raise ValueError("clip_grad_norm must be finite (leave it out to not clip)")
-        return self
-
     @classmethod
     def from_config(cls, values: Mapping[str, Any], algorithm: Algorithm, config: Config) -> "Combinators | None":
         """The entries of a config dict, validated (each ``param_groups`` entry against ``algorithm``'s
@@ -487,12 +482,15 @@ class Combinators(_Settings):
         for i, rule in enumerate(settings.param_groups):
             unknown = [key for key in rule.overrides if key not in fields]
             if unknown:
-                hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, fields, n=1)) else repr(key) for key in unknown]
-                raise ValueError(f"param_groups[{i}]: unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: match, {', '.join(fields)}")
+                hints = [f"{shown(key)}{did_you_mean(key, fields)}" for key in unknown]
+                raise ConfigError(f"param_groups[{i}]: unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: match, {', '.join(fields)}",
+                                  key=("param_groups", i, unknown[0]))
             try:
                 config.replace(**rule.overrides)
+            except pydantic.ValidationError as error:
+                raise ConfigError(f"param_groups[{i}]: {problems(error)}", key=("param_groups", i, *first_location(error))) from None
             except ValueError as error:
-                raise ValueError(f"param_groups[{i}]: {error}") from error
+                raise ConfigError(f"param_groups[{i}]: {error}", key=("param_groups", i)) from None
         return settings
 
     def labels(self, names: Sequence[str]) -> list[str]:
@@ -560,22 +558,33 @@ def from_config(config: Mapping[str, Any] | str | Any, params: Any = None) -> St
     return settings.wrap(stepper)
 
 
+def ordered_params(params: Any) -> list[Any]:
+    """``params`` (a tensor, or an iterable of tensors or param groups) as a list. A set is refused,
+    as torch refuses it: its order changes between runs, and a checkpoint numbers params by it."""
+    if isinstance(params, Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of tensors in sets "
+                        "will change between runs. Please use a list instead.")
+    return list(params)
+
+
 def torch_param_groups(params: Any, settings: Combinators | None) -> Any:
     """What to hand ``torch.optim.Optimizer``: ``params`` as given (tensors or param-group dicts), or,
     from an ``nn.Module`` or ``named_parameters()``, the tensors, split into the groups that
     ``settings.param_groups`` describes (the unmatched ones first, with no overrides)."""
     if isinstance(params, torch.nn.Module):
         params = params.named_parameters()
-    if isinstance(params, Tensor):
-        params = [params]
-    params = list(params)
+    params = ordered_params(params)
     named = bool(params) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Tensor) for p in params)
     rules = settings.param_groups if settings is not None else []
     if not rules:
         return [p for _, p in params] if named else params
     if not named:
         got = "param-group dicts" if any(isinstance(p, Mapping) for p in params) else "unnamed tensors"
-        raise ValueError(f"param_groups matches parameters by name: pass the model or model.named_parameters(), not {got}")
+        raise ValueError(f"param_groups matches parameters by name: pass the model or model.named_parameters(), not {got} "
+                         "(to a wrapper that hands param groups to each rank's optimizer, such as ZeroRedundancyOptimizer, "
+                         "give the groups of optorch.distributed.split_param_groups(config, model))")
     labels = settings.labels([name for name, _ in params])
     groups = [{"params": [p for (_, p), label in zip(params, labels) if label == "default"]}]
     groups += [{"params": [p for (_, p), label in zip(params, labels) if label == f"param_groups.{i}"], **rule.overrides} for i, rule in enumerate(rules)]
@@ -657,9 +666,13 @@ class InPlace:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def new_param(self, param: Tensor, state: dict[str, Tensor]) -> None:
-        """A param's first step: its average starts at its value before the update."""
+        """A param's first step: its average starts at its value before the update; its accumulated
+        gradient at zero, if it has none yet (so a new state has every key a checkpoint has: DCP's
+        flattened loading reads the keys of the state it loads into)."""
         if self.settings.ema is not None and "ema" not in state:
             state["ema"] = param.detach().clone()
+        if self.settings.accumulate_steps > 1 and "grad_acc" not in state:
+            state["grad_acc"] = torch.zeros_like(param)
 
     @torch.no_grad()
     def before_step(self, work: Sequence[Any]) -> bool | Tensor:
@@ -687,7 +700,7 @@ class InPlace:
             for param in self._params():
                 acc = state[param].get("grad_acc") if param in state else None
                 # a param without a gradient now steps if it had one earlier in this window
-                if acc is None or (id(param) not in with_grad and not bool(acc.any())):
+                if acc is None or (id(param) not in with_grad and not bool(distributed.full(acc.any()))):
                     continue
                 if param.grad is None:
                     param.grad = acc / k
@@ -699,9 +712,12 @@ class InPlace:
             ops.assign(micro_step, 0)
             params = [p for item in work for p in item.params]
         grads = [p.grad for p in params]
+        partition = self.optimizer.partition  # this rank's share of the params (ZeRO): decide over all shares
         apply: bool | Tensor = True
         if self.settings.amp is not None:
             unscaled, found_inf = amp.unscale(grads, self.scaler)
+            if partition is not None:
+                found_inf = partition.reduce(found_inf, "max")
             new = amp.update(self.scaler, found_inf, self.settings.amp)
             ops.assign(self._value("amp.scale"), new.scale)
             ops.assign(self._value("amp.growth_tracker"), new.growth_tracker)
@@ -713,12 +729,15 @@ class InPlace:
         if self.settings.skip_nonfinite:
             names = ("notfinite_count", "total_notfinite", "last_finite")
             counters = {name: self._value(f"skip.{name}") for name in names}
-            finite, new_counters = finite_counters(ops.all_finite(grads).cpu(), counters, None)
+            finite = ops.all_finite(grads).cpu()
+            if partition is not None:
+                finite = partition.reduce(finite, "min").bool()
+            finite, new_counters = finite_counters(finite, counters, None)
             for name in names:  # counted only on steps amp let through, as apply_if_finite inside amp.scaled
                 ops.assign(counters[name], new_counters[name] if apply is True else torch.where(apply, new_counters[name], counters[name]))
             apply = finite if apply is True else apply & finite
-        if self.settings.clip_grad_norm is not None and grads:
-            self.last_grad_norm = global_norm(grads)
+        if self.settings.clip_grad_norm is not None and (grads or partition is not None):
+            self.last_grad_norm = global_norm(grads) if partition is None else partition.norm(global_norm(grads))
             coefficient = clip_coefficient(self.last_grad_norm, self.settings.clip_grad_norm)
             for grad in grads:
                 grad.mul_(coefficient.to(grad.device))

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -42,12 +43,11 @@ from typing import Any, Callable, Sequence
 
 import pydantic
 import torch
-import yaml
 from torch import Tensor, nn
 
 from . import registry
 from .algorithm import Algorithm
-from .builder import ConfigError, assemble, load_config, parse_adaptive, parse_combinators, parse_config, parse_schedules
+from .builder import ConfigError, Parsed, assemble, explain, parse
 from .config import Config
 
 __all__ = [
@@ -109,28 +109,17 @@ def load_specs(paths: Sequence[str | os.PathLike]) -> list[Spec]:
     for path in map(Path, paths):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES) if path.is_dir() else [path]
         for file in files:
-            algorithm, config, schedules, combinators, adaptive = _parse_file(file)
-            specs.append(Spec(file.stem, str(file), algorithm, config, schedules, combinators=combinators, adaptive=adaptive))
+            parsed = _parse_file(file)
+            specs.append(Spec(file.stem, str(file), parsed.algorithm, parsed.config, parsed.schedules, combinators=parsed.settings, adaptive=parsed.rules))
     return _unique_labels(specs)
 
 
-def _parse_file(path: Path) -> tuple[Algorithm, Config, dict[str, Any], Any, Any]:
+def _parse_file(path: Path) -> Parsed:
     try:
-        values = load_config(path)
-        algorithm, config = parse_config(values)
-        return algorithm, config, parse_schedules(values, config), parse_combinators(values, (algorithm, config)), parse_adaptive(values, config)
-    except pydantic.ValidationError as error:
-        problems = "; ".join(_problem(e) for e in error.errors())
-        raise CompareError(f"{path}: {problems}") from None
-    except (ConfigError, registry.UnknownOptimizerError, FileNotFoundError, yaml.YAMLError, json.JSONDecodeError, TypeError) as error:
-        message = str(error)
+        return parse(path)
+    except (pydantic.ValidationError, ConfigError, registry.UnknownOptimizerError, OSError) as error:
+        message = explain(error)
         raise CompareError(message if message.startswith(str(path)) else f"{path}: {message}") from None
-
-
-def _problem(error: dict) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "<config>"
-    shown = repr(error.get("input"))
-    return f"field {where!r}: {error['msg']}" + ("" if shown in error["msg"] else f" (got {shown})")
 
 
 def _unique_labels(specs: list[Spec]) -> list[Spec]:
@@ -262,6 +251,11 @@ class Result:
     test_accuracy: float = math.nan
     steps_to_target: int | None = None
     diverged: bool = False
+    interrupted: bool = False
+    """Stopped by Ctrl-C before its last step: its numbers are those of the steps it took."""
+    error: str | None = None
+    """Why the run stopped at a step that raised (its config failed mid-run: a schedule that leaves
+    the hyperparameter's range); the other runs go on."""
 
     @property
     def step_time(self) -> float:
@@ -301,7 +295,8 @@ def compare(
     """Train the MLP on digits once per spec, all from the same init and on the same batches.
 
     On the CPU it runs on one intra-op thread (restored after): the tensors are tiny, and waking more
-    threads costs more than they give, noisily so on a busy machine.
+    threads costs more than they give, noisily so on a busy machine. Ctrl-C stops every run where it
+    is: the results come back as recorded so far, each unfinished run marked ``interrupted``.
     """
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
@@ -336,13 +331,25 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
     try:
         # The runs take turns, eval_every steps at a time, so that a burst of load from other
         # processes slows all of them alike rather than the one that happens to be running.
-        active = [_train(result, *run[1:], data, batches, eval_every, target, bar) for result, run, bar in zip(results, runs, bars)]
+        active = [(result, _train(result, *run[1:], data, batches, eval_every, target, bar)) for result, run, bar in zip(results, runs, bars)]
         while active:
-            active = [run for run in active if next(run, None) is not None]
+            active = [(result, run) for result, run in active if _turn(result, run)]
+    except KeyboardInterrupt:
+        for result in results:
+            result.interrupted = result.error is None and math.isnan(result.test_accuracy)  # a run sets it as it finishes
     finally:
         for bar in bars:
             bar.close()
     return results
+
+
+def _turn(result: Result, run) -> bool:
+    """One turn of a run; whether it goes on. A config that fails mid-run stops its run, not the others."""
+    try:
+        return next(run, None) is not None
+    except ValueError as error:  # pydantic's too: a scheduled value the algorithm's Config refuses
+        result.error = explain(error)
+        return False
 
 
 def _optimizer(spec: Spec, model: nn.Module, engine: str):
@@ -450,8 +457,8 @@ def format_table(results: Sequence[Result], target: float) -> str:
             (
                 r.label,
                 r.algorithm,
-                f"diverged after {r.steps}" if r.diverged else f"{r.final_train_loss:.4f}",
-                f"{100 * r.test_accuracy:.1f}%",
+                _stopped(r) or f"{r.final_train_loss:.4f}",
+                f"{100 * r.test_accuracy:.1f}%" if math.isfinite(r.test_accuracy) else "-",
                 f"{r.step_time / fastest:.2f}x" if math.isfinite(r.step_time) else "-",
                 str(r.steps_to_target) if r.steps_to_target is not None else "-",
             )
@@ -466,6 +473,14 @@ def format_table(results: Sequence[Result], target: float) -> str:
     if math.isfinite(fastest):
         lines.append(f"(step time: optimizer.step(), 10th percentile, as a multiple of the fastest: {1e3 * fastest:.3f} ms)")
     return "\n".join(lines)
+
+
+def _stopped(r: Result) -> str | None:
+    """How a run stopped early, if it did: ``"diverged after 12"``, ``"failed after 3"``, ..."""
+    for how, stopped in (("diverged", r.diverged), ("failed", r.error is not None), ("interrupted", r.interrupted)):
+        if stopped:
+            return f"{how} after {r.steps}"
+    return None
 
 
 def _pyplot():
@@ -490,7 +505,7 @@ def plot_losses(results: Sequence[Result], path: str | os.PathLike, target: floa
     for r, (color, style) in zip(results, _styles(len(results))):
         points = [(s, v) for s, v in zip(r.eval_steps, r.train_loss) if math.isfinite(v) and v > 0]
         if points:
-            ax.plot(*zip(*points), color=color, linestyle=style, label=r.label + (" (diverged)" if r.diverged else ""))
+            ax.plot(*zip(*points), color=color, linestyle=style, label=r.label + (f" ({_stopped(r).split()[0]})" if _stopped(r) else ""))
     if target is not None:
         ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label=f"target {target:g}")
     ax.set(xlabel="step", ylabel="training-set loss (cross-entropy)", yscale="log", title="optorch compare: MLP on digits")
@@ -540,6 +555,8 @@ def results_json(results: Sequence[Result], meta: dict[str, Any]) -> dict[str, A
                 "config": r.config,
                 "steps": r.steps,
                 "diverged": r.diverged,
+                "interrupted": r.interrupted,
+                "error": r.error,
                 "final_train_loss": r.final_train_loss,
                 "test_accuracy": r.test_accuracy,
                 "step_time_s": r.step_time,
@@ -578,16 +595,17 @@ def _require(module: str, package: str):
 
 
 def run(args) -> int:
-    """``optorch compare`` with parsed arguments (see :mod:`optorch.cli`)."""
+    """``optorch compare`` with parsed arguments (see :mod:`optorch.cli`): 0, or 130 when Ctrl-C
+    stopped the runs (what they recorded is written all the same). Everything that can be checked
+    before training is: the configs, the device, the packages, the output locations."""
     specs = load_specs(args.configs) if args.configs else default_specs()
     if not specs:
-        raise CompareError("nothing to compare")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CompareError(f"--device {args.device}, but CUDA is not available")
+        raise CompareError(f"nothing to compare: no config files ({', '.join(CONFIG_SUFFIXES)}) in {', '.join(args.configs) or 'the defaults'}")
+    _check_device(args.device)
     for module, package in (("sklearn", "scikit-learn"), ("tqdm", "tqdm"), ("matplotlib", "matplotlib")):
         _require(module, package)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_outputs(out, Path(args.json) if args.json else None)
     print(
         f"optorch compare: {len(specs)} configs, MLP 64-64-10 (LayerNorm) on digits, {args.steps} steps of batch {args.batch_size}, "
         f"seed {args.seed}, {args.device}, engine {args.engine}",
@@ -622,8 +640,41 @@ def run(args) -> int:
             "threads": torch.get_num_threads(),
             "wall_s": elapsed,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results_json(results, meta), indent=1, allow_nan=False) + "\n")
         written.append(Path(args.json))
+    stopped = sum(r.interrupted for r in results)
     print(f"\n{len(results)} runs in {elapsed:.0f} s; wrote {', '.join(str(p) for p in [out / 'table.txt', *written])}")
-    return 0
+    for r in results:
+        if r.error is not None:
+            print(f"optorch compare: error: {r.label} stopped at step {r.steps + 1}: {r.error}", file=sys.stderr)
+    if stopped:
+        print(f"optorch compare: interrupted: {len(results) - stopped} of {len(results)} runs finished; the others are reported "
+              "up to the step they reached", file=sys.stderr)
+        return 130
+    return 2 if any(r.error is not None for r in results) else 0
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompareError(f"--device {device}, but CUDA is not available")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as error:
+        raise CompareError(f"--device {device}: {str(error).splitlines()[0]}") from None
+
+
+def _check_outputs(out: Path, json_path: Path | None) -> None:
+    """Every place the command writes to is usable, checked before any training (a bad --out or
+    --json would otherwise fail after all of it)."""
+    for directory in dict.fromkeys([out, *([json_path.parent] if json_path else [])]):
+        if directory.exists() and not directory.is_dir():
+            raise CompareError(f"cannot write to {directory}: it is not a directory")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as error:
+            raise CompareError(f"cannot write to {directory}: {error.strerror or error}") from None
+    for path in [out / "table.txt", out / "loss.png", *([json_path] if json_path else [])]:
+        if path.exists() and not path.is_file():
+            raise CompareError(f"cannot write {path}: it exists and is not a file")

@@ -4,37 +4,70 @@ Every algorithm has one ``Config`` class derived from :class:`Config` here. Its 
 keyword names of the constructor users already know (``torch.optim.Adam(lr=..., betas=...)``), so a
 config dict migrates unchanged.
 
-Numeric hyperparameters are :data:`Scalar`: a Python number, or a 0-dim tensor. Tensors are what let a
-compiled step see a new learning rate without recompiling, and what ``torch.func.grad`` differentiates
-and ``torch.func.vmap`` batches. Range checks apply to numbers; a tensor may be traced or batched, so
-its value cannot be inspected and is taken as given.
+Numeric hyperparameters are :data:`Scalar`: a finite Python number, or a 0-dim floating-point tensor.
+Tensors are what let a compiled step see a new learning rate without recompiling, and what
+``torch.func.grad`` differentiates and ``torch.func.vmap`` batches. Range checks apply to numbers; a
+tensor may be traced or batched, so its value cannot be inspected and only its shape and dtype are
+checked (a one-element tensor of shape ``(1,)`` would broadcast every parameter it touches to 1-D).
+
+The settings around the algorithms (schedules, combinators, the loss scaler, adaptive rules) use
+:data:`Number` and :data:`Count`: a bool or a string is never read as a number there either.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import numbers
-from typing import Annotated, Any, Callable, ClassVar
+import reprlib
+from typing import Annotated, Any, Callable, ClassVar, Sequence
 
+import pydantic
 import torch
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer, StrictBool
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool, ValidationInfo, field_validator
 
-__all__ = ["Config", "Flag", "Scalar", "NonNegative", "Probability", "UnitInterval", "is_zero"]
+__all__ = ["Config", "Count", "Flag", "Number", "Scalar", "NonNegative", "Probability", "UnitInterval", "check_count", "check_tensor_hyperparameter",
+           "did_you_mean", "first_location", "is_zero", "problems", "representable", "shown"]
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 60
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to a line: what an error message shows of a value, however large it is."""
+    return _SHOWN.repr(value)
+
+
+def check_tensor_hyperparameter(value: torch.Tensor) -> torch.Tensor:
+    """A tensor hyperparameter must be 0-dim and floating point: its value is never read (it may be
+    traced or batched), but a shape would broadcast the params it touches and an integer lr would
+    truncate."""
+    if value.dim() != 0:
+        raise ValueError(f"a tensor hyperparameter must be 0-dim, got shape {tuple(value.shape)} (use tensor.reshape(()) for one value)")
+    if not value.is_floating_point():
+        raise ValueError(f"a tensor hyperparameter must be a floating-point tensor, got {value.dtype}")
+    return value
 
 
 def _coerce_scalar(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"a tensor hyperparameter must hold one value, got shape {tuple(value.shape)}")
-        return value
+        return check_tensor_hyperparameter(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"expected a real number or a 0-dim tensor, got {type(value).__name__} {value!r}")
-    return float(value)
+        raise ValueError(f"expected a real number or a 0-dim tensor, got {type(value).__name__} {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range (YAML or JSON with 400 digits)
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number, got {shown(value)}")
+    return number
 
 
 def _bounded(check: Callable[[float], bool], text: str) -> AfterValidator:
     def validate(value: Any) -> Any:
         if not isinstance(value, torch.Tensor) and not check(value):
-            raise ValueError(f"must be {text}, got {value!r}")
+            raise ValueError(f"must be {text}, got {shown(value)}")
         return value
 
     validate.constraint = text  # what the config reference (optorch.docgen) shows
@@ -46,13 +79,60 @@ def _serialize(value: Any) -> Any:
 
 
 Scalar = Annotated[Any, BeforeValidator(_coerce_scalar), PlainSerializer(_serialize)]
-"""A real number or a one-element tensor."""
+"""A finite real number or a 0-dim floating-point tensor."""
+
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+"""A finite real number (an int or a float; never a bool or a string): the settings' numbers."""
+def check_count(value: int) -> int:
+    """A count of steps, at most 2**53: beyond, it is no longer exact in float64, where step counters
+    are compared with it (and soon overflows int64)."""
+    if value > 2**53:
+        raise ValueError(f"must be at most 2**53, got {shown(value)}")
+    return value
+
+
+check_count.constraint = "<= 2**53"  # what the config reference (optorch.docgen) shows
+Count = Annotated[int, Field(strict=True), AfterValidator(check_count)]
+"""A whole number up to 2**53 given as an int (never a bool, a float or a string): the settings'
+step counts (compared with float64 and int64 counters)."""
 
 NonNegative = Annotated[Scalar, _bounded(lambda v: v >= 0.0, ">= 0")]
 Probability = Annotated[Scalar, _bounded(lambda v: 0.0 <= v < 1.0, "in [0, 1)")]
 UnitInterval = Annotated[Scalar, _bounded(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")]
 Flag = StrictBool
 """A switch: ``True`` or ``False`` only (never ``"yes"`` or ``1``), since a flag decides the math's shape."""
+
+
+def representable(value: float, dtype: torch.dtype) -> bool:
+    """Whether ``value`` survives being stored in ``dtype``: finite there, and not rounded to 0
+    unless it is 0 (a loss scale of 1e-50 is 0 in float32; one of 1e39 is inf)."""
+    rounded = torch.tensor(value, dtype=torch.float64).to(dtype).item()
+    return math.isfinite(rounded) and (rounded != 0 or value == 0)
+
+
+def did_you_mean(name: Any, known: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` with the closest of ``known`` to ``name``, or ``""``: one hint for every
+    unknown key."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def problems(error: pydantic.ValidationError) -> str:
+    """A ``pydantic.ValidationError`` in one line: ``lr: must be >= 0, got -1.0; betas.1: ...``."""
+    parts = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] not in ("value_error", "missing", "model_type") and "input" in item:
+            message += f", got {shown(item['input'])}"
+        location = ".".join(map(str, item["loc"]))
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts)
+
+
+def first_location(error: pydantic.ValidationError) -> tuple:
+    """Where the first problem of ``error`` is: a path of keys and list indices (empty for the whole)."""
+    errors = error.errors()
+    return tuple(errors[0]["loc"]) if errors else ()
 
 
 def is_zero(value: Any) -> bool:
@@ -77,6 +157,14 @@ class Config(BaseModel):
     """Fields that hold one value for all params (an algorithm's shared state reads them once per
     step), so the shim refuses them in a param group."""
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_tensor_for_a_tuple(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic would unpack a tensor of shape (2,) into the tuple, each part a view of it
+        if isinstance(value, torch.Tensor) and isinstance(cls.model_fields[info.field_name].default, tuple):
+            raise ValueError(f"expected a tuple (of numbers or 0-dim tensors), got a tensor of shape {tuple(value.shape)}")
+        return value
+
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some fields changed (``dataclasses.replace`` for configs)."""
         return type(self)(**{**self.hyperparameters(), **changes})
@@ -84,14 +172,19 @@ class Config(BaseModel):
     def with_tensors(self, **values: Any) -> "Config":
         """A copy with some numeric fields replaced by tensors (or tuples of tensors), unvalidated.
 
-        Tensors are never range-checked (they may be traced or batched), so there is nothing to
-        validate; skipping pydantic keeps this traceable, so a compiled step can build the config it
+        Tensors are never range-checked (they may be traced or batched), so only their shape and dtype
+        are checked (0-dim, floating point); skipping pydantic keeps this traceable, so a compiled step can build the config it
         steps with from hyperparameters it receives as tensors (:mod:`optorch.inject`, the shim).
         """
         for name, value in values.items():
             parts = value if isinstance(value, tuple) else (value,)
             if not all(isinstance(part, torch.Tensor) for part in parts):
                 raise TypeError(f"with_tensors: {name!r} must be a field of {type(self).__name__} given as a tensor or a tuple of tensors")
+            try:
+                for part in parts:
+                    check_tensor_hyperparameter(part)
+            except ValueError as error:
+                raise ValueError(f"with_tensors: {name!r}: {error}") from None
         return self.unchecked(**values)
 
     def unchecked(self, **values: Any) -> "Config":

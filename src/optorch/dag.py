@@ -58,31 +58,25 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from . import ops
 from .algorithm import Algorithm, LeafState, Shared
 from .config import Config as _Config
-from .config import Flag, NonNegative, Scalar, is_zero
+from .config import Flag, NonNegative, Number, Probability, UnitInterval, check_count, is_zero, representable, shown
+from .distributed import full
 
 __all__ = ["Config", "Hyper", "ShrinkSettings", "CosineSchedule", "init", "step", "algorithm", "init_leaf", "update", "kappa"]
 
 
-def _number(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"expected a real number, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
 def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
-        raise ValueError(f"expected a whole number, got {value!r}")
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
+        raise ValueError(f"expected a whole number, got {shown(value)}")
+    return check_count(int(value))
 
 
 def _every(value: Any) -> int:
     # The original coerces its cadences with max(1, int(x)); kept, so its calls migrate unchanged.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"expected a number of steps, got {type(value).__name__} {value!r}")
-    return max(1, int(value))
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"expected a finite number of steps, got {type(value).__name__} {shown(value)}")
+    return check_count(max(1, int(value)))
 
 
-Number = Annotated[float, BeforeValidator(_number)]
 Positive = Annotated[Number, Field(gt=0.0)]
 NonNegativeNumber = Annotated[Number, Field(ge=0.0)]
 Every = Annotated[int, BeforeValidator(_every)]
@@ -135,6 +129,10 @@ class Hyper(_Settings):
     def _resolve(self) -> "Hyper":
         if self.alpha_min > self.alpha_max:
             raise ValueError(f"alpha_min ({self.alpha_min}) must not exceed alpha_max ({self.alpha_max})")
+        # alpha and the per-tensor scalars are kept in float32 for float32 (and lower) params
+        for name in ("alpha_max", "eps"):
+            if not representable(getattr(self, name), torch.float32):
+                raise ValueError(f"{name} must be finite and non-zero in float32, where alpha is kept for float32 params, got {getattr(self, name)}")
         if self.kappa is None:  # computed once, as the original's constructor does
             object.__setattr__(self, "kappa", kappa(self.tau, self.p_star))
         return self
@@ -180,8 +178,8 @@ class Config(_Config):
     the original): set them on the optimizer, not per group."""
 
     lr: NonNegative = 1e-3
-    momentum: NonNegative = 0.0
-    dampening: Scalar = 0.0
+    momentum: Probability = 0.0
+    dampening: UnitInterval = 0.0
     weight_decay: NonNegative = 0.0
     k_val: NonNegative = 2.0
     k_sched: Optional[CosineSchedule] = None
@@ -284,11 +282,10 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     d = grad.numel()
     k = ops.like(_amplitude(config, shared["global_step"]), state["alpha"])
 
-    wide = ops.sum_dtype(grad)
-    norm = torch.linalg.vector_norm(grad, dtype=wide).to(dtype)
+    norm = ops.norm(grad, dtype)
     sigma = norm * (1.0 / math.sqrt(d))
     if config.use_exact_sigma:  # population std, refreshed every sigma_every steps, stale in between
-        exact = torch.std(grad.to(dtype), correction=0)
+        exact = full(torch.std(grad.to(dtype), correction=0))  # of a sharded param: all-gathers it (DTensor's std)
         sigma = torch.where(torch.remainder(step, config.sigma_every) == 0, exact, state["sigma"])
     alpha_hat = (
         _setting(h, "kappa") * (norm + eps) / (sigma + eps)
@@ -303,8 +300,10 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     inverse_norm, gain, amplitude = ops.once(*(v.to(grad.dtype) for v in (torch.reciprocal(norm + eps), alpha / s, k * s)))
     x = grad * inverse_norm * gain
     u = ops.tanh(x) * amplitude
-    # Measured on x (so with the /s), used by the next step's alpha; rounded to float32 like the original's mean.
-    saturation = (x.abs() > tau).to(wide).mean().to(torch.float32).to(dtype)
+    # Measured on x (so with the /s), used by the next step's alpha; float32 like the original's mean.
+    # The count / d is mean's own arithmetic, bit for bit. A sharded param's count is read whole first:
+    # its shards' counts are exact, their quotients in float32 are not (and one number moves, not the tensor).
+    saturation = (full((x.abs() > tau).to(torch.float32).sum()) / d).to(dtype)
     sat_ratio = torch.where(torch.remainder(step, config.sat_every) == 0, saturation, state["sat_ratio"])
     new_state = {"alpha": alpha, "sat_ratio": sat_ratio, "sigma": sigma}
 
@@ -354,6 +353,6 @@ algorithm = Algorithm(
     init_leaf,
     update,
     elementwise=False,
-    shared=Shared(init_shared, finish, derived=("d_total",)),
+    shared=Shared(init_shared, finish, derived=("d_total",), contributions=("sum_u2", "numel")),
 )
 init, step = algorithm.init, algorithm.step

@@ -26,7 +26,7 @@ import torch
 from pydantic import model_validator
 
 from . import adam
-from .algorithm import Algorithm
+from .algorithm import Algorithm, Reduction
 from .config import NonNegative, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm"]
@@ -52,8 +52,18 @@ class Config(adam.Config):
         return self
 
     def decay_rate(self):
+        if is_zero(self.weight_decay):
+            return 0.0  # no decay (initial_lr may be 0 then)
         return self.weight_decay * (self.lr / self.initial_lr)
 
 
-algorithm = Algorithm("decoupled_adam", Config, adam.init_leaf, adam.update)
+_COMMON = {"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6}
+REDUCTIONS = (
+    Reduction("adamw", {**_COMMON, "weight_decay": 0.01}, "AdamW", {**_COMMON, "weight_decay": 0.5}),
+    Reduction("adamw-amsgrad-maximize", {**_COMMON, "weight_decay": 0.01, "amsgrad": True, "maximize": True},
+              "AdamW", {**_COMMON, "weight_decay": 0.5, "amsgrad": True, "maximize": True}),
+)
+"""At a constant lr (= initial_lr), torch.optim.AdamW with weight_decay / lr: ``optorch verify`` checks both."""
+
+algorithm = Algorithm("decoupled_adam", Config, adam.init_leaf, adam.update, reductions=REDUCTIONS)
 init, step = algorithm.init, algorithm.step

@@ -247,7 +247,7 @@ class _Bounds:
 
 def _constraints(metadata: list[Any]) -> tuple[bool, list[str]]:
     """(whether the metadata make the value a Scalar, the constraints they state)."""
-    scalar, texts, bounds = False, [], _Bounds()
+    scalar, texts, bounds, finite = False, [], _Bounds(), False
     for item in metadata:
         if isinstance(item, FieldInfo):
             inner_scalar, inner = _constraints(list(item.metadata))
@@ -265,7 +265,9 @@ def _constraints(metadata: list[Any]) -> tuple[bool, list[str]]:
         elif isinstance(item, annotated_types.Lt):
             bounds.high, bounds.high_open = item.lt, True
         elif getattr(item, "allow_inf_nan", None) is False:
-            texts.append("finite")
+            finite = True
+    if finite and (bounds.low is None or bounds.high is None):  # an interval says finite already
+        texts.insert(0, "finite")
     if bounds.text():
         texts.insert(0, bounds.text())
     return scalar, texts
@@ -482,16 +484,19 @@ schedule:                # optional top-level entries (listed below)
 - **`name`** picks the algorithm; every other key is one of its fields (or a key its `Config` also
   accepts, listed under its table). An unknown key is an error that names the closest valid one.
 - **Values** are validated by the algorithm's `Config` when the config is parsed: a bad value raises
-  `pydantic.ValidationError` naming the field. Flags must be real booleans (`true`/`false`). In YAML,
-  `1e-3` and `1.0e-3` both read as floats.
+  `pydantic.ValidationError` naming the field. Flags must be real booleans (`true`/`false`), numbers
+  real numbers (never a string or a bool), and every number is finite (no `.inf`, no `.nan`). Files are
+  read as YAML 1.2 or strict JSON (see the guide's "Config files"): `1e-3` and `1.0e-3` both read as
+  floats, `yes`, `on` and `1:30` as strings.
 - **Per-group values.** `params` may be torch.optim param groups (`[{"params": [...], "weight_decay":
   0.0}, ...]`); a hyperparameter key in a group overrides the config for that group's parameters and is
   validated with the same `Config` (some algorithms mark keys as global, refused per group: see its
   page).
-- **Types.** *scalar* is a real number or a one-element tensor: a tensor is never range-checked (it
-  may be traced or batched), which is what lets a compiled step or `torch.func` take hyperparameters
-  as tensors. A tuple may be given as a list. Rules that tie several fields together (e.g. `nesterov`
-  needs momentum) are checked too and are stated on each algorithm's page.
+- **Types.** *scalar* is a finite real number or a 0-dim floating-point tensor: a tensor is never
+  range-checked (it may be traced or batched), which is what lets a compiled step or `torch.func` take
+  hyperparameters as tensors; a tensor of shape `(1,)` is refused (it would broadcast the params to
+  1-D). A tuple may be given as a list. Rules that tie several fields together (e.g. `nesterov` needs
+  momentum) are checked too and are stated on each algorithm's page.
 
 """
 

@@ -29,7 +29,7 @@ from torch.optim.adagrad import adagrad as torch_adagrad
 from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
-from . import ops
+from . import distributed, ops
 from .algorithm import Algorithm, apply_update
 from .config import Config
 
@@ -145,8 +145,7 @@ def _any_dtensor(params: Sequence[Tensor]) -> bool:
     return any(_is_dtensor(p) for p in params)
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
+_is_dtensor = distributed.is_dtensor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +191,8 @@ class TorchEngine:
         group.update(self.flags)
 
     def _verified(self, params: Sequence[Tensor]) -> bool:
-        return all(p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in params)
+        # DTensors (FSDP2): torch's fused kernels have no sharding strategy; its default one runs them
+        return not _any_dtensor(params) and all(p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in params)
 
     def add_group(self, group: dict[str, Any]) -> None:
         if self.flags and not self._verified(group["params"]):
@@ -256,7 +256,7 @@ class TorchEngine:
         default dtype)."""
         if self.flags.get("fused"):
             return torch.float32, param.device
-        return (torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32), torch.device("cpu")
+        return ops.torch_scalar_dtype(), torch.device("cpu")
 
 
 def _fused_adam(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, fresh) -> bool:
@@ -391,6 +391,8 @@ class UpdateEngine:
         contributions: list[dict[str, Tensor]] = []
         traced = torch.compiler.is_compiling()  # inside the user's torch.compile: plain per-tensor code
         for index, item in enumerate(work):
+            if self.algorithm.is_elementwise(item.config):  # each rank steps its shards: the same numbers, no communication
+                item = Work(item.config, *distributed.local_shards(item.params, item.grads, item.states))
             if traced or not self.compiled:
                 for param, grad, state in zip(item.params, item.grads, item.states):
                     contributions.append(run_update(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask))

@@ -51,7 +51,7 @@ from pydantic import model_validator
 from . import ops, sgd
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
-from .config import Flag, NonNegative, Scalar, is_zero
+from .config import Flag, NonNegative, Probability, UnitInterval, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm", "trust_ratio", "param_groups"]
 
@@ -61,8 +61,8 @@ class Config(_Config):
     """The original optorch's ``LARSConfig`` called the learning rate ``max_lr``."""
 
     lr: NonNegative = 0.1
-    momentum: NonNegative = 0.9
-    dampening: Scalar = 0.0
+    momentum: Probability = 0.9
+    dampening: UnitInterval = 0.0
     weight_decay: NonNegative = 0.0
     trust_coefficient: NonNegative = 1e-3
     eps: NonNegative = 1e-8
@@ -99,8 +99,8 @@ def is_excluded(param: torch.Tensor, config: Config) -> bool:
 
 def trust_ratio(param: torch.Tensor, grad: torch.Tensor, config: Config) -> torch.Tensor:
     """The 0-dim local rate r of one tensor (1 where either norm is zero), without host syncs."""
-    param_norm = torch.linalg.vector_norm(param)
-    grad_norm = torch.linalg.vector_norm(grad)
+    param_norm = ops.norm(param)
+    grad_norm = ops.norm(grad)
     adapt = (param_norm > 0) & (grad_norm > 0)
     denominator = grad_norm + config.weight_decay * param_norm + config.eps
     # The unselected branch must stay finite too: torch.func.grad through where() would turn a 0/0 into NaN.

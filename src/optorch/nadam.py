@@ -14,8 +14,9 @@ decay :math:`\psi`, weight decay :math:`\lambda` and the parameter's step count 
     \theta_t &= \theta_{t-1} - \frac{\gamma (1 - \mu_t)}{1 - \Pi_t}\,\frac{g_t}{d_t}
         - \frac{\gamma\,\mu_{t+1}}{1 - \Pi_t\,\mu_{t+1}}\,\frac{m_t}{d_t}
 
-State per parameter: ``step``, ``mu_product`` (:math:`\Pi`, a 0-dim float32 tensor as torch keeps it,
-so it is rounded to float32 every step), ``exp_avg`` (:math:`m`), ``exp_avg_sq`` (:math:`v`).
+State per parameter: ``step``, ``mu_product`` (:math:`\Pi`, a 0-dim tensor in torch's scalar dtype,
+float32 unless the default dtype is float64, so it is rounded to that every step, as torch's is),
+``exp_avg`` (:math:`m`), ``exp_avg_sq`` (:math:`v`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Config(_Config):
 
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
-    mu_product = torch.ones((), dtype=torch.float32, device=param.device)
+    mu_product = torch.ones((), dtype=ops.torch_scalar_dtype(), device=param.device)
     return {"step": ops.new_step(param), "mu_product": mu_product, "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
 
 
@@ -53,7 +54,8 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     param, g = ops.weight_decay(param, g, wd, lr * wd if config.decoupled_weight_decay else None)
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
-    # The product lives in float32 (torch's scalar dtype) and is read back from there each step.
+    # The product lives in torch's scalar dtype (float32, float64 when that is the default dtype) and
+    # is read back from there each step.
     mu_product = state["mu_product"] * ops.like(mu, state["mu_product"])
     product = ops.step_count(mu_product, param)
     exp_avg = ops.lerp(state["exp_avg"], g, 1 - beta1)

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from .distributed import finite_everywhere, full, is_dtensor
+
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Number)
@@ -60,6 +62,12 @@ def weight_decay(param: Tensor, grad: Tensor, weight_decay: Any, decoupled_rate:
     return param, add(grad, param, weight_decay)
 
 
+def norm(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The 2-norm of the whole tensor, 0-dim; of a sharded DTensor, over every shard and read whole
+    on every rank (one all-reduce), so later scalar math is plain."""
+    return full(torch.linalg.vector_norm(x, dtype=dtype))
+
+
 def step_count(step: Tensor, like: Tensor) -> float | Tensor:
     """A step counter, ready for per-step scalar math (bias corrections, decayed learning rates).
 
@@ -67,8 +75,10 @@ def step_count(step: Tensor, like: Tensor) -> float | Tensor:
     transforms) it is a Python number, as torch.optim's for-loop kernels read it: the scalar math is
     then host arithmetic in double precision and the element-wise ops take it as a number, one fused
     kernel each. Elsewhere it stays a tensor (float64 where the device has it), so nothing syncs and
-    nothing is baked into a graph.
+    nothing is baked into a graph. A DTensor (a norm of a sharded param) is read whole first.
     """
+    if is_dtensor(step):
+        step = full(step)
     if step.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_transformed(step):
         return step.item()
     return step.to(scalar_dtype(like))
@@ -117,9 +127,16 @@ def sum_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
 
 
+def torch_scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim keeps its per-parameter scalars in (``step``, NAdam's ``mu_product``,
+    ASGD's ``eta`` and ``mu``): float64 when that is the default dtype, else float32
+    (torch's ``_get_scalar_dtype``, read when the state is created)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 def new_step(param: Tensor) -> Tensor:
-    """A fresh per-parameter step counter: float32, as torch.optim keeps it."""
-    return torch.zeros((), dtype=torch.float32, device=param.device)
+    """A fresh per-parameter step counter, in the dtype torch.optim keeps it in (:func:`torch_scalar_dtype`)."""
+    return torch.zeros((), dtype=torch_scalar_dtype(), device=param.device)
 
 
 def all_finite(grads: Sequence[Tensor]) -> Tensor:
@@ -127,20 +144,30 @@ def all_finite(grads: Sequence[Tensor]) -> Tensor:
 
     Eagerly, one multi-tensor pass (max |g| is inf or NaN exactly when some element is: NaN
     propagates through the max). Compiled (Inductor fuses the checks anyway) and under ``torch.func``
-    transforms (no batching rule for the multi-tensor kernel), one ``isfinite`` per tensor."""
+    transforms (no batching rule for the multi-tensor kernel), one ``isfinite`` per tensor. DTensor
+    gradients (FSDP2) are checked whole, so every rank decides alike."""
     if not grads:
         return torch.ones((), dtype=torch.bool)
+    if any(is_dtensor(g) for g in grads):
+        return finite_everywhere(grads)
     device = grads[0].device
     if torch.compiler.is_compiling() or any(_is_transformed(g) for g in grads):
         return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
     peaks = torch._foreach_norm(list(grads), float("inf"))
-    return torch.isfinite(torch.stack([p.to(device, torch.float32) for p in peaks])).all()
+    # isfinite in each grad's own dtype: a float64 peak of 1e308 is finite, but inf in float32
+    return torch.stack([torch.isfinite(p).to(device) for p in peaks]).all()
 
 
 def assign(target: Tensor, value: Any) -> None:
     """``target.copy_(value)`` (or ``fill_`` for a number), a 0-dim target through a 1-element view:
     torch 2.13's Inductor turns a 0-dim float64 CPU input into a scalar and silently drops in-place
-    writes to it, in a compiled kernel as in a compiled ``optimizer.step``."""
+    writes to it, in a compiled kernel as in a compiled ``optimizer.step``. A DTensor value for a
+    plain target (a sharded param's 0-dim statistic) is read whole, and one for a DTensor target is
+    written in the target's layout."""
+    if is_dtensor(value) and not is_dtensor(target):
+        value = full(value)
+    elif is_dtensor(value) and (value.device_mesh, value.placements) != (target.device_mesh, target.placements):
+        value = value.redistribute(target.device_mesh, target.placements)
     if target.dim() == 0:
         target = target.view(1)
         value = value.reshape(1) if isinstance(value, Tensor) else value

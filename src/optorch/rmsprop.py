@@ -23,17 +23,17 @@ import torch
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
-from .config import Flag, NonNegative, is_zero
+from .config import Flag, NonNegative, Probability, UnitInterval, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm"]
 
 
 class Config(_Config):
     lr: NonNegative = 1e-2
-    alpha: NonNegative = 0.99
+    alpha: UnitInterval = 0.99
     eps: NonNegative = 1e-8
     weight_decay: NonNegative = 0.0
-    momentum: NonNegative = 0.0
+    momentum: Probability = 0.0
     centered: Flag = False
     maximize: Flag = False
 

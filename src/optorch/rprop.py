@@ -35,7 +35,7 @@ __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 class Config(_Config):
     lr: NonNegative = 1e-2
     etas: tuple[Scalar, Scalar] = (0.5, 1.2)
-    step_sizes: tuple[Scalar, Scalar] = (1e-6, 50.0)
+    step_sizes: tuple[NonNegative, NonNegative] = (1e-6, 50.0)
     maximize: Flag = False
 
     @field_validator("etas", "step_sizes", mode="before")
@@ -49,6 +49,14 @@ class Config(_Config):
         minus, plus = value
         if not any(isinstance(v, torch.Tensor) for v in value) and not 0.0 < minus < 1.0 < plus:
             raise ValueError(f"must satisfy 0 < etaminus < 1 < etaplus, got {value!r}")
+        return value
+
+    @field_validator("step_sizes")
+    @classmethod
+    def _ordered(cls, value):
+        low, high = value
+        if not any(isinstance(v, torch.Tensor) for v in value) and not low <= high:
+            raise ValueError(f"must satisfy 0 <= min <= max, got {value!r}")
         return value
 
 

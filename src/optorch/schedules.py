@@ -23,16 +23,16 @@ The formulas of every schedule are in docs/schedules.md and in each class's docs
 from __future__ import annotations
 
 import bisect
-import difflib
 import math
 import numbers
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from torch import Tensor
 
+from .config import Count, Flag, Number, did_you_mean, shown
 from .ops import scalar_dtype
 
 __all__ = [
@@ -58,11 +58,12 @@ __all__ = [
     "names",
 ]
 
-Steps = Annotated[int, Field(ge=0)]
-PositiveSteps = Annotated[int, Field(ge=1)]
-Value = Annotated[float, Field(allow_inf_nan=False)]
-NonNegativeValue = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-Factor = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+# Numbers are finite ints or floats and step counts ints: never a bool or a string read as one.
+Steps = Annotated[Count, Field(ge=0)]
+PositiveSteps = Annotated[Count, Field(ge=1)]
+Value = Number
+NonNegativeValue = Annotated[Number, Field(ge=0.0)]
+Factor = Annotated[Number, Field(gt=0.0)]
 
 
 # --- arithmetic on a step that is a number or a tensor -------------------------------------------
@@ -258,7 +259,7 @@ class Exponential(Schedule):
     decay_rate: Factor
     transition_steps: PositiveSteps = 1
     transition_begin: Steps = 0
-    staircase: bool = False
+    staircase: Flag = False
     end_value: Optional[Value] = None
 
     def _value(self, s):
@@ -362,11 +363,11 @@ class OneCycle(Schedule):
     name: Literal["one_cycle"] = "one_cycle"
     max_lr: Value
     total_steps: PositiveSteps
-    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    pct_start: Annotated[Number, Field(gt=0.0, lt=1.0)] = 0.3
     anneal_strategy: Literal["cos", "linear"] = "cos"
     div_factor: Factor = 25.0
     final_div_factor: Factor = 1e4
-    three_phase: bool = False
+    three_phase: Flag = False
 
     def _phases(self) -> list[tuple[float, float, float]]:
         """(end_step, start value, end value) per phase, as torch's OneCycleLR computes them."""
@@ -493,15 +494,15 @@ class AutosgmWindow(Schedule):
     out. The window math is autosgm's own, called, not copied."""
 
     name: Literal["autosgm_window"] = "autosgm_window"
-    window: StrictInt
+    window: Count
     init_value: Value = 1.0
-    window_floor: float = 0.0
-    window_order: float = 2.0
+    window_floor: Number = 0.0
+    window_order: Number = 2.0
     window_full: StrictBool = False
-    window_epochs: StrictInt = 1000
-    window_steps_per_epoch: StrictInt = 1
-    window_unit: StrictInt = 1
-    window_flat_top: float = 0.0
+    window_epochs: Count = 1000
+    window_steps_per_epoch: Count = 1
+    window_unit: Count = 1
+    window_flat_top: Number = 0.0
 
     @model_validator(mode="after")
     def _valid_for_autosgm(self):
@@ -561,8 +562,6 @@ def from_config(config: Mapping[str, Any] | Schedule) -> Schedule:
         raise TypeError(f"a schedule config must be a mapping, got {type(config).__name__}")
     name = config.get("name")
     if name not in SCHEDULES:
-        close = difflib.get_close_matches(str(name), names(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        what = "has no 'name'" if name is None else f"names an unknown schedule {name!r}{hint}"
+        what = "has no 'name'" if name is None else f"names an unknown schedule {shown(name)}{did_you_mean(name, names())}"
         raise UnknownScheduleError(f"the schedule config {what}; known schedules: {', '.join(names())}")
     return SCHEDULES[name].model_validate(dict(config))  # errors then name the class, not the union

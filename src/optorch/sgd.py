@@ -21,15 +21,15 @@ from pydantic import model_validator
 from . import ops
 from .algorithm import Algorithm, Grid, LeafState
 from .config import Config as _Config
-from .config import Flag, NonNegative, Scalar, is_zero
+from .config import Flag, NonNegative, Probability, UnitInterval, is_zero
 
 __all__ = ["Config", "init", "step", "algorithm"]
 
 
 class Config(_Config):
     lr: NonNegative = 1e-3
-    momentum: NonNegative = 0.0
-    dampening: Scalar = 0.0
+    momentum: Probability = 0.0
+    dampening: UnitInterval = 0.0
     weight_decay: NonNegative = 0.0
     nesterov: Flag = False
     maximize: Flag = False

@@ -36,8 +36,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from . import ops, registry
+from . import distributed, ops, registry
 from .algorithm import Algorithm, sum_contributions
+from .combinators import ordered_params
 from .config import Config
 from .engines import ENGINES, Engine, TorchEngine, Work, make_engine, resolve_engine
 
@@ -68,10 +69,15 @@ class Optimizer(torch.optim.Optimizer):
         combinators: an :class:`optorch.combinators.Combinators` (a config's ``clip_grad_norm``,
             ``skip_nonfinite``, ``accumulate_steps``, ``ema`` and ``amp`` entries), run around each
             step; ``optimizer.combinators`` is then its runtime.
+        partition_group: a ``torch.distributed`` process group whose ranks each hold a disjoint share
+            of the params in an optimizer of their own (ZeroRedundancyOptimizer's group): what
+            reduces across params (shared state, ``clip_grad_norm``, ``skip_nonfinite``, ``amp``)
+            then reduces across those ranks too. Never for DDP or FSDP2, where every rank's optimizer
+            holds every parameter (whole or sharded).
     """
 
     def __init__(self, params: Iterable[Any], algorithm: str | Algorithm, config: Config | None = None, *, engine: str = "auto",
-                 schedules: Mapping[str, Callable[[Any], Any]] | None = None, combinators: Any = None):
+                 schedules: Mapping[str, Callable[[Any], Any]] | None = None, combinators: Any = None, partition_group: Any = None):
         self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
         self._fields = tuple(self.algorithm.config.model_fields)  # read once: pydantic's class property breaks a compiled graph
         config = self.algorithm.as_config(config)
@@ -86,8 +92,10 @@ class Optimizer(torch.optim.Optimizer):
         self._linked: dict[str, Tensor] = {}  # values kept identical in every group, by key
         self._initial: dict[str, Tensor] = {}  # their values when linked
         self._engine: Engine | None = None
+        self.partition = distributed.Partition(partition_group) if partition_group is not None else None
         super().__init__(params, config.hyperparameters())
         self._setup(engine)
+        distributed.check_partition(self.algorithm.name, self.cross_parameter_reductions(), self.partition)
 
     def _setup(self, engine: str) -> None:
         """Everything beyond torch's own fields; also rebuilds it for a copy or an unpickled shim."""
@@ -104,7 +112,7 @@ class Optimizer(torch.optim.Optimizer):
         self._states = _StateCheck(self.algorithm, self._engine, extras)
         self._checks_seen = -1  # the state checks' count when the torch engine last verified its kernel
         if self.algorithm.shared is not None and not self._linked_prefix(SHARED_PREFIX):
-            fresh = self.algorithm.shared.init(self._trainable(), configs[0])
+            fresh = self._fresh_shared(configs[0])
             self._link({SHARED_PREFIX + key: value for key, value in fresh.items()})
         if self._settings is not None and self.combinators is None:
             self.combinators = self._settings.attach(self)
@@ -141,7 +149,7 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
         candidate = dict(param_group)
         params = candidate.get("params")
-        candidate["params"] = [params] if isinstance(params, Tensor) else list(params) if params is not None else params
+        candidate["params"] = ordered_params(params) if params is not None else params
         for key, source in self.algorithm.config.linked_defaults.items():
             if key not in candidate and source in candidate:
                 candidate[key] = candidate[source]
@@ -164,12 +172,32 @@ class Optimizer(torch.optim.Optimizer):
             group[SCHEDULE_KEY] = first.clone() if isinstance(first, Tensor) and len(self.param_groups) > 1 else torch.zeros((), dtype=torch.int64)
         group.update(self._linked)
         if self._engine is not None and self.algorithm.shared is not None:
-            fresh = self.algorithm.shared.init(self._trainable(), self._configs[0][1])
+            fresh = self._fresh_shared(self._configs[0][1])
             for key in self.algorithm.shared.derived:  # e.g. DAG's total parameter count
                 self._linked[SHARED_PREFIX + key].copy_(fresh[key])
             self._apply_schedules()
         elif self._engine is not None:
             self._apply_schedules()
+
+    def _fresh_shared(self, config: Config) -> dict[str, Tensor]:
+        """The algorithm's shared state for these params; with a partition, its keys derived from the
+        params (sums over them, such as DAG's total size) summed over every rank's share."""
+        fresh = self.algorithm.shared.init(self._trainable(), config)
+        if self.partition is not None:
+            for key in self.algorithm.shared.derived:
+                fresh[key] = self.partition.reduce(fresh[key])
+        return fresh
+
+    def cross_parameter_reductions(self) -> list[str]:
+        """What this optimizer reduces across all its params each step (empty for a per-tensor
+        algorithm without such entries): under a partition of the params over ranks (ZeRO) each
+        needs the ``partition_group``, and none of it can be stepped one param at a time."""
+        reductions = [f"{self.algorithm.name}'s shared state"] if self.algorithm.shared is not None else []
+        settings = self._settings
+        if settings is not None:
+            reductions += [f"'{key}'" for key, on in (("clip_grad_norm", settings.clip_grad_norm is not None), ("skip_nonfinite", settings.skip_nonfinite),
+                                                        ("amp", settings.amp is not None and settings.amp.enabled)) if on]
+        return reductions
 
     def _link(self, values: Mapping[str, Tensor]) -> None:
         """Keep ``values`` in every param group (the same tensors: updated in place, seen by all).
@@ -238,6 +266,12 @@ class Optimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _step(self) -> None:
         if not torch.compiler.is_compiling():
+            if distributed.in_backward() and (reductions := self.cross_parameter_reductions()):
+                raise RuntimeError(
+                    f"{self.algorithm.name}: step() runs inside backward (an optimizer stepped per parameter from a gradient hook?), "
+                    f"but {', '.join(reductions)} reduce(s) over all parameters, which have no gradients yet; step the whole "
+                    "optimizer after backward() instead"
+                )
             if not isinstance(self.state, defaultdict) or self.state.default_factory is not StateDict:
                 self.state = defaultdict(StateDict, self.state)  # replaced from outside: new entries get noted
             if self._is_state_init_step():
@@ -289,6 +323,8 @@ class Optimizer(torch.optim.Optimizer):
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{self.algorithm.name} does not support sparse gradients")
+                if grad.shape != param.shape:  # only `.grad.data = ...` gets one past autograd's own check
+                    raise RuntimeError(f"{self.algorithm.name}: a parameter of shape {tuple(param.shape)} has a gradient of shape {tuple(grad.shape)}")
                 params.append(param)
                 grads.append(grad)
                 leaves.append(check(param, states, config))
@@ -321,17 +357,25 @@ class Optimizer(torch.optim.Optimizer):
     def _finish_shared(self, contributions: list[dict[str, Tensor]], config: Config, mask: Tensor | None) -> None:
         shared = self.shared
         device = next(iter(shared.values())).device
-        for key, value in self.algorithm.shared.finish(shared, sum_contributions(contributions, device), config).items():
+        totals = sum_contributions(contributions, device)
+        if self.partition is not None:
+            totals = self.partition.totals(totals, self.algorithm.shared.contributions, device)
+        for key, value in self.algorithm.shared.finish(shared, totals, config).items():
             ops.assign(shared[key], value if mask is None else torch.where(mask.to(device), value, shared[key]))
 
     def _is_state_init_step(self) -> bool:
         """A step with every lr 0 and every gradient zero on an optimizer that has no state yet:
         what ``torch.distributed.checkpoint`` runs to create the state it then saves or loads. It
-        creates the state and changes nothing else (no param, position, counter or statistic)."""
-        if any(self.state.values()) or not all(_is_zero(group.get("lr", 0.0)) for group in self.param_groups):
+        creates the state and changes nothing else (no param, position, counter or statistic). Every
+        rank decides alike: a sharded gradient is checked whole, and under a partition the ranks vote."""
+        if not all(_is_zero(group.get("lr", 0.0)) for group in self.param_groups):
             return False
         grads = [p.grad for p in self._all_params() if p.grad is not None]
-        return bool(grads) and all(not bool(g.any()) for g in grads)
+        local = not any(self.state.values()) and all(not bool(distributed.full(g.any())) for g in grads)
+        if self.partition is None:
+            return local and bool(grads)
+        votes = self.partition.reduce(torch.tensor([float(not local), float(len(grads))]))
+        return not bool(votes[0]) and bool(votes[1])
 
     def _create_states(self) -> None:
         configs = [self._config(i, group) for i, group in enumerate(self.param_groups)]
@@ -397,7 +441,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's fields plus what rebuilds the rest; runtime objects (locks, compiled code) are remade.
-        keep = ("schedules", "adaptive", "_settings", "_overrides", "_configs", "_linked", "_initial", "engine")
+        keep = ("schedules", "adaptive", "_settings", "_overrides", "_configs", "_linked", "_initial", "engine", "partition")
         state = {**super().__getstate__(), **{key: self.__dict__[key] for key in keep}}
         registered = registry.ALGORITHMS.get(self.algorithm.name)
         state["algorithm"] = self.algorithm.name if registered is self.algorithm else self.algorithm
@@ -407,6 +451,7 @@ class Optimizer(torch.optim.Optimizer):
         if "_settings" not in state:  # a shim pickled before format 2: rebuild from its torch fields
             raise RuntimeError("this optorch optimizer was pickled by an older optorch; save its state_dict() instead")
         super().__setstate__(state)
+        self.__dict__.setdefault("partition", None)
         if isinstance(self.algorithm, str):
             self.algorithm = registry.get(self.algorithm)
         self.combinators = None
@@ -577,7 +622,7 @@ class _StateCheck:
             _check_tensor(name, param, key, value, param.shape, {param.dtype}, {param.device})
         if not own:
             return None
-        expected = self.fresh(torch.empty(param.shape, dtype=param.dtype, device="meta"), config)
+        expected = self.fresh(distributed.meta_like(param), config)
         if set(own) != set(expected):
             converted = self.algorithm.state_from_torch(own)
             if self.torch_layout:
@@ -602,6 +647,7 @@ class _StateCheck:
                 dtypes |= {torch.float32, torch.float64}
             devices = {param.device} | ({torch.device("cpu")} if reference.dim() == 0 else set())
             _check_tensor(name, param, key, value, reference.shape, dtypes, devices)
+            distributed.check_layout(name, key, value, reference)
         if own.keys() != {key for key in state if key not in self.extras}:
             for key in [key for key in state if key not in self.extras]:
                 del state[key]

@@ -699,7 +699,7 @@ def test_a_bad_shim_checkpoint_leaves_optimizer_and_rules_unchanged():
     "entry, message",
     [
         ({"lr_rule": "trend", "cycle_lenght": 3}, r"'adapt': unknown key\(s\) 'cycle_lenght' \(did you mean 'cycle_length'\?\)"),
-        ({"lr_rule": "tren"}, r"'adapt': lr_rule: Value error, unknown term 'tren'"),
+        ({"lr_rule": "tren"}, r"'adapt': lr_rule: unknown term 'tren'"),
         ({"alpha_rule": "stable"}, r"'adapt': a rule for alpha, which this optimizer does not have"),
         ("trend", r"'adapt' must map AdaptiveOpt keys"),
     ],

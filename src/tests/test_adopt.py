@@ -179,7 +179,7 @@ def test_complex_params_match_torch_adopt(config, path):
             shim.zero_grad()
             _complex_loss(ours, x).backward()
             shim.step()
-        worst = max(worst, *((a.detach() - b.detach()).abs().max().item() for a, b in zip(ours, theirs)))
+        worst = max(worst, verify.max_abs_diff(list(ours), list(theirs)))
     # torch-adopt adds coupled decay in complex arithmetic, wd*p then + g (two roundings); optorch adds
     # it to the real pairs, where torch's add(alpha=) is one fused multiply-add: an ulp apart.
     coupled = config.get("weight_decay", 0.0) and not config.get("decouple", False)

@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import optorch
 from optorch import combinators as C
-from optorch import schedules
+from optorch import schedules, verify
 
 DTYPE = torch.float64
 NAMES = {"linear.weight": (3, 4), "linear.bias": (3,), "norm.weight": (3,), "norm.bias": (3,)}
@@ -40,7 +40,7 @@ def _leaves(tree) -> list[torch.Tensor]:
 
 
 def _max_diff(a, b) -> float:
-    return max(float((x.detach().to(DTYPE) - y.detach().to(DTYPE)).abs().max()) for x, y in zip(_leaves(a), _leaves(b)))
+    return verify.max_abs_diff(_leaves(a), _leaves(b))
 
 
 def _identical(a, b) -> bool:
@@ -534,21 +534,21 @@ def test_lr_schedulers_keep_working_with_combinators():
 @pytest.mark.parametrize(
     "entries, params, message",
     [
-        ({"clip_grad_norm": 0}, None, r"clip_grad_norm\n.*greater than 0"),
-        ({"clip_grad_norm": math.inf}, None, "clip_grad_norm must be finite"),
-        ({"skip_nonfinite": "yes"}, None, r"skip_nonfinite\n.*valid boolean"),
-        ({"accumulate_steps": 0}, None, r"accumulate_steps\n.*greater than 0"),
-        ({"ema": 1.5}, None, r"ema.decay\n.*less than or equal to 1"),
-        ({"ema": {"decay": 0.9, "warmpu": True}}, None, r"ema.warmpu\n.*Extra inputs"),
-        ({"param_groups": [{"weight_decay": 0.0}]}, None, r"param_groups.0.match\n.*Field required"),
+        ({"clip_grad_norm": 0}, None, r"clip_grad_norm: .*greater than 0"),
+        ({"clip_grad_norm": math.inf}, None, r"clip_grad_norm: .*finite number"),
+        ({"skip_nonfinite": "yes"}, None, r"skip_nonfinite: .*valid boolean"),
+        ({"accumulate_steps": 0}, None, r"accumulate_steps: .*greater than or equal to 1"),
+        ({"ema": 1.5}, None, r"ema.decay: .*less than or equal to 1"),
+        ({"ema": {"decay": 0.9, "warmpu": True}}, None, r"ema.warmpu: .*Extra inputs"),
+        ({"param_groups": [{"weight_decay": 0.0}]}, None, r"param_groups.0.match: .*Field required"),
         ({"param_groups": [{"match": "*.bias", "weight_decy": 0.0}]}, None, r"param_groups\[0\]: unknown key\(s\) for adamw: 'weight_decy' \(did you mean 'weight_decay'\?\)"),
-        ({"param_groups": [{"match": "*.bias", "lr": -1.0}]}, None, r"param_groups\[0\]: 1 validation error for Config\nlr\n.*>= 0"),
+        ({"param_groups": [{"match": "*.bias", "lr": -1.0}]}, None, r"param_groups\[0\]: lr: must be >= 0, got -1.0$"),
         ({"param_groups": [{"match": ["*.bias", "*nrom*"], "weight_decay": 0.0}]}, "module", r"param_groups\[0\]: pattern '\*nrom\*' matches no parameter; names are: linear.weight, linear.bias, norm.weight, norm.bias"),
         ({"param_groups": [{"match": "*.bias"}, {"match": "linear.bias"}]}, "module", r"param_groups\[1\]: every parameter it matches was taken by an earlier entry"),
         ({"param_groups": [{"match": "*.bias"}]}, "tensors", r"param_groups matches parameters by name: pass the model or model.named_parameters\(\), not unnamed tensors"),
         ({"param_groups": [{"match": "*.bias"}]}, "groups", "not param-group dicts"),
-        ({"amp": {"growth_factor": 0.5}}, None, r"amp.growth_factor\n.*greater than 1"),
-        ({"amp": {"init_scale": 65536.0, "precision": "torch.bfloat16"}}, None, r"amp.precision\n.*Extra inputs"),
+        ({"amp": {"growth_factor": 0.5}}, None, r"amp.growth_factor: .*greater than 1"),
+        ({"amp": {"init_scale": 65536.0, "precision": "torch.bfloat16"}}, None, r"amp.precision: .*Extra inputs"),
     ],
 )
 def test_bad_entries_raise_config_errors_naming_the_entry(entries, params, message):
@@ -564,7 +564,7 @@ def test_bad_entries_raise_config_errors_naming_the_entry(entries, params, messa
 def test_a_config_file_error_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: sgd\naccumulate_steps: 1.5\n")
-    with pytest.raises(optorch.ConfigError, match=r"bad.yaml: (?s:.*)accumulate_steps\n.*valid integer"):
+    with pytest.raises(optorch.ConfigError, match=r"bad.yaml, line 2: accumulate_steps: Input should be a valid integer, got 1.5$"):
         optorch.build(path, [torch.zeros(2, requires_grad=True)])
 
 

@@ -102,9 +102,9 @@ def test_batches_are_shuffled_epochs_of_the_training_set():
 @pytest.mark.parametrize(
     "name, text, expected",
     [
-        ("negative_lr.yaml", "name: adam\nlr: -0.1\n", ["negative_lr.yaml", "'lr'", ">= 0"]),
+        ("negative_lr.yaml", "name: adam\nlr: -0.1\n", ["negative_lr.yaml, line 2: lr: must be >= 0, got -0.1"]),
         ("typo.yaml", "name: adam\nbetas: [0.9, 0.99]\nweight_decy: 0.1\n", ["typo.yaml", "'weight_decy'", "did you mean 'weight_decay'"]),
-        ("bad_beta.json", '{"name": "adam", "betas": [0.9, 1.5]}', ["bad_beta.json", "'betas.1'", "[0, 1)"]),
+        ("bad_beta.json", '{"name": "adam", "betas": [0.9, 1.5]}', ["bad_beta.json, line 1: betas.1: must be in [0, 1), got 1.5"]),
         ("no_such.yaml", "name: adamm\n", ["no_such.yaml", "unknown optimizer 'adamm'"]),
         ("broken.yaml", "name: adam\nlr: [1e-3\n", ["broken.yaml"]),
     ],

@@ -63,8 +63,7 @@ def test_compiled_step_equals_eager_and_never_recompiles(module, flags):
     torch.manual_seed(0)
     eager_params, eager_state = _run(module.step, module, flags, steps=100)
     for a, b in ((first, eager_first), ((params, state), (eager_params, eager_state))):
-        diffs = [(x - y).abs().max().item() for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b))]
-        assert max(diffs) <= verify.FLOAT64_TOLERANCE
+        assert verify.max_abs_diff(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)) <= verify.FLOAT64_TOLERANCE
 
 
 def test_shim_compiled_engine_compiles_once_under_a_cosine_scheduler():
@@ -113,7 +112,7 @@ def _state_diff(a, b) -> float:
              for i in a["state"] for k in a["state"][i]]
     diffs += [(torch.as_tensor(v) - torch.as_tensor(b["param_groups"][0][k])).abs().max().item()
               for k, v in a["param_groups"][0].items() if k.startswith("shared.")]
-    return max(diffs)
+    return verify.worst(diffs)
 
 
 @pytest.mark.parametrize("config", [
@@ -143,8 +142,8 @@ def test_shim_compiled_follows_eager_for_non_elementwise_algorithms(config):
                 for c, e in zip(compiled_params, eager_params):
                     c.copy_(e)
             assert _state_diff(compiled.state_dict(), eager.state_dict()) == 0
-    diff = max((c - e).abs().max().item() for c, e in zip(compiled_params, eager_params))
-    moved = max((e - s).abs().max().item() for e, s in zip(eager_params, _mixed_params()))
+    diff = verify.max_abs_diff(compiled_params, eager_params)
+    moved = verify.max_abs_diff(eager_params, _mixed_params())
     assert moved > 1e-3, "the params barely moved: the comparison would prove nothing"
     assert diff <= verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE
     eager_state, compiled_state = eager.state_dict(), compiled.state_dict()

@@ -1,7 +1,7 @@
 """DAG (Dynamic-Alpha Gradient): the spec's tests (specs/dag.md §12) with hand-derived expected values,
 the fixed behaviours (§10), validation, and a compiled step without graph breaks.
 
-The recorded trajectories of the original (``data/dag.json``) are replayed by ``test_reference.py``;
+The recorded trajectories of the original (``optorch/data/dag.json``) are replayed by ``test_reference.py``;
 ``test_maximize_without_momentum_equals_the_original`` below names the case that pins maximize.
 """
 
@@ -16,8 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import optorch
-import reference_cases
-from optorch import dag
+from optorch import dag, recorded, verify
 
 DTYPE = torch.float64
 
@@ -186,9 +185,10 @@ def test_kappa_auto_value(tau, p_star, expected):  # §12.9
 
 
 def test_maximize_without_momentum_equals_the_original():  # §12.10
-    (case,) = [c for c in reference_cases.cases("dag") if c["id"] == "hyper_maximize"]
+    case = recorded.case("dag", "hyper_maximize")
     assert case["config"]["maximize"] and not case["config"]["momentum"] and not case["config"]["weight_decay"]
-    assert reference_cases.max_abs_diff(reference_cases.replay_pure("dag", case), case) <= 1e-12
+    original = [[torch.tensor(values, dtype=torch.float64) for values in step] for step in case["trajectory"]]  # its maximize, unfixed
+    assert verify.max_abs_diff(recorded.replay("dag", case), original) <= 1e-12
 
 
 @pytest.mark.parametrize("flags", [{"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "dampening": 0.2}, {"weight_decay": 0.1}, {}])

@@ -48,7 +48,7 @@ def test_rows_state_types_defaults_and_constraints() -> None:
     assert _row(page, "#### Hyper", "p_star")[1:4] == ["float", "`0.1`", "in (0, 1)"]
     assert _row(page, "#### Hyper", "alpha_max")[2] == "`1e12`"
     assert _row(page, "\n### sgd\n", "nesterov")[1:4] == ["bool", "`False`", ""]
-    assert _row(page, "schedules-cosine}", "decay_steps")[1:4] == ["int", "required", ">= 1"]
+    assert _row(page, "schedules-cosine}", "decay_steps")[1:4] == ["int", "required", ">= 1, <= 2**53"]
     assert _row(page, "schedules-onecycle}", "pct_start")[1:4] == ["float", "`0.3`", "in (0, 1)"]
     # a field docstring wins over DESCRIPTIONS
     assert "ndim <= 1" in _row(page, "\n### lars\n", "exclude_1d")[4]

@@ -9,7 +9,7 @@ import torch
 from pytorch_optimizer import LARS as TheirLARS
 
 import optorch
-from optorch import lars
+from optorch import lars, verify
 
 F64 = dict(dtype=torch.float64)
 
@@ -177,7 +177,7 @@ def run_theirs(steps=100, as_2d=False, **kwargs):
 
 
 def max_diff(a, b):
-    return max((x[k] - y[k]).abs().max().item() for x, y in zip(a, b) for k in x)
+    return verify.max_abs_diff(a, b)
 
 
 FLAGS = [
@@ -277,3 +277,41 @@ def test_negative_values_are_refused_by_name(key):
 def test_nesterov_needs_plain_momentum():
     with pytest.raises(pydantic.ValidationError, match="nesterov"):
         lars.Config(nesterov=True, momentum=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# at LARS's own defaults (eps > 0, dampening), where no reference package agrees: a recurrence
+
+
+def _recurrence(config: lars.Config, steps: int = 100) -> list[dict[str, torch.Tensor]]:
+    """The module's equations, one tensor at a time in plain float64 arithmetic."""
+    params, buffers, trajectory = _initial(), {}, []
+    for _ in range(steps):
+        grads = torch.func.grad(_loss)(params)
+        new = {}
+        for key, p in params.items():
+            d = -grads[key] if config.maximize else grads[key]
+            if config.exclude or (config.exclude_1d and p.dim() <= 1):
+                u = d
+            else:
+                w_norm, d_norm = p.norm(), d.norm()
+                ratio = config.trust_coefficient * w_norm / (d_norm + config.weight_decay * w_norm + config.eps) if w_norm > 0 and d_norm > 0 else 1.0
+                u = ratio * (d + config.weight_decay * p)
+            if config.momentum:
+                buffers[key] = u if key not in buffers else config.momentum * buffers[key] + (1 - config.dampening) * u
+                u = u + config.momentum * buffers[key] if config.nesterov else buffers[key]
+            new[key] = p - config.lr * u
+        params = new
+        trajectory.append(params)
+    return trajectory
+
+
+@pytest.mark.parametrize("flags", [{}, {"dampening": 0.3, "weight_decay": 0.01}, {"nesterov": True, "weight_decay": 0.01, "maximize": True},
+                                   {"exclude_1d": True, "dampening": 0.5, "weight_decay": 0.01}], ids=str)
+def test_defaults_follow_the_recurrence_over_100_steps(flags):
+    config = lars.Config(**flags)
+    assert config.eps > 0 and config.momentum > 0 and config.trust_coefficient == 1e-3  # the defaults under test
+    ours, expected = run_ours(config), _recurrence(config)
+    assert max_diff(ours, expected) <= 1e-12
+    assert max_diff(ours, [_initial()] * len(ours)) > 1e-2  # it moved
+    assert max_diff(_recurrence(config.replace(eps=10 * config.eps)), expected) > 1e3 * 1e-12  # an eps 10x off would show

@@ -507,8 +507,8 @@ def _from_adam():
 MISMATCHES = {
     "group-count": ("adam", _wrong_group_count, r"param groups"),
     "group-size": ("adam", _wrong_group_size, r"params"),
-    "adam-into-sgd": ("sgd", _from_adam, r"keys"),
-    "sgd-into-adam": ("adam", _from_sgd, r"keys"),
+    "adam-into-sgd": ("sgd", _from_adam, r"another optimizer"),
+    "sgd-into-adam": ("adam", _from_sgd, r"another optimizer"),
     "tensor-shape": ("adam", _wrong_shape, r"shape"),
     "invalid-lr": ("adam", _invalid_lr, r"lr"),
     "invalid-betas": ("adam", _invalid_betas, r"betas"),
