@@ -315,7 +315,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         buf = ops.add(state["momentum_buffer"] * config.momentum, u, 1 - config.dampening)
         new_state["momentum_buffer"] = buf
         u = ops.add(u, buf, config.momentum) if config.nesterov else buf
-    contributions = {"sum_u2": (u * u).sum(dtype=wide).to(shared["s_t"].dtype), "numel": torch.full_like(shared["s_t"], d)}
+    contributions = {"sum_u2": (u * u).sum(dtype=ops.sum_dtype(u)).to(shared["s_t"].dtype), "numel": torch.full_like(shared["s_t"], d)}
     return ops.add(param, u, -config.lr), new_state, contributions
 
 
