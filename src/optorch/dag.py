@@ -303,7 +303,8 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     # Measured on x (so with the /s), used by the next step's alpha; float32 like the original's mean.
     # The count / d is mean's own arithmetic, bit for bit. A sharded param's count is read whole first:
     # its shards' counts are exact, their quotients in float32 are not (and one number moves, not the tensor).
-    saturation = (full((x.abs() > tau).to(torch.float32).sum()) / d).to(dtype)
+    saturated = (x.abs() > tau).to(torch.float32)  # compiled, counted in float64: exact, and no float32 cascade
+    saturation = (full(saturated.sum(dtype=ops.sum_dtype(saturated))).to(torch.float32) / d).to(dtype)
     sat_ratio = torch.where(torch.remainder(step, config.sat_every) == 0, saturation, state["sat_ratio"])
     new_state = {"alpha": alpha, "sat_ratio": sat_ratio, "sigma": sigma}
 

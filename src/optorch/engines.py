@@ -404,7 +404,8 @@ class UpdateEngine:
 
     def _compiled_step(self, optimizer: torch.optim.Optimizer, index: int, item: Work, shared: tuple) -> list:
         elementwise = self.algorithm.is_elementwise(item.config)
-        key = (elementwise, tuple(map(id, item.states)), tuple(p.data_ptr() for p in item.params))
+        # what a plan depends on; the memory of each batch is checked again at every step anyway
+        key = (elementwise, tuple(map(id, item.states)), tuple((p.data_ptr(), p.shape) for p in item.params))
         cached = self._plans.get(index)
         plan = cached[1] if cached is not None and cached[0] == key else None
         if plan is not None and not all(batch.scalars_equal(item) for batch in plan[0]):
@@ -435,8 +436,8 @@ class UpdateEngine:
         batch.write_back(params, "param", param)
         for key, value in state.items():
             targets = [s[key] for s in states]
-            if batch.write_back(targets, key, value) and batch.views["param"] is None and targets[0].dim() > 0:
-                # the params lie back to back (a layout the user chose): so does their state from now on
+            if batch.write_back(targets, key, value) and targets[0].dim() > 0:
+                # the state is the optimizer's own memory: laid out as the batch, later steps copy none of it
                 _lay_out_state(optimizer, params, states, key, value, batch)
         return contribution
 

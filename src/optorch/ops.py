@@ -65,6 +65,9 @@ def weight_decay(param: Tensor, grad: Tensor, weight_decay: Any, decoupled_rate:
 def norm(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """The 2-norm of the whole tensor, 0-dim; of a sharded DTensor, over every shard and read whole
     on every rank (one all-reduce), so later scalar math is plain."""
+    if torch.compiler.is_compiling() and not is_dtensor(x) and x.is_floating_point():
+        # accumulate as sum_dtype says (Inductor's float32 sum is a slow cascade), then round once
+        return torch.linalg.vector_norm(x, dtype=sum_dtype(x)).to(dtype or x.dtype)
     return full(torch.linalg.vector_norm(x, dtype=dtype))
 
 
