@@ -80,7 +80,7 @@ except ImportError:  # running from a checkout without PYTHONPATH=src
     from optorch.algorithms import registry
 
 DEFAULT_SHAPES = ("1x16M", "200x80k", "2000x8k", "2000x1k")
-ROW_KEYS = ("fused", "foreach", "forloop", "peers", "auto", "compiled", "gather", "cosine", "eager", "pure")
+ROW_KEYS = ("fused", "foreach", "forloop", "peers", "auto", "contig", "compiled", "gather", "cosine", "eager", "pure", "purecompiled")
 ROW_LABELS = {
     "ref": "ref Adam fused",
     "fused": "torch fused",
@@ -88,11 +88,13 @@ ROW_LABELS = {
     "forloop": "torch for-loop",
     "peers": "peer implementations",
     "auto": "shim auto",
+    "contig": "shim auto, contiguous",
     "compiled": "shim compiled",
     "gather": "shim compiled gather",
     "cosine": "shim compiled cosine",
     "eager": "shim eager",
     "pure": "pure step (eager)",
+    "purecompiled": "pure step (torch.compile)",
 }
 # Hyperparameters per algorithm (the rest are the algorithm's defaults). SGD runs with momentum, the
 # 20-bytes-per-parameter case DESIGN.md compares to Adam's 28.
@@ -343,6 +345,8 @@ class Block:
 
     def shim(self, key: str, engine: str) -> Row:
         params = self.fresh()
+        if key == "contig":  # the user's explicit layout: params and grads back to back
+            optorch.contiguous(params)
         opt = optorch.build(self.config_dict, params, engine=engine)
         note = f"engine={opt.engine}"
         group = opt.param_groups[0]
@@ -383,6 +387,27 @@ class Block:
 
         return Row("pure", ROW_LABELS["pure"], step, after=after, note="out of place, lists", keep=[holder])
 
+    def pure_compiled(self) -> Row:
+        """``torch.compile(algorithm.step)``: the pure step compiled whole by the user (first step: the
+        compile, from an empty Inductor cache with ``--cold-compile``)."""
+        algorithm, config = self.algorithm, self.config
+        holder = {"params": [p.clone() for p in self.master_params], "grads": self.fresh_grads()}
+        holder["state"] = algorithm.init(holder["params"], config)
+        compiled = torch.compile(algorithm.step)
+
+        def step():
+            with torch.no_grad():
+                new = compiled(holder["params"], holder["grads"], holder["state"], config)
+            holder["last"] = new
+            return new
+
+        def after():
+            holder["params"], holder["state"] = holder.pop("last")
+
+        row = Row("purecompiled", ROW_LABELS["purecompiled"], step, after=after, compiled=True, note="out of place, lists", keep=[holder])
+        row.cold_first = self.args.cold_compile
+        return row
+
     def rows(self, wanted: list[str]) -> list[Row]:
         rows = [self.reference()]
         torch_class = self.algorithm.torch_optimizer
@@ -394,7 +419,7 @@ class Block:
                         rows.append(self.torch_row(key, modes[key]))
                 elif key == "peers":
                     rows.extend(self.peers())
-                elif key == "auto":
+                elif key in ("auto", "contig"):
                     rows.append(self.shim(key, "auto"))
                 elif key in ("compiled", "gather", "cosine"):
                     rows.append(self.shim(key, "compiled"))
@@ -402,6 +427,8 @@ class Block:
                     rows.append(self.shim(key, "eager"))
                 elif key == "pure":
                     rows.append(self.pure())
+                elif key == "purecompiled":
+                    rows.append(self.pure_compiled())
             except Exception as error:  # a row that cannot be built is reported, not fatal
                 rows.append(Row(key, ROW_LABELS[key], lambda: None, error=f"{type(error).__name__}: {error}"))
         return rows

@@ -25,6 +25,7 @@ from .functional.inject import InjectedHyperparams, inject_hyperparams
 from .shim import Optimizer
 from .shim.adaptive import AdaptiveOpt
 from .shim.checkpoint import complete as complete_state_dict
+from .shim.layout import contiguous
 
 _moved.install()
 from . import adaptive, combinators  # noqa: E402 - old paths, answered by _moved: after install()
@@ -46,6 +47,7 @@ __all__ = [
     "build",
     "build_stepper",
     "complete_state_dict",
+    "contiguous",
     "inject_hyperparams",
     "load_config",
     "parse_config",

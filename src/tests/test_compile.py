@@ -121,10 +121,11 @@ def _state_diff(a, b) -> float:
     {"name": "adafactor", "lr": 0.01, "weight_decay": 0.01},
 ], ids=lambda config: config["name"])
 def test_shim_compiled_follows_eager_for_non_elementwise_algorithms(config):
-    """A non-element-wise algorithm compiled (one kernel per tensor rank, dynamic shapes) follows the
-    eager engine over 20 steps to verify's compiled-reduction tolerance, its state_dict has the eager
-    one's layout, and mid-way the eager state_dict loads into the compiled shim and both go on alike.
-    The graphs are one per rank, compiled in the first steps: none is added later."""
+    """A non-element-wise algorithm compiled (per tensor rank, dynamic shapes: one kernel for single
+    tensors and one for stacks of same-shaped ones) follows the eager engine over 20 steps to verify's
+    compiled-reduction tolerance, its state_dict has the eager one's layout, and mid-way the eager
+    state_dict loads into the compiled shim and both go on alike. The graphs are compiled in the first
+    step: none is added later."""
     eager_params, compiled_params = _mixed_params(), _mixed_params()
     eager = optorch.build(config, eager_params, engine="eager")
     compiled = optorch.build(config, compiled_params, engine="compiled")
@@ -148,5 +149,5 @@ def test_shim_compiled_follows_eager_for_non_elementwise_algorithms(config):
     eager_state, compiled_state = eager.state_dict(), compiled.state_dict()
     assert _layout(compiled_state) == _layout(eager_state)
     assert _state_diff(compiled_state, eager_state) <= verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE
-    assert graphs_after_first_step <= len({len(shape) for shape in MIXED_SHAPES})
+    assert graphs_after_first_step <= 2 * len({len(shape) for shape in MIXED_SHAPES})
     assert counters["stats"]["unique_graphs"] == graphs_after_first_step, "a later step compiled again"

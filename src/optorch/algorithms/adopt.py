@@ -84,9 +84,10 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         bound = ops.like(k**config.clip_exponent, param)
         low, high = ops.once(-bound, bound)
         u = torch.clamp(u, low, high)
-    new_avg = ops.lerp(exp_avg, u, 1 - beta1)
-    new_param = ops.add(theta, new_avg, -lr)
-    new_sq = ops.addcmul(exp_avg_sq * beta2, g, g, 1 - beta2)
+    step_size, weight1, weight2 = ops.once(-lr, 1 - beta1, 1 - beta2)
+    new_avg = ops.lerp(exp_avg, u, weight1)
+    new_param = ops.add(theta, new_avg, step_size)
+    new_sq = ops.addcmul(exp_avg_sq * beta2, g, g, weight2)
     if not isinstance(k, numbers.Number):
         # A tensor step count (compiled, torch.func, other devices): pick the first-call result
         # element-wise instead of branching, so nothing syncs and one graph serves every step.

@@ -267,8 +267,9 @@ def lowpass(state: Tensor, x: Tensor, t: Any, beta: Any, gamma: Any = 0.0, eta: 
     if not is_zero(gamma):
         new_state = ops.add(new_state, x, -gamma * eta)
         y = p / ops.like(_where(t == 1, 1.0, 1 - gamma), p)  # the first output is not normalised
-    if debias:
-        y = y * ops.like((1 - beta) / eta / (1 - beta**t), p)
+    if debias:  # once per step: compiled, the float64 pow would run per vector of elements
+        (correction,) = ops.once(ops.like((1 - beta) / eta / (1 - beta**t), p))
+        y = y * correction
     return y, new_state
 
 
@@ -447,5 +448,9 @@ REDUCTIONS: tuple[Reduction, ...] = (
 """Spec section 7: each AutoSGM config and the torch.optim optimizer (and scheduler) it reduces to
 exactly, up to float64 rounding (eps 1e-30 stands for 0: the original's (g + eps)^2 is g^2 then)."""
 
-algorithm = Algorithm("autosgm", Config, init_leaf, update, elementwise=False, reductions=REDUCTIONS)
+def _elementwise(config: Config) -> bool:
+    return not (config.adaptive and config.numerator in (1, 2, 3))  # those numerators are per-tensor means
+
+
+algorithm = Algorithm("autosgm", Config, init_leaf, update, elementwise=_elementwise, reductions=REDUCTIONS)
 init, step = algorithm.init, algorithm.step

@@ -325,12 +325,15 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     rho = _setting(h, "rho")
     alpha = torch.clamp((1 - rho) * state["alpha"] + rho * alpha_hat, _setting(h, "alpha_min"), _setting(h, "alpha_max"))
 
-    x = grad * torch.reciprocal(norm + eps).to(grad.dtype) * (alpha / s).to(grad.dtype)
-    u = torch.tanh(x) * (k * s).to(grad.dtype)
+    # Once per step, not per element: compiled, these would be recomputed in the element-wise loop.
+    inverse_norm, gain, amplitude = ops.once(*(v.to(grad.dtype) for v in (torch.reciprocal(norm + eps), alpha / s, k * s)))
+    x = grad * inverse_norm * gain
+    u = ops.tanh(x) * amplitude
     # Measured on x (so with the /s), used by the next step's alpha; float32 like the original's mean.
     # The count / d is mean's own arithmetic, bit for bit. A sharded param's count is read whole first:
     # its shards' counts are exact, their quotients in float32 are not (and one number moves, not the tensor).
-    saturation = (full((x.abs() > tau).to(torch.float32).sum()) / d).to(dtype)
+    saturated = (x.abs() > tau).to(torch.float32)  # compiled, counted in float64: exact, and no float32 cascade
+    saturation = (full(saturated.sum(dtype=ops.sum_dtype(saturated))).to(torch.float32) / d).to(dtype)
     sat_ratio = torch.where(torch.remainder(step, config.sat_every) == 0, saturation, state["sat_ratio"])
     new_state = {"alpha": alpha, "sat_ratio": sat_ratio, "sigma": sigma}
 
@@ -342,7 +345,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         buf = ops.add(state["momentum_buffer"] * config.momentum, u, 1 - config.dampening)
         new_state["momentum_buffer"] = buf
         u = ops.add(u, buf, config.momentum) if config.nesterov else buf
-    contributions = {"sum_u2": (u * u).sum().to(shared["s_t"].dtype), "numel": torch.full_like(shared["s_t"], d)}
+    contributions = {"sum_u2": (u * u).sum(dtype=ops.sum_dtype(u)).to(shared["s_t"].dtype), "numel": torch.full_like(shared["s_t"], d)}
     return ops.add(param, u, -config.lr), new_state, contributions
 
 

@@ -12,13 +12,13 @@ plain dicts, lists and tensors, so dm-tree, ``torch.utils._pytree`` and ``torch.
 it. The step counter is a per-parameter 0-dim tensor, as in torch.optim, so a parameter that misses a
 gradient keeps its own count exactly as torch's does.
 
-The same ``update`` runs on one flat buffer holding many parameters in the shim's compiled engine
-(:mod:`optorch.shim`): one definition of the math serves the pure path and the in-place path.
+The same ``update`` runs in place in the shim's engines (:mod:`optorch.engines`), on one tensor or on
+many joined into one: one definition of the math serves the pure path and the in-place path.
 
 Two extensions cover algorithms that are not purely element-wise:
 
 * ``elementwise=False``: ``update`` reduces over its tensor (a norm, a mean: LARS, DAG, AutoSGM), so
-  the shim runs it on each parameter's own segment of the flat buffers, never on the whole buffer.
+  the engines never step it on several parameters joined into one flat tensor.
   Such an algorithm may keep per-tensor scalars (0-dim state entries, e.g. DAG's ``alpha``).
 * ``shared=Shared(...)``: state shared by all parameters (DAG's global RMS shrink). ``update`` then
   takes it as a fifth argument, read-only, and returns a third value, its *contributions* (a dict of
@@ -152,9 +152,10 @@ class Algorithm:
     """The inverse: one parameter's state as torch.optim would save it."""
     grid: Grid | None = None
     """The flag combinations ``optorch verify`` and the test suite check against the reference."""
-    elementwise: bool = True
-    """False when ``update`` reduces over its tensor (norms, means): the shim then steps each
-    parameter on its own segment of the flat buffers."""
+    elementwise: bool | Callable[[Config], bool] = True
+    """False when ``update`` reduces over its tensor (norms, means), or a function of the config
+    saying so (AutoSGM reduces only with some numerators): the compiled engine then steps many
+    params together as a stack, each reducing over its own slice, never as one flat tensor."""
     shared: Shared | None = None
     """State shared by all parameters, when the algorithm has some (see :class:`Shared`)."""
     reference: Callable[[], "type[torch.optim.Optimizer] | None"] | None = None
@@ -181,6 +182,10 @@ class Algorithm:
         """One parameter's state in the keys torch.optim's counterpart saves (unchanged if none)."""
         leaf_state = dict(leaf_state)
         return self.to_torch(leaf_state) if self.to_torch is not None else leaf_state
+
+    def is_elementwise(self, config: Config) -> bool:
+        """Whether ``update`` under ``config`` treats each element on its own (see ``elementwise``)."""
+        return self.elementwise(config) if callable(self.elementwise) else self.elementwise
 
     def state_keys(self, config: Config) -> tuple[str, ...]:
         """The per-parameter state keys under ``config`` (they can depend on flags, e.g. amsgrad)."""

@@ -673,10 +673,16 @@ def check(name: str, config: dict[str, Any], *, steps: int = 100, dtype: torch.d
     config = {k: v for k, v in config.items() if k != "name"}
     items = tuple(sorted(config.items()))
     setting = Setting(steps, _dtype(dtype), device, intermittent)
-    limit = FLOAT64_COMPILED_REDUCTION_TOLERANCE if engine == "compiled" and not algorithm.elementwise else FLOAT64_TOLERANCE
+    limit = _float64_limit(algorithm, engine, config)
     run = _path_runner(algorithm.name, engine)
     judgement = _judge(lambda s: run(config, s), _GridReference(algorithm.name, items), setting, float64_tolerance=limit)
     return Result(algorithm.name, label({"name": algorithm.name, **config}, intermittent), steps, _name(setting.dtype), device, _path(engine), *judgement)
+
+
+def _float64_limit(algorithm, engine: str, config: dict[str, Any]) -> float:
+    """The float64 tolerance of a path: Inductor's reductions sum in another order (see the docs)."""
+    reduces = not algorithm.is_elementwise(algorithm.as_config(config))
+    return FLOAT64_COMPILED_REDUCTION_TOLERANCE if engine == "compiled" and reduces else FLOAT64_TOLERANCE
 
 
 class _GridReference(NamedTuple):
@@ -728,7 +734,7 @@ def check_reduction(name: str, label: str, *, steps: int = 100, dtype: torch.dty
     else:
         config = {"name": algorithm.name, **reduction.config}
         candidate = functools.partial(_one_group, lambda ps: build(config, ps, engine=engine), None)
-    limit = FLOAT64_COMPILED_REDUCTION_TOLERANCE if engine == "compiled" and not algorithm.elementwise else FLOAT64_TOLERANCE
+    limit = _float64_limit(algorithm, engine, reduction.config)
     judgement = _judge(candidate, _ReductionReference(algorithm.name, label), setting, float64_tolerance=limit)
     return Result(algorithm.name, f"= {reduction.optimizer}: {label}", steps, _name(setting.dtype), device, _path(engine), *judgement)
 
@@ -740,7 +746,7 @@ def check_recorded(name: str, case_id: str, *, engine: str = "pure") -> Result:
     algorithm = registry.get(name)
     case = recorded.case(algorithm.name, case_id)
     error = max_abs_diff(recorded.replay(algorithm.name, case, engine), recorded.expected(algorithm.name, case, torch.get_default_dtype()))
-    limit = FLOAT64_COMPILED_REDUCTION_TOLERANCE if engine == "compiled" and not algorithm.elementwise else FLOAT64_TOLERANCE
+    limit = _float64_limit(algorithm, engine, {k: v for k, v in recorded.config(case).items() if k != "name"})
     return Result(algorithm.name, f"recorded: {case_id}", case["steps"], "float64", "cpu", _path(engine), error, None, limit, basis="recording")
 
 
