@@ -1,0 +1,182 @@
+"""Which params a compiled step runs together: back-to-back runs of one buffer, small params gathered
+into a scratch buffer, equal shapes stacked; each batch one call."""
+
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+
+
+from ..core import distributed
+from .kernels import run_stacked, run_update
+from .protocol import Work
+
+__all__ = ["GATHER_BELOW", "GATHER_CHUNK", "Batch", "all_contiguous", "plan_batches"]
+
+GATHER_BELOW = 1 << 15
+"""Compiled: params with fewer elements than this that do not lie back to back with others step
+together, copied into scratch space and back: below ~25k elements the copies (~1.5 ns per element for
+Adam's param, grad and state, both ways) cost less than a call of its own (~30-50 us; measured, one
+thread, torch 2.13)."""
+
+GATHER_CHUNK = 1 << 18
+"""The most elements one gathered call steps (bounds the scratch buffer)."""
+
+
+class Batch:
+    """Params of one kind that step in one call: ``flat`` (an element-wise algorithm, their per-tensor
+    scalars equal, all of them one 1-D tensor) or stacked (same-shaped params, a new first dimension).
+
+    Each of their buffers (params, grads, each state key) joins as a view of the memory the tensors
+    occupy when they lie back to back in one storage (checked at every step, never assumed), else as
+    a copy into scratch space kept with the batch (``views``: slices of it, one per tensor), copied
+    back after the step."""
+
+    def __init__(self, members: list[int], flat: bool, scalar_keys: tuple[str, ...], scratch: dict[tuple, Tensor]):
+        self.members, self.flat, self.scalar_keys = members, flat, scalar_keys
+        self.kernel = run_update if flat else run_stacked
+        self.views: dict[str, list[Tensor] | None] = {}
+        self._scratch = scratch  # the engine's, shared by its batches (one after the other, so it stays in cache)
+        self._slices: dict[str, tuple[Tensor, Tensor, list[Tensor]]] = {}  # by slot: (scratch, joined, views)
+
+    def scalars_equal(self, item: Work) -> bool:
+        """Whether the flat batch's per-tensor scalars are still equal (one host read per key)."""
+        for key in self.scalar_keys:
+            values = torch.stack([item.states[i][key] for i in self.members])
+            if not bool((values == values[0]).all()):
+                return False
+        return True
+
+    def join(self, tensors: list[Tensor], slot: str) -> Tensor:
+        if tensors[0].dim() == 0 and self.flat:  # a per-tensor scalar, equal in the batch
+            self.views[slot] = [tensors[0]]
+            return tensors[0].clone()
+        view = _back_to_back(tensors)
+        if view is not None:
+            self.views[slot] = None
+            return view if self.flat else view.view(len(tensors), *tensors[0].shape)
+        key = (slot, tensors[0].device, tensors[0].dtype)
+        cached = self._slices.get(slot)
+        if cached is None or cached[0] is not self._scratch.get(key):
+            size = sum(t.numel() for t in tensors)
+            scratch = self._scratch.get(key)
+            if scratch is None or scratch.numel() < size:
+                scratch = self._scratch[key] = torch.empty(max(size, GATHER_CHUNK), dtype=tensors[0].dtype, device=tensors[0].device)
+            if self.flat:
+                joined = scratch[:size]
+                views = list(torch._C._nn.unflatten_dense_tensors(joined, tensors))
+            else:
+                joined = scratch[:size].view(len(tensors), *tensors[0].shape)
+                views = list(joined.unbind())
+            cached = self._slices[slot] = (scratch, joined, views)
+        _, joined, views = cached
+        torch._foreach_copy_(views, tensors)
+        self.views[slot] = views
+        return joined
+
+    def drop_scratch(self, slot: str) -> None:
+        scratch, joined, _ = self._slices.pop(slot)
+        key = (slot, joined.device, joined.dtype)
+        if self._scratch.get(key) is scratch:
+            del self._scratch[key]
+
+    def write_back(self, tensors: list[Tensor], slot: str, joined: Tensor) -> bool:
+        """Copy the results into ``tensors`` where ``joined`` was a copy; whether it was."""
+        views = self.views[slot]
+        if views is None:
+            return False
+        torch._foreach_copy_(tensors, [joined] * len(tensors) if joined.dim() == 0 else views)
+        return True
+
+
+def _batchable(param: Tensor, grad: Tensor) -> bool:
+    return not param.is_complex() and param.layout == torch.strided and grad.layout == torch.strided and param.dim() > 0
+
+
+def all_contiguous(param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> bool:
+    return param.is_contiguous() and grad.is_contiguous() and all(v.dim() == 0 or (v.is_contiguous() and v.shape == param.shape) for v in state.values())
+
+
+def plan_batches(item: Work, elementwise: bool, scratch: dict[tuple, Tensor]) -> tuple[list[Batch], list[int], list[int]]:
+    """Which params of ``item`` step together: ``(batches, alone, eager)``.
+
+    A batch holds params of one kind (device, dtype, state layout; and shape unless element-wise):
+    params that lie back to back in one storage, or small ones (to be copied), at most
+    :data:`GATHER_CHUNK` elements of them. Element-wise batches also hold equal per-tensor scalars
+    (``step``; one host read per key and kind): they step as one flat tensor. DTensors step eagerly."""
+    by_kind: dict[tuple, list[int]] = {}
+    alone, eager = [], []
+    for i, (param, grad) in enumerate(zip(item.params, item.grads)):
+        state = item.states[i]
+        if distributed.is_dtensor(param):  # sharded: DTensor's own ops (whole-parameter reductions)
+            eager.append(i)
+        elif not _batchable(param, grad) or (elementwise and any(v.dim() > 0 and v.shape != param.shape for v in state.values())):
+            alone.append(i)
+        else:
+            layout = tuple((key, value.dtype, value.device, value.dim() > 0) for key, value in state.items())
+            by_kind.setdefault((param.device, param.dtype, layout, None if elementwise else param.shape), []).append(i)
+    batches = []
+    for members in by_kind.values():
+        scalar_keys = tuple(key for key, value in item.states[members[0]].items() if value.dim() == 0) if elementwise else ()
+        for group in _equal_scalars(item, members, scalar_keys):
+            small = []
+            for run in _runs_in_memory(item.params, group):
+                if len(run) > 1:
+                    batches.append(Batch(run, elementwise, scalar_keys, scratch))
+                else:
+                    (small if item.params[run[0]].numel() < GATHER_BELOW else alone).append(run[0])
+            for chunk in _chunks(item.params, small):
+                if len(chunk) > 1:
+                    batches.append(Batch(chunk, elementwise, scalar_keys, scratch))
+                else:
+                    alone += chunk
+    return batches, alone, eager
+
+
+def _equal_scalars(item: Work, members: list[int], keys: tuple[str, ...]) -> list[list[int]]:
+    if not keys or len(members) == 1:
+        return [members]
+    values = [torch.stack([item.states[i][k] for i in members]).tolist() for k in keys]
+    by_value: dict[tuple, list[int]] = {}
+    for position, i in enumerate(members):
+        by_value.setdefault(tuple(v[position] for v in values), []).append(i)
+    return list(by_value.values())
+
+
+def _runs_in_memory(params: list[Tensor], members: list[int]) -> list[list[int]]:
+    """``members`` split into runs of params that lie back to back in one storage, in address order."""
+    order = sorted(members, key=lambda i: params[i].data_ptr())
+    runs = [[order[0]]]
+    for previous, i in zip(order, order[1:]):
+        if _back_to_back([params[previous], params[i]]) is not None:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _back_to_back(tensors: list[Tensor]) -> Tensor | None:
+    """One flat view of the memory ``tensors`` occupy when they lie back to back in one storage, in
+    order and contiguous (a layout checked wherever it is used, never assumed); else None."""
+    first = tensors[0]
+    end = first.data_ptr()
+    for tensor in tensors:
+        if tensor.data_ptr() != end or not tensor.is_contiguous():
+            return None
+        end += tensor.nbytes
+    storage = first.untyped_storage()
+    if end > storage.data_ptr() + storage.nbytes():  # adjacent allocations, not one storage
+        return None
+    return first.as_strided(((end - first.data_ptr()) // first.element_size(),), (1,))
+
+
+def _chunks(params: list[Tensor], indices: list[int]) -> list[list[int]]:
+    chunks, chunk, size = [], [], 0
+    for i in indices:
+        if chunk and size + params[i].numel() > GATHER_CHUNK:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(i)
+        size += params[i].numel()
+    return chunks + [chunk] if chunk else chunks
