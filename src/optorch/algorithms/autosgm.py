@@ -49,7 +49,6 @@ parameter's precision (the original keeps lr in float32); 0-dim parameters work;
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from typing import Any, Callable, ClassVar
@@ -64,6 +63,8 @@ from ..core.config import Config as _Config
 from ..core.config import Count, Flag, NonNegative, Probability, Scalar, UnitInterval
 from ..core.scalars import is_zero
 from ..core.distributed import full
+from ..schedules import window as _window_schedule
+from ..schedules.window import window
 
 __all__ = ["Config", "Reduction", "REDUCTIONS", "TUPLES", "algorithm", "init", "init_leaf", "lowpass", "step", "update", "window"]
 
@@ -273,71 +274,6 @@ def lowpass(state: Tensor, x: Tensor, t: Any, beta: Any, gamma: Any = 0.0, eta: 
     return y, new_state
 
 
-def _cos(v: Any) -> Any:
-    return torch.cos(v) if isinstance(v, Tensor) else math.cos(v)
-
-
-def _ceil(v: Any) -> Any:
-    return torch.ceil(v) if isinstance(v, Tensor) else math.ceil(v)
-
-
-def _at_least_one(v: Any) -> Any:
-    return torch.clamp(v, min=1) if isinstance(v, Tensor) else max(1, v)
-
-
-def _shape(kind: int, f: Any, n: Any, stairs: int) -> Any:
-    """The window shape S(f) on [0, 1] (1 at f = 0), in ``stairs`` scaled copies (the original's M)."""
-    if kind == 2:  # polynomial; ignores the stairs
-        return (1 - f) ** n
-    if kind == 5:  # logistic, inflection mid-frame
-
-        def mean_sigmoid(x):
-            return sum(1 / (1 + 2 ** (2 * stairs * n * (x - (j + 0.5) / stairs))) for j in range(stairs)) / stairs
-
-        low = mean_sigmoid(1.0)
-        return (mean_sigmoid(f) - low) / (mean_sigmoid(0.0) - low)
-    i = _at_least_one(_ceil(stairs * f))
-    r = stairs * f - i + 1
-    if kind == 1:  # raised cosine
-        s = _cos(math.pi * r / 2) ** n
-    elif kind == 3:  # exponential, base n
-        s = (n**r - n) / (1 - n)
-    elif kind == 4:  # simple polynomial
-        s = (1 - r**n) ** 2
-    else:  # 6: logistic, late inflection (not normalised, as in the original)
-        high, low = 1 / (1 + 2 ** (-n)), 1 / (1 + 2**n)
-        s = (1 / (1 + 2 ** (2 * n * (r - 0.875))) - low) / (high - low)
-    return (stairs - i + s) / stairs
-
-
-def window(t: Any, config: Config) -> Any:
-    """The window (learning-rate schedule) value rho_t at the 1-based step ``t`` (a number or a tensor).
-
-    Frames of L steps (or epochs, window_unit 0) restart cyclically; inside a frame, f = c / L for
-    the frame's c-th step (from 0), folded to |2f - 1| for a full window. rho = 1 on the flat top
-    (f < window_flat_top), else x + (1 - x) S(f') with f' = (f - e) / (1 - e) and x the floor.
-    """
-    kind = config.window
-    e = config.window_flat_top
-    if kind == 0 or (not isinstance(e, Tensor) and e == 1):
-        return 1.0
-    tau, spe, unit = config.window_epochs, config.window_steps_per_epoch, config.window_unit
-    if unit == 0:  # frames of tau epochs; the epoch is ceil(t / spe) (the original counts by tau)
-        u, length = _ceil(t / spe), tau
-    else:
-        u, length = t, spe if unit == 2 else tau * spe
-    f = ((u - 1) % length) / length
-    if config.window_full:
-        f = abs(2 * f - 1)
-    x = config.window_floor
-    shaped = _shape(kind, (f - e) / (1 - e), config.window_order, unit if unit >= 3 else 1)
-    rho = x + (1 - x) * shaped
-    flat = (f < e) | (e == 1) if isinstance(e, Tensor) else f < e
-    if isinstance(flat, bool):
-        return 1.0 if flat else rho
-    return torch.where(flat, torch.ones_like(rho), rho)
-
-
 # ------------------------------------------------------------------------------------------------
 # the stepper
 
@@ -454,3 +390,10 @@ def _elementwise(config: Config) -> bool:
 
 algorithm = Algorithm("autosgm", Config, init_leaf, update, elementwise=_elementwise, reductions=REDUCTIONS)
 init, step = algorithm.init, algorithm.step
+
+
+def _check_window_keys(keys: dict[str, Any]) -> None:
+    Config(**keys)  # the window's keys, validated as AutoSGM's own (a ValidationError names the field)
+
+
+_window_schedule.check_keys = _check_window_keys  # the autosgm_window schedule validates its keys here

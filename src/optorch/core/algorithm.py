@@ -8,7 +8,7 @@ An algorithm is written once, as two functions over a single tensor:
 
 :class:`Algorithm` lifts them to pytrees. The state of a pytree of params is a dict from each key to a
 pytree shaped like the params, e.g. ``{"step": {"w": t, "b": t}, "exp_avg": {"w": ..., "b": ...}}``:
-plain dicts, lists and tensors, so dm-tree, ``torch.utils._pytree`` and ``torch.func`` all understand
+plain dicts, lists and tensors, so dm-tree, torch's pytree utilities and ``torch.func`` all understand
 it. The step counter is a per-parameter 0-dim tensor, as in torch.optim, so a parameter that misses a
 gradient keeps its own count exactly as torch's does.
 
@@ -33,9 +33,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 from . import ops
+from .compat import pytree
 from .config import Config
 from .distributed import full
 

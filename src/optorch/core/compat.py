@@ -17,6 +17,7 @@ __all__ = [
     "cpp_compiler_available",
     "in_backward",
     "is_functorch_wrapped",
+    "mark_dynamic",
     "pytree",
     "torch_adagrad",
     "torch_adam",
@@ -31,6 +32,11 @@ unflatten_dense_tensors = torch._C._nn.unflatten_dense_tensors
 def is_functorch_wrapped(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a ``torch.func`` transform's wrapper (grad, vmap, jvp)."""
     return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Tell ``torch.compile`` that ``tensor``'s size along ``dim`` varies (one graph for every size)."""
+    torch._dynamo.mark_dynamic(tensor, dim)
 
 
 def in_backward() -> bool:

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from .compat import is_functorch_wrapped, pytree
 from .distributed import finite_everywhere, full, is_dtensor
 
 
@@ -88,7 +88,7 @@ def step_count(step: Tensor, like: Tensor) -> float | Tensor:
 
 
 def _is_transformed(tensor: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor) or tensor.requires_grad
+    return is_functorch_wrapped(tensor) or tensor.requires_grad
 
 
 def like(value: Any, reference: Tensor) -> Any:

@@ -17,6 +17,7 @@ from ..core.config import Count, Flag, Number
 
 from ..core.errors import shown, suggest
 
+from . import window as window_math
 from .base import Constant, Cosine, Linear, Schedule, Value, WarmupStableDecay, _Warmup, _WarmupThenDecay, _clip, _cos, _floor, _log, _ones, _ramp, _sqrt, _where, _with_warmup, Factor, NonNegativeValue, PositiveSteps, Steps
 
 __all__ = [
@@ -279,7 +280,7 @@ class AutosgmWindow(Schedule):
     :math:`t = s + 1`: an AutoSGM run with ``window=0`` and this schedule on ``lr`` is the same run as
     one with the window in its config. The keys are AutoSGM's ``window*`` config keys (the kind is
     ``window``), validated by ``optorch.autosgm.Config``; AutoSGM's ignored ``window_sequence`` is left
-    out. The window math is autosgm's own, called, not copied."""
+    out. The window math is :mod:`optorch.schedules.window`, which AutoSGM steps with too."""
 
     name: Literal["autosgm_window"] = "autosgm_window"
     window: Count
@@ -294,20 +295,16 @@ class AutosgmWindow(Schedule):
 
     @model_validator(mode="after")
     def _valid_for_autosgm(self):
-        from ..algorithms import autosgm  # autosgm imports nothing from here; lazily all the same
-
         try:
-            autosgm.Config(**self.model_dump(exclude={"name", "init_value"}))
+            window_math.check_keys(self.model_dump(exclude={"name", "init_value"}))
         except ValidationError as error:  # re-raised as a ValueError so that pydantic names this class
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors())
             raise ValueError(f"invalid AutoSGM window: {problems}") from None
         return self
 
     def _value(self, s):
-        from ..algorithms import autosgm
-
-        # autosgm.window reads only the window_* keys, which this schedule has under the same names
-        rho = autosgm.window(s + 1, self)
+        # the window reads only the window_* keys, which this schedule has under the same names
+        rho = window_math.window(s + 1, self)
         if isinstance(s, Tensor) and not isinstance(rho, Tensor):  # the flat window is the number 1
             rho = torch.full_like(s, rho)
         return self.init_value * rho

@@ -9,6 +9,7 @@ from torch import Tensor
 
 
 from ..core import distributed
+from ..core.compat import unflatten_dense_tensors
 from .kernels import run_stacked, run_update
 from .protocol import Work
 
@@ -65,7 +66,7 @@ class Batch:
                 scratch = self._scratch[key] = torch.empty(max(size, GATHER_CHUNK), dtype=tensors[0].dtype, device=tensors[0].device)
             if self.flat:
                 joined = scratch[:size]
-                views = list(torch._C._nn.unflatten_dense_tensors(joined, tensors))
+                views = list(unflatten_dense_tensors(joined, tensors))
             else:
                 joined = scratch[:size].view(len(tensors), *tensors[0].shape)
                 views = list(joined.unbind())

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..core import distributed
 from ..core.algorithm import Algorithm
+from ..core.compat import cpp_compiler_available
 from ..core.config import Config
 from ..core.scalars import is_zero
 
@@ -66,13 +67,7 @@ def compiler_available() -> bool:
     """Whether ``torch.compile`` can build CPU kernels here (Inductor needs a C++ compiler)."""
     global _COMPILER
     if _COMPILER is None:
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            get_cpp_compiler()
-            _COMPILER = True
-        except Exception:  # noqa: BLE001 - any failure to find one means no compiling
-            _COMPILER = False
+        _COMPILER = cpp_compiler_available()
     return _COMPILER
 
 

@@ -11,12 +11,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.optim.adagrad import adagrad as torch_adagrad
-from torch.optim.adam import adam as torch_adam
-from torch.optim.sgd import sgd as torch_sgd
 
 from ..core import distributed, ops
 from ..core.algorithm import Algorithm
+from ..core.compat import torch_adagrad, torch_adam, torch_sgd
 
 from .protocol import Work
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..core import distributed
 from ..core.algorithm import Algorithm
+from ..core.compat import mark_dynamic, unflatten_dense_tensors
 from ..core.config import Config
 from ..core.scalars import is_zero
 
@@ -129,7 +130,7 @@ class UpdateEngine:
             compiled = self._kernels[key] = _private_compile(kernel, dynamic=not stacked)
         if stacked:
             for tensor in (param, grad, *state.values()):
-                torch._dynamo.mark_dynamic(tensor, 0)
+                mark_dynamic(tensor, 0)
         try:
             return compiled(self.algorithm.update, param, grad, state, self._tensor_config(index, config, param), *shared)
         except Exception as error:  # noqa: BLE001 - no compiler, or an op Inductor cannot build
@@ -165,7 +166,7 @@ def _lay_out_state(optimizer: torch.optim.Optimizer, params: list[Tensor], state
     """Give state ``key`` of these params one buffer of its own (the optimizer's memory), as views in
     ``optimizer.state``, so later steps need no copy of it."""
     buffer = joined.clone()
-    chunks = torch._C._nn.unflatten_dense_tensors(buffer, [s[key] for s in states]) if batch.flat else buffer.unbind()
+    chunks = unflatten_dense_tensors(buffer, [s[key] for s in states]) if batch.flat else buffer.unbind()
     for param, state, chunk in zip(params, states, chunks):
         state[key] = chunk
         optimizer.state[param][key] = chunk

@@ -49,8 +49,8 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 import pydantic
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from ..core.compat import pytree
 from ..shim import engines
 
 from . import recorded
