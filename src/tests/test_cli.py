@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import optorch
-from optorch.tools import cli, verify
+from optorch.tools import cli, verify, verify_checks, verify_problem, verify_rule
 from optorch.shim import engines
 from optorch.algorithms import registry
 
@@ -47,7 +47,8 @@ def test_low_precision_rows_show_both_errors(capsys):
 
 
 def test_a_failing_check_exits_1(capsys, monkeypatch):
-    monkeypatch.setattr(verify, "FLOAT64_TOLERANCE", -1.0)
+    for module in (verify_checks, verify_rule):  # the check's limit and the rule's float64 tolerance
+        monkeypatch.setattr(module, "FLOAT64_TOLERANCE", -1.0)
     assert cli.main([*SMALL, "--engine", "pure"]) == 1
     out = capsys.readouterr().out
     rows = _rows(out, "adam")
@@ -59,7 +60,7 @@ def test_a_crashing_check_is_reported_and_the_run_goes_on(capsys, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(verify, "_run_shim", crash)
+    monkeypatch.setattr(verify_problem, "_run_shim", crash)
     assert cli.main([*SMALL, "--engine", "pure", "--engine", "eager"]) == 1
     out = capsys.readouterr().out
     crashed = out.count("RuntimeError: simulated crash")

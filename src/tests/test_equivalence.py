@@ -15,7 +15,7 @@ import torch
 
 import optorch
 from optorch import adam, autosgm
-from optorch.tools import recorded, verify
+from optorch.tools import recorded, verify, verify_problem
 from optorch.algorithms import registry
 
 EXPECTED_GRIDS = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "adopt", "asgd", "lars", "nadam", "radam", "rmsprop", "rprop", "sgd"]
@@ -108,12 +108,12 @@ def test_the_default_plan_checks_every_path_and_dtype():
 def test_gradients_are_the_losss():
     params, x, y = verify.problem(torch.float64)
     params = {name: p + 0.1 * torch.randn_like(p) for name, p in params.items()}
-    live = {name: p.clone().requires_grad_(name in verify.TRAINABLE) for name, p in params.items()}
-    expected = torch.autograd.grad(verify._loss(live, x, y), [live[name] for name in verify.TRAINABLE])
-    grads = verify._gradients(params, x, y, step=0, intermittent=False)
-    for name, want in zip(verify.TRAINABLE, expected):
+    live = {name: p.clone().requires_grad_(name in verify_problem.TRAINABLE) for name, p in params.items()}
+    expected = torch.autograd.grad(verify_problem._loss(live, x, y), [live[name] for name in verify_problem.TRAINABLE])
+    grads = verify_problem._gradients(params, x, y, step=0, intermittent=False)
+    for name, want in zip(verify_problem.TRAINABLE, expected):
         torch.testing.assert_close(grads[name], want, rtol=1e-13, atol=1e-15)
-    assert grads["frozen"] is None and verify._gradients(params, x, y, step=2, intermittent=True)["b1"] is None
+    assert grads["frozen"] is None and verify_problem._gradients(params, x, y, step=2, intermittent=True)["b1"] is None
 
 
 @pytest.mark.parametrize("name", verify.grid_algorithms())
@@ -124,7 +124,7 @@ def test_the_problem_can_tell_a_wrong_optimizer(name):
     kwargs = dict(steps=100, dtype=torch.float64, device="cpu")
     trajectory = verify.run_torch(name, config, **kwargs)
     initial, _, _ = verify.problem(torch.float64, "cpu")
-    for param in verify.TRAINABLE:
+    for param in verify_problem.TRAINABLE:
         assert (trajectory[-1][param] - initial[param]).abs().max() > 1e-2, param
     assert torch.equal(trajectory[-1]["frozen"], initial["frozen"])
     perturbed = verify.run_torch(name, {**config, "lr": config["lr"] * (1 + 1e-4)}, **kwargs)
@@ -201,7 +201,7 @@ def test_a_float32_bug_in_a_bias_correction_is_caught(monkeypatch):
         denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + config.eps
         return optorch.core.ops.addcdiv(param, exp_avg, denom, -step_size), new_state
 
-    verify._cached.cache_clear()
+    verify_problem._cached.cache_clear()
     cases = verify.cover("adam")
     for config, intermittent in cases:
         assert verify.check("adam", config, dtype="float32", engine="eager", intermittent=intermittent).passed
@@ -211,7 +211,7 @@ def test_a_float32_bug_in_a_bias_correction_is_caught(monkeypatch):
         for engine in ("pure", "eager"):
             result = verify.check("adam", config, dtype="float32", engine=engine, intermittent=intermittent)
             assert result.verdict == "FAIL" and result.error > 2 * result.tolerance, result
-    verify._cached.cache_clear()
+    verify_problem._cached.cache_clear()
 
 
 def test_a_float32_bug_in_a_step_is_caught_without_a_live_reference(monkeypatch):
@@ -226,7 +226,7 @@ def test_a_float32_bug_in_a_step_is_caught_without_a_live_reference(monkeypatch)
         step = new_param - param
         return param + (step.to(torch.bfloat16).to(step.dtype) if step.dtype == torch.float32 else step), new_state
 
-    verify._cached.cache_clear()
+    verify_problem._cached.cache_clear()
     cases = [c["id"] for c in recorded.cases("autosgm")][:4]
     for case_id in cases:
         assert verify.check_estimated("autosgm", case_id, dtype="float32", engine="eager", intermittent=True).passed
@@ -234,7 +234,7 @@ def test_a_float32_bug_in_a_step_is_caught_without_a_live_reference(monkeypatch)
     for case_id in cases:
         result = verify.check_estimated("autosgm", case_id, dtype="float32", engine="eager", intermittent=True)
         assert result.verdict == "FAIL" and result.error > 5 * result.tolerance, result
-    verify._cached.cache_clear()
+    verify_problem._cached.cache_clear()
 
 
 @pytest.mark.skipif(not torch.__version__.startswith("2.13"), reason="measured on torch 2.13's CPU kernels")
