@@ -37,7 +37,8 @@ and :math:`t \leftarrow t + 1` on every step. :math:`\kappa` defaults to :math:`
 State per tensor: ``alpha``, ``sat_ratio``, ``sigma`` (0-dim, at least float32) and, with momentum,
 ``momentum_buffer``. Shared state (``state["shared"]``, the shim's ``optimizer.shared``): ``global_step``,
 ``k_val``, ``s_t``, ``rms_t_ema``, ``rms0_ema`` (meaningful once ``rms_count``, the number of steps
-that measured the update RMS, is positive: the original's ``None`` before) and ``d_total``. Nothing reads a tensor's value on the host, so a step compiles to one graph and never syncs.
+that measured the update RMS, is positive: the original's ``None`` before) and ``d_total``. Nothing
+reads a tensor's value on the host, so a step compiles to one graph and never syncs.
 
 Fixed relative to the original (see docs/algorithms/dag.md): maximize negates the tanh direction before
 weight decay and momentum (the original flips the stored momentum buffer and the decay term); exact

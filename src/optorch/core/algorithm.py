@@ -234,7 +234,7 @@ class Algorithm:
                 _check_grad(self.name, path, param, grad)
 
         new_params, new_leaf_states, contributions = [], [], []
-        for i, ((path, param), grad) in enumerate(zip(path_leaves, grad_leaves)):
+        for i, ((_, param), grad) in enumerate(zip(path_leaves, grad_leaves)):
             leaf_state = {key: buffers[key][i] for key in keys}
             if grad is None:
                 new_params.append(param)

@@ -17,7 +17,8 @@ from ..shim import engines
 from . import recorded
 
 from ..algorithms import registry
-from .verify_checks import Result, _dtype, _name, _path, _reduction, available_devices, check, check_estimated, check_kernel, check_recorded, check_reduction
+from . import verify_checks
+from .verify_checks import Result, _dtype, _name, _path, _reduction, available_devices, check_estimated, check_kernel, check_recorded, check_reduction
 from .verify_grids import REFERENCE_PACKAGES, cover, flag_grid, label, most_flags
 from .verify_problem import PATHS, paths_for
 from .verify_rule import DTYPES
@@ -92,7 +93,7 @@ class Check:
     def _run(self) -> Result:
         common = dict(steps=self.steps, dtype=self.dtype, device=self.device)
         if self.kind == "grid":
-            return check(self.algorithm, dict(self.case), engine=self.path, intermittent=self.intermittent, **common)
+            return verify_checks.check(self.algorithm, dict(self.case), engine=self.path, intermittent=self.intermittent, **common)
         if self.kind == "kernel":
             return check_kernel(self.algorithm, dict(self.case), intermittent=self.intermittent, **common)
         if self.kind == "reduction":
