@@ -128,3 +128,14 @@ def test_reductions_and_recordings_are_verified(capsys):
     expected = 2 * len(optorch.autosgm.REDUCTIONS) + 2 * len(optorch.recorded.cases("autosgm"))
     assert f"OK: {expected} checks" in out
     assert "= SGD: heavy-ball " in out and "= Adam: adam-cosine-restarts" in out and "recorded: polywin_maximize" in out
+
+
+def test_verify_distributed_is_a_command_of_its_own(capsys):
+    """``optorch verify --distributed`` hands over to optorch.verify_distributed with its own options
+    (test_distributed.py runs it)."""
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["verify", "--distributed", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert "optorch verify --distributed" in out and "--nproc" in out and "--backend" in out
+    assert "--distributed" in cli._parser()._subparsers._group_actions[0].choices["verify"].format_help()
