@@ -162,7 +162,8 @@ def graph_count() -> int:
 def element_bytes_moved(algorithm, config) -> int:
     """Elements read + written per parameter per step, in units of the element size:
     param (r+w), grad (r), every state buffer (r+w). SGD with momentum: 5 (20 bytes fp32); Adam: 7 (28)."""
-    buffers = [key for key in algorithm.state_keys(config) if key != "step"]
+    # per-element buffers only: 0-dim per-tensor scalars (step, DAG's alpha) move no bytes per element
+    buffers = [key for key, value in algorithm.init_leaf(torch.zeros(4), config).items() if value.dim() > 0]
     return 3 + 2 * len(buffers)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import optorch
-from optorch.tools import cli, verify, verify_checks, verify_problem, verify_rule
+from optorch.tools import cli, verify, verify_checks, verify_plan, verify_problem, verify_rule
 from optorch.shim import engines
 from optorch.algorithms import registry
 
@@ -79,11 +79,15 @@ def test_the_summary_names_what_is_skipped_and_why(capsys, monkeypatch):
         assert "skipped: device cuda: no CUDA device here" in out
 
 
-def test_expected_failures_are_named_and_do_not_fail_the_run(capsys):
+def test_expected_failures_are_named_and_do_not_fail_the_run(capsys, monkeypatch):
+    """An entry of EXPECTED_FAILURES (empty today) marks its checks: here one that passes, so XPASS."""
+    reason = "issue 0: a listed check"
+    monkeypatch.setitem(verify.EXPECTED_FAILURES, ("nadam", verify_plan.DEFAULT_FLOAT64), reason)
     assert cli.main(["verify", "--algo", "nadam", "--dtype", "float64", "--device", "cpu", "--engine", "pure", "--jobs", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert any(row.endswith("XFAIL") and "(default float64)" in row for row in _rows(out, "nadam"))
-    assert "expected to fail: issue 13" in out
+    marked = [row for row in _rows(out, "nadam") if "(default float64)" in row]
+    assert marked and all(row.endswith("XPASS") for row in marked)
+    assert f"expected to fail: {reason}" in out
 
 
 def test_a_progress_bar_on_a_terminal(capsys, monkeypatch):
@@ -127,3 +131,14 @@ def test_reductions_and_recordings_are_verified(capsys):
     expected = 2 * len(optorch.autosgm.REDUCTIONS) + 2 * len(optorch.tools.recorded.cases("autosgm"))
     assert f"OK: {expected} checks" in out
     assert "= SGD: heavy-ball " in out and "= Adam: adam-cosine-restarts" in out and "recorded: polywin_maximize" in out
+
+
+def test_verify_distributed_is_a_command_of_its_own(capsys):
+    """``optorch verify --distributed`` hands over to optorch.verify_distributed with its own options
+    (test_distributed.py runs it)."""
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["verify", "--distributed", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert "optorch verify --distributed" in out and "--nproc" in out and "--backend" in out
+    assert "--distributed" in cli._parser()._subparsers._group_actions[0].choices["verify"].format_help()

@@ -15,6 +15,9 @@ from __future__ import annotations
 import copy
 import functools
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ import optorch
 from optorch import distributed  # the public path (its names live in optorch.core.distributed and optorch.builder)
 from optorch.tools import verify_distributed
 from optorch.tools.verify_distributed import RESUME_TOLERANCE, TOLERANCE, Case
+from test_docs import python_blocks
 
 dist = pytest.importorskip("torch.distributed")
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available")
@@ -301,3 +305,15 @@ def test_a_partition_copies_as_itself_and_refuses_pickling():
     assert copy.deepcopy(partition) is partition
     with pytest.raises(TypeError, match="state_dict"):
         pickle.dumps(partition)
+
+
+def test_the_fsdp2_and_dcp_example_of_the_docs_runs_in_two_processes(tmp_path):
+    """docs/distributed.md's first example, as a user runs it: torchrun, 2 gloo processes, a DCP save
+    and a resume into a fresh optimizer."""
+    page = Path(__file__).parents[2] / "docs" / "distributed.md"
+    line, code, _ = next(block for block in python_blocks(page.read_text()) if "fully_shard" in block[1])
+    (tmp_path / "train.py").write_text(code)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"docs/distributed.md line {line}:\n{result.stderr[-3000:]}"
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]

@@ -15,7 +15,7 @@ import torch
 
 import optorch
 from optorch import adam, autosgm
-from optorch.tools import recorded, verify, verify_problem
+from optorch.tools import recorded, verify, verify_checks, verify_problem, verify_rule
 from optorch.algorithms import registry
 
 EXPECTED_GRIDS = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "adopt", "asgd", "lars", "nadam", "radam", "rmsprop", "rprop", "sgd"]
@@ -244,3 +244,27 @@ def test_the_rule_catches_torch_2_13s_fused_sgd_in_bfloat16():
     config = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
     results = [verify.check_kernel("sgd", config, dtype="bfloat16", intermittent=i) for i in (False, True)]
     assert all(result.verdict == "FAIL" for result in results), results
+
+
+CHAOTIC = {"lr": 0.1, "eps": (1e-3, 0.1), "beta2_decay": -0.8, "d": 1.0, "weight_decay": 0.1}
+"""An Adafactor config of the grid whose float64 trajectory on verify's problem is chaotic: torch's own
+run moves by ~1 when every step's params take half an ulp of float64 noise."""
+CALM = {"lr": 0.1, "eps": (None, 1e-3), "beta2_decay": -0.8, "d": 1.2}
+
+
+def _judged_in_float64(config, candidate_config, nudge=None):
+    """A candidate that rounds otherwise (the reference with float64 noise of seed ``nudge``), judged as
+    the compiled engine on an algorithm that reduces is judged."""
+    setting = verify_problem.Setting(steps=100)
+    reference = verify_checks._GridReference("adafactor", tuple(sorted(config.items())))
+    candidate = lambda s: verify_problem._run_torch("adafactor", candidate_config, s._replace(nudge=nudge, inputs=torch.float64 if nudge is not None else None))
+    return verify_rule._judge(candidate, reference, setting, float64_tolerance=verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE)
+
+
+def test_float64_rounding_grown_by_a_chaotic_configuration_is_not_judged_and_a_real_difference_still_fails():
+    chaotic = _judged_in_float64(CHAOTIC, CHAOTIC, nudge=99)
+    assert chaotic.error > 0.1 and chaotic.basis == "sensitivity" and chaotic.tolerance >= chaotic.movement  # N/A: noise moves it as far as training
+    calm = _judged_in_float64(CALM, CALM, nudge=99)
+    assert calm.error <= calm.tolerance == verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE  # its rounding stays rounding
+    wrong = _judged_in_float64(CALM, {**CALM, "lr": 0.1 * (1 + 1e-6)})
+    assert wrong.error > wrong.tolerance == verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE  # a 1e-6 change of lr: caught

@@ -125,6 +125,25 @@ def test_contiguous_lays_params_and_grads_out_back_to_back_keeping_values():
     assert not torch.equal(before, buffers[1])
 
 
+def test_contiguous_leaves_frozen_params_without_a_grad():
+    """A frozen param given a zero grad would be stepped (decay, momentum): it keeps ``grad=None``,
+    and the params that train stay back to back in front of it."""
+    model = Model()
+    model.weights[2].requires_grad_(False)
+    frozen = model.weights[2].detach().clone()
+    optorch.contiguous(model)
+    assert model.weights[2].grad is None
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert optorch.shim.batching.back_to_back(sorted(trained, key=lambda p: p.data_ptr())) is not None
+    optimizer = optorch.build({"name": "adamw", "lr": 0.1, "weight_decay": 0.5}, model.parameters(), engine="compiled")
+    for step in range(3):
+        for param, grad in zip(model.parameters(), _grads(step, model)):
+            if param.grad is not None:
+                param.grad.copy_(grad)
+        optimizer.step()
+    assert torch.equal(model.weights[2].detach(), frozen)
+
+
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "scattered"])
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_compiled_plans_follow_the_eager_engine_in_float64(case, contiguous):

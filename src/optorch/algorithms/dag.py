@@ -108,10 +108,11 @@ class _Settings(BaseModel):
 def kappa(tau: float, p_star: float) -> float:
     r"""The automatic gain :math:`\tau / \Phi^{-1}(1 - p^*/2)`.
 
-    The original evaluates the inverse normal CDF on a float32 tensor (torch's default dtype) and
-    divides in Python; the same rounding is kept here, so the gain, and every trajectory, matches it.
+    The original evaluates the inverse normal CDF on a tensor of torch's default dtype (float32 unless
+    it is float64) and divides in Python; the same rounding is kept here, so the gain, and every
+    trajectory, matches it.
     """
-    quantile = torch.special.erfinv(2 * torch.tensor(1 - p_star / 2, dtype=torch.float32) - 1) * math.sqrt(2)
+    quantile = torch.special.erfinv(2 * torch.tensor(1 - p_star / 2, dtype=ops.torch_scalar_dtype()) - 1) * math.sqrt(2)
     return tau / quantile.item()
 
 
@@ -330,7 +331,8 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     inverse_norm, gain, amplitude = ops.once(*(v.to(grad.dtype) for v in (torch.reciprocal(norm + eps), alpha / s, k * s)))
     x = grad * inverse_norm * gain
     u = ops.tanh(x) * amplitude
-    # Measured on x (so with the /s), used by the next step's alpha; float32 like the original's mean.
+    # Measured on x (so with the /s), used by the next step's alpha; float32 like the original's mean
+    # (whatever torch's default dtype).
     # The count / d is mean's own arithmetic, bit for bit. A sharded param's count is read whole first:
     # its shards' counts are exact, their quotients in float32 are not (and one number moves, not the tensor).
     saturated = (x.abs() > tau).to(torch.float32)  # compiled, counted in float64: exact, and no float32 cascade

@@ -13,7 +13,7 @@ from ..core.compat import unflatten_dense_tensors
 from .kernels import run_stacked, run_update
 from .protocol import Work
 
-__all__ = ["GATHER_BELOW", "GATHER_CHUNK", "Batch", "all_contiguous", "plan_batches"]
+__all__ = ["GATHER_BELOW", "GATHER_CHUNK", "Batch", "all_contiguous", "back_to_back", "plan_batches"]
 
 GATHER_BELOW = 1 << 15
 """Compiled: params with fewer elements than this that do not lie back to back with others step
@@ -53,7 +53,7 @@ class Batch:
         if tensors[0].dim() == 0 and self.flat:  # a per-tensor scalar, equal in the batch
             self.views[slot] = [tensors[0]]
             return tensors[0].clone()
-        view = _back_to_back(tensors)
+        view = back_to_back(tensors)
         if view is not None:
             self.views[slot] = None
             return view if self.flat else view.view(len(tensors), *tensors[0].shape)
@@ -75,12 +75,6 @@ class Batch:
         torch._foreach_copy_(views, tensors)
         self.views[slot] = views
         return joined
-
-    def drop_scratch(self, slot: str) -> None:
-        scratch, joined, _ = self._slices.pop(slot)
-        key = (slot, joined.device, joined.dtype)
-        if self._scratch.get(key) is scratch:
-            del self._scratch[key]
 
     def write_back(self, tensors: list[Tensor], slot: str, joined: Tensor) -> bool:
         """Copy the results into ``tensors`` where ``joined`` was a copy; whether it was."""
@@ -150,14 +144,14 @@ def _runs_in_memory(params: list[Tensor], members: list[int]) -> list[list[int]]
     order = sorted(members, key=lambda i: params[i].data_ptr())
     runs = [[order[0]]]
     for previous, i in zip(order, order[1:]):
-        if _back_to_back([params[previous], params[i]]) is not None:
+        if back_to_back([params[previous], params[i]]) is not None:
             runs[-1].append(i)
         else:
             runs.append([i])
     return runs
 
 
-def _back_to_back(tensors: list[Tensor]) -> Tensor | None:
+def back_to_back(tensors: list[Tensor]) -> Tensor | None:
     """One flat view of the memory ``tensors`` occupy when they lie back to back in one storage, in
     order and contiguous (a layout checked wherever it is used, never assumed); else None."""
     first = tensors[0]

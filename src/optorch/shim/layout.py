@@ -33,9 +33,11 @@ def contiguous(params: torch.nn.Module | Iterable[Tensor], *, grads: bool = True
 
     Each (device, dtype) gets one buffer, with params of one shape next to each other (so an
     algorithm that reduces over each tensor can step them as one stack). Every param's data becomes
-    a view of its buffer (``p.data = view``, values kept). With ``grads``, every param's ``.grad``
-    becomes a view of a second buffer laid out alike (its values kept, zeros where there were none),
-    into which backward accumulates in place: keep it there with ``zero_grad(set_to_none=False)``.
+    a view of its buffer (``p.data = view``, values kept). With ``grads``, the ``.grad`` of every param
+    that requires grad becomes a view of a second buffer laid out alike (its values kept, zeros where
+    there were none), into which backward accumulates in place: keep it there with
+    ``zero_grad(set_to_none=False)``. As with that call in torch, a trained param that backward never
+    reaches then steps with a zero grad instead of being skipped; frozen params keep ``grad=None``.
 
     Returns the buffers (params first, then grads), e.g. to check or to free them.
     """
@@ -46,10 +48,13 @@ def contiguous(params: torch.nn.Module | Iterable[Tensor], *, grads: bool = True
         by_kind.setdefault((param.device, param.dtype), []).append(param)
     buffers, grad_buffers = [], []
     for members in by_kind.values():
-        order = sorted(members, key=lambda p: tuple(p.shape))
+        # frozen params last, so the trained ones stay back to back; same shapes next to each other
+        order = sorted(members, key=lambda p: (not p.requires_grad, tuple(p.shape)))
         buffers.append(_move(order, lambda p: p.data, lambda p, view: setattr(p, "data", view)))
-        if grads:
-            grad_buffers.append(_move(order, lambda p: p.grad, lambda p, view: setattr(p, "grad", view)))
+        # a frozen param keeps grad None: a zero grad would make any optimizer step it (momentum, decay)
+        trained = [p for p in order if p.requires_grad or p.grad is not None]
+        if grads and trained:
+            grad_buffers.append(_move(trained, lambda p: p.grad, lambda p, view: setattr(p, "grad", view)))
     return buffers + grad_buffers
 
 

@@ -17,7 +17,7 @@ from ..core.compat import mark_dynamic, unflatten_dense_tensors
 from ..core.config import Config
 from ..core.scalars import is_zero
 
-from .batching import Batch, all_contiguous, plan_batches
+from .batching import Batch, all_contiguous, back_to_back, plan_batches
 from .kernels import run_stacked, run_update
 from .protocol import Work
 
@@ -40,9 +40,9 @@ class UpdateEngine:
     * the rest step one call each.
 
     Grads and per-element state take the same path as their params: a view where they too lie back to
-    back, else a copy. The params' state is this engine's to place: where params lie back to back and
-    their state does not, the state is moved into one buffer of its own after the step (so the next
-    steps copy nothing); params and grads are never moved. Which params step together is planned
+    back, else a copy. The params' state is this engine's to place: a batch's per-element state is
+    moved into one buffer of its own before it first steps (so no step copies it); params and grads
+    are never moved. Which params step together is planned
     again whenever a group's params, their data or their state dicts change.
     """
 
@@ -104,16 +104,19 @@ class UpdateEngine:
         """Step the params of ``batch`` as one tensor (see :class:`Batch`)."""
         params = [item.params[i] for i in batch.members]
         states = [item.states[i] for i in batch.members]
+        for key, value in states[0].items():
+            # The state is the optimizer's own memory: laid out as the batch steps it before the
+            # first call, so no step copies it, and the kernel sees one layout from its first compile
+            # (a layout changed after it would recompile: Dynamo guards on the sizes of views' bases).
+            if value.dim() > 0 and value.numel() > 0 and back_to_back([s[key] for s in states]) is None:
+                _lay_out_state(optimizer, params, states, key, batch.flat)
         param = batch.join(params, "param")
         grad = batch.join([item.grads[i] for i in batch.members], "grad")
         state = {key: batch.join([s[key] for s in states], key) for key in states[0]}
         contribution = self._call(batch.kernel, index, param, grad, state, item.config, shared)
         batch.write_back(params, "param", param)
         for key, value in state.items():
-            targets = [s[key] for s in states]
-            if batch.write_back(targets, key, value) and targets[0].dim() > 0:
-                # the state is the optimizer's own memory: laid out as the batch, later steps copy none of it
-                _lay_out_state(optimizer, params, states, key, value, batch)
+            batch.write_back([s[key] for s in states], key, value)
         return contribution
 
     def _call(self, kernel: Callable[..., Any], index: int, param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, shared: tuple):
@@ -161,17 +164,17 @@ class UpdateEngine:
         return tensor_config
 
 
-def _lay_out_state(optimizer: torch.optim.Optimizer, params: list[Tensor], states: list[dict[str, Tensor]], key: str,
-                   joined: Tensor, batch: Batch) -> None:
-    """Give state ``key`` of these params one buffer of its own (the optimizer's memory), as views in
-    ``optimizer.state``, so later steps need no copy of it."""
-    buffer = joined.clone()
-    chunks = unflatten_dense_tensors(buffer, [s[key] for s in states]) if batch.flat else buffer.unbind()
+def _lay_out_state(optimizer: torch.optim.Optimizer, params: list[Tensor], states: list[dict[str, Tensor]], key: str, flat: bool) -> None:
+    """Give state ``key`` of these params one buffer of its own (values kept), as views in
+    ``optimizer.state``: flat, or a stack of same-shaped tensors."""
+    tensors = [s[key] for s in states]
+    if flat:
+        chunks = unflatten_dense_tensors(torch.cat([t.reshape(-1) for t in tensors]), tensors)
+    else:
+        chunks = torch.stack(tensors).unbind()
     for param, state, chunk in zip(params, states, chunks):
         state[key] = chunk
         optimizer.state[param][key] = chunk
-    batch.drop_scratch(key)  # needed no more
-
 
 def _as_tensors(value: Any, name: Any, tensors: dict[Any, Tensor], device: torch.device, dtype: torch.dtype) -> Any:
     # Integers select code paths and cadences (DAG's sat_every, AutoSGM's window kind): they stay

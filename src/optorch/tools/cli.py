@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from . import compare, compare_report, verify
+from . import compare, compare_report, verify, verify_distributed
 
 from ..algorithms import registry
 from ..core.errors import ConfigError
@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     verify_parser.add_argument("--steps", type=_positive_int, default=100, metavar="N", help="optimizer steps per check (default 100)")
     verify_parser.add_argument("--jobs", type=_positive_int, default=verify.cores(), metavar="N", help="processes to run checks in (default: this machine's cores)")
     verify_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify_parser.add_argument("--distributed", action="store_true",
+                               help="instead: every algorithm under FSDP2, DDP, ZeRO and DCP against one process (its own options: "
+                                    "optorch verify --distributed --help)")
     compare_parser = commands.add_parser(
         "compare",
         help="train a small model once per optimizer config and compare the runs",
@@ -116,6 +119,9 @@ USER_ERRORS = (registry.UnknownOptimizerError, ConfigError, verify.NoGridError, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"] and "--distributed" in argv:  # a command of its own, with its own options
+        return verify_distributed.main([arg for arg in argv[1:] if arg != "--distributed"])
     args = _parser().parse_args(argv)
     # One intra-op thread: the tensors of both commands are tiny, and torch's CPU kernels spend
     # milliseconds per call waking more threads.

@@ -32,12 +32,7 @@ shape run), and one with state shared by all params (its recorded trajectories).
 
 DEFAULT_FLOAT64 = "default float64"
 
-EXPECTED_FAILURES = {
-    ("nadam", DEFAULT_FLOAT64): "issue 13: under a float64 default dtype torch keeps mu_product in float64, optorch in float32",
-    ("asgd", DEFAULT_FLOAT64): "issue 13: under a float64 default dtype torch keeps eta and mu in float64, optorch in float32",
-    ("dag", DEFAULT_FLOAT64): "issue 13: under a float64 default dtype the original computes kappa and the saturation mean in "
-                              "float64 (trajectory_f64), optorch in float32",
-}
+EXPECTED_FAILURES: dict[tuple[str, str], str] = {}
 """Checks known to fail, by ``(algorithm, condition)``, with the issue that fixes them: reported as
 XFAIL (not a failure) while they fail, XPASS once they pass (then remove the entry)."""
 

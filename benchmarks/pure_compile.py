@@ -1,0 +1,98 @@
+"""Compile time and speed of the pure step under ``torch.compile``, against torch's foreach Adam.
+
+Each layout runs in a fresh process with an empty Inductor cache (a new ``TORCHINDUCTOR_CACHE_DIR``),
+so the first call pays what a user's very first run pays: Dynamo's trace, Inductor's lowering and the
+C++ builds. Then the compiled step and ``torch.optim.Adam(foreach=True)`` are timed interleaved.
+
+    PYTHONPATH=src python benchmarks/pure_compile.py --algo adam --tensors 200,1000,2000 --size 20000 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def child(args) -> None:
+    import torch
+
+    import optorch
+    from optorch import registry
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    algorithm = registry.get(args.algo)
+    _, config = optorch.parse_config({"name": args.algo})
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(args.size, generator=generator).to(device) for _ in range(args.count)]
+    grads = [torch.randn(args.size, generator=generator).to(device) for _ in range(args.count)]
+    state = algorithm.init(params, config)
+    step = torch.compile(algorithm.step)
+    holder = {"params": params, "state": state}
+
+    def pure():
+        with torch.no_grad():
+            holder["params"], holder["state"] = step(holder["params"], grads, holder["state"], config)
+
+    started = time.perf_counter()
+    pure()
+    sync()
+    first = time.perf_counter() - started
+    torch_params = [p.clone().requires_grad_(True) for p in params]
+    for p, g in zip(torch_params, grads):
+        p.grad = g.clone()
+    foreach = torch.optim.Adam(torch_params, lr=1e-3, foreach=True)
+    rows = {"pure compiled": pure, "torch foreach Adam": foreach.step}
+    for fn in rows.values():
+        for _ in range(args.warmup):
+            fn()
+    samples = {key: [] for key in rows}
+    for round_index in range(args.steps):
+        keys = list(rows)[round_index % 2:] + list(rows)[:round_index % 2]
+        for key in keys:
+            sync()
+            started = time.perf_counter()
+            rows[key]()
+            sync()
+            samples[key].append(time.perf_counter() - started)
+    medians = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
+    print(json.dumps({"algo": args.algo, "tensors": args.count, "size": args.size, "first_call_s": first,
+                      "pure_ms": medians["pure compiled"], "foreach_ms": medians["torch foreach Adam"],
+                      "ratio": medians["pure compiled"] / medians["torch foreach Adam"],
+                      "graphs": __import__("torch")._dynamo.utils.counters["stats"]["unique_graphs"]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algo", default="adam")
+    parser.add_argument("--tensors", default="200,1000,2000")
+    parser.add_argument("--size", type=int, default=20000)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.count is not None:
+        child(args)
+        return
+    for count in map(int, args.tensors.split(",")):
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            command = [sys.executable, __file__, "--algo", args.algo, "--size", str(args.size), "--device", args.device,
+                       "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup), "--count", str(count)]
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            print(lines[-1] if lines else f"{count} tensors: failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
