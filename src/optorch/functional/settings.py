@@ -22,7 +22,13 @@ from .amp import ScalerConfig
 from ..core.config import Config, Count, Number
 from ..core.errors import ConfigError, first_location, problems, shown, suggest
 
-__all__ = ["KEYS", "Combinators", "EmaSettings", "GroupRule", "ordered_params", "torch_param_groups"]
+__all__ = ["AROUND_STEP", "KEYS", "Combinators", "EmaSettings", "GroupRule", "ordered_params", "torch_param_groups"]
+
+AROUND_STEP = ("accumulate_steps", "amp", "skip_nonfinite", "clip_grad_norm", "step", "ema")
+"""The order of the combinators around the algorithm's step, outermost first, written once: the pure
+wrappers nest in it (:meth:`Combinators.wrap`) and the shim's runtime runs its stages in it
+(``optorch.shim.runtime.InPlace``), so both paths step alike."""
+
 
 class _Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -111,19 +117,23 @@ class Combinators(_Settings):
         rules = {f"param_groups.{i}": rule.match for i, rule in enumerate(self.param_groups)}
         return _match(names, rules, "default", lambda label: f"param_groups[{label.split('.')[1]}]: ")
 
+    def is_set(self, entry: str) -> bool:
+        """Whether the combinator of ``entry`` (a name of :data:`AROUND_STEP`) runs around the step."""
+        return {"accumulate_steps": self.accumulate_steps > 1, "skip_nonfinite": self.skip_nonfinite}.get(entry, getattr(self, entry, None) is not None)
+
     def wrap(self, stepper: Stepper) -> Stepper:
-        """``stepper`` inside this config's combinators, in the shim's order:
+        """``stepper`` inside this config's combinators, nested in :data:`AROUND_STEP`'s order:
         ``multi_steps(amp.scaled(apply_if_finite(clip_by_global_norm(ema(stepper)))))``, each only if set."""
-        if self.ema is not None:
-            stepper = ema(stepper, self.ema.decay, warmup=self.ema.warmup)
-        if self.clip_grad_norm is not None:
-            stepper = clip_by_global_norm(stepper, self.clip_grad_norm)
-        if self.skip_nonfinite:
-            stepper = apply_if_finite(stepper)
-        if self.amp is not None:
-            stepper = amp.scaled(stepper, self.amp)
-        if self.accumulate_steps > 1:
-            stepper = multi_steps(stepper, self.accumulate_steps)
+        wrappers = {
+            "ema": lambda inner: ema(inner, self.ema.decay, warmup=self.ema.warmup),
+            "clip_grad_norm": lambda inner: clip_by_global_norm(inner, self.clip_grad_norm),
+            "skip_nonfinite": apply_if_finite,
+            "amp": lambda inner: amp.scaled(inner, self.amp),
+            "accumulate_steps": lambda inner: multi_steps(inner, self.accumulate_steps),
+        }
+        for entry in reversed(AROUND_STEP):  # the innermost first
+            if entry != "step" and self.is_set(entry):
+                stepper = wrappers[entry](stepper)
         return stepper
 
     def state_keys(self) -> frozenset[str]:

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..core import distributed, ops
 from ..functional import amp
 from ..functional.combinators import clip_coefficient, ema_decay, ema_update, finite_counters, global_norm
-from ..functional.settings import Combinators
+from ..functional.settings import AROUND_STEP, Combinators
 
 __all__ = ["InPlace", "attach"]
 
@@ -25,9 +25,21 @@ def attach(settings: Combinators | None, optimizer: Any) -> "InPlace | None":
     """The in-place runtime for an ``optorch.Optimizer`` (None when nothing runs around its step)."""
     if settings is None:
         return None
-    if settings.clip_grad_norm is None and not settings.skip_nonfinite and settings.accumulate_steps == 1 and settings.ema is None and settings.amp is None:
+    if not any(settings.is_set(entry) for entry in AROUND_STEP if entry != "step"):
         return None
     return InPlace(settings, optimizer)
+
+
+class _Pass:
+    """One call of :meth:`InPlace.before_step`: the params that step, and whether they do so far."""
+
+    def __init__(self, work: Sequence[Any], params: list[Tensor]):
+        self.work, self.params = work, params
+        self.apply: bool | Tensor = True
+
+    @property
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params]
 
 
 class InPlace:
@@ -114,72 +126,87 @@ class InPlace:
     def before_step(self, work: Sequence[Any]) -> bool | Tensor:
         """Accumulate, unscale, check and clip the gradients of ``work``; whether to step.
 
-        An accumulating call returns False (one host read of a CPU counter). Otherwise the loss
-        scale and the skip counters are updated with tensor ops, and the answer is a 0-dim bool
-        tensor (no NaN/inf, no overflow) that the shim reads once eagerly, as ``GradScaler.step``
-        does, and that a compiled step applies with ``torch.where`` instead, so neither amp nor
-        skip_nonfinite costs a graph break there."""
-        params = [p for item in work for p in item.params]
-        state = self.optimizer.state
-        k = self.settings.accumulate_steps
-        if k > 1:
-            for param in params:  # zeros + g, as multi_steps sums (a first -0.0 becomes 0.0 in both)
-                entry = state[param]
-                if "grad_acc" not in entry:
-                    entry["grad_acc"] = torch.zeros_like(param.grad)
-                entry["grad_acc"].add_(param.grad)
-            micro_step = self._value("accumulate.micro_step")
-            ops.assign(micro_step, micro_step + 1)
-            if int(micro_step) < k:
+        The stages run in :data:`~optorch.functional.settings.AROUND_STEP`'s order, each only where
+        its entry is set. An accumulating call returns False (one host read of a CPU counter).
+        Otherwise the loss scale and the skip counters are updated with tensor ops, and the answer is a
+        0-dim bool tensor (no NaN/inf, no overflow) that the shim reads once eagerly, as
+        ``GradScaler.step`` does, and that a compiled step applies with ``torch.where`` instead, so
+        neither amp nor skip_nonfinite costs a graph break there."""
+        step = _Pass(work, [p for item in work for p in item.params])
+        for entry in AROUND_STEP[: AROUND_STEP.index("step")]:
+            if self.settings.is_set(entry) and getattr(self, f"_{entry}")(step) is False:
                 return False
-            with_grad = {id(p) for p in params}
-            for param in self._params():
-                acc = state[param].get("grad_acc") if param in state else None
-                # a param without a gradient now steps if it had one earlier in this window
-                if acc is None or (id(param) not in with_grad and not bool(distributed.full(acc.any()))):
-                    continue
-                if param.grad is None:
-                    param.grad = acc / k
-                else:
-                    param.grad.copy_(acc / k)
-                acc.zero_()
-                if id(param) not in with_grad:
-                    self._adopt(work, param)
-            ops.assign(micro_step, 0)
-            params = [p for item in work for p in item.params]
-        grads = [p.grad for p in params]
+        if torch.compiler.is_compiling() or step.apply is True:
+            return step.apply
+        return bool(step.apply)  # one host read, as GradScaler.step
+
+    def _accumulate_steps(self, step: _Pass) -> bool:
+        """Add the gradients to the accumulated ones; on the k-th call, step on their mean."""
+        params, state, k = step.params, self.optimizer.state, self.settings.accumulate_steps
+        for param in params:  # zeros + g, as multi_steps sums (a first -0.0 becomes 0.0 in both)
+            entry = state[param]
+            if "grad_acc" not in entry:
+                entry["grad_acc"] = torch.zeros_like(param.grad)
+            entry["grad_acc"].add_(param.grad)
+        micro_step = self._value("accumulate.micro_step")
+        ops.assign(micro_step, micro_step + 1)
+        if int(micro_step) < k:
+            return False
+        with_grad = {id(p) for p in params}
+        for param in self._params():
+            acc = state[param].get("grad_acc") if param in state else None
+            # a param without a gradient now steps if it had one earlier in this window
+            if acc is None or (id(param) not in with_grad and not bool(distributed.full(acc.any()))):
+                continue
+            if param.grad is None:
+                param.grad = acc / k
+            else:
+                param.grad.copy_(acc / k)
+            acc.zero_()
+            if id(param) not in with_grad:
+                self._adopt(step.work, param)
+        ops.assign(micro_step, 0)
+        step.params = [p for item in step.work for p in item.params]
+        return True
+
+    def _amp(self, step: _Pass) -> None:
+        """Unscale the gradients and update the loss scale; an overflowing step leaves them scaled."""
+        grads = step.grads
         partition = self.optimizer.partition  # this rank's share of the params (ZeRO): decide over all shares
-        apply: bool | Tensor = True
-        if self.settings.amp is not None:
-            unscaled, found_inf = amp.unscale(grads, self.scaler)
-            if partition is not None:
-                found_inf = partition.reduce(found_inf, "max")
-            new = amp.update(self.scaler, found_inf, self.settings.amp)
-            ops.assign(self._value("amp.scale"), new.scale)
-            ops.assign(self._value("amp.growth_tracker"), new.growth_tracker)
-            overflow = (found_inf != 0).cpu()
-            ops.assign(self._value("amp.overflows"), self._value("amp.overflows") + overflow.to(torch.int64))
-            apply = ~overflow
-            for grad, value in zip(grads, unscaled):  # as GradScaler: an overflowing step leaves them scaled
-                grad.copy_(torch.where(apply.to(grad.device), value, grad))
-        if self.settings.skip_nonfinite:
-            names = ("notfinite_count", "total_notfinite", "last_finite")
-            counters = {name: self._value(f"skip.{name}") for name in names}
-            finite = ops.all_finite(grads).cpu()
-            if partition is not None:
-                finite = partition.reduce(finite, "min").bool()
-            finite, new_counters = finite_counters(finite, counters, None)
-            for name in names:  # counted only on steps amp let through, as apply_if_finite inside amp.scaled
-                ops.assign(counters[name], new_counters[name] if apply is True else torch.where(apply, new_counters[name], counters[name]))
-            apply = finite if apply is True else apply & finite
-        if self.settings.clip_grad_norm is not None and (grads or partition is not None):
-            self.last_grad_norm = global_norm(grads) if partition is None else partition.norm(global_norm(grads))
-            coefficient = clip_coefficient(self.last_grad_norm, self.settings.clip_grad_norm)
-            for grad in grads:
-                grad.mul_(coefficient.to(grad.device))
-        if torch.compiler.is_compiling() or apply is True:
-            return apply
-        return bool(apply)  # one host read, as GradScaler.step
+        unscaled, found_inf = amp.unscale(grads, self.scaler)
+        if partition is not None:
+            found_inf = partition.reduce(found_inf, "max")
+        new = amp.update(self.scaler, found_inf, self.settings.amp)
+        ops.assign(self._value("amp.scale"), new.scale)
+        ops.assign(self._value("amp.growth_tracker"), new.growth_tracker)
+        overflow = (found_inf != 0).cpu()
+        ops.assign(self._value("amp.overflows"), self._value("amp.overflows") + overflow.to(torch.int64))
+        step.apply = ~overflow
+        for grad, value in zip(grads, unscaled):  # as GradScaler: an overflowing step leaves them scaled
+            grad.copy_(torch.where(step.apply.to(grad.device), value, grad))
+
+    def _skip_nonfinite(self, step: _Pass) -> None:
+        """Count a step whose gradients hold a NaN or an inf, and skip it."""
+        partition, apply = self.optimizer.partition, step.apply
+        names = ("notfinite_count", "total_notfinite", "last_finite")
+        counters = {name: self._value(f"skip.{name}") for name in names}
+        finite = ops.all_finite(step.grads).cpu()
+        if partition is not None:
+            finite = partition.reduce(finite, "min").bool()
+        finite, new_counters = finite_counters(finite, counters, None)
+        for name in names:  # counted only on steps amp let through, as apply_if_finite inside amp.scaled
+            ops.assign(counters[name], new_counters[name] if apply is True else torch.where(apply, new_counters[name], counters[name]))
+        step.apply = finite if apply is True else apply & finite
+
+    def _clip_grad_norm(self, step: _Pass) -> None:
+        """Scale the gradients to a global norm of at most ``clip_grad_norm``."""
+        grads, partition = step.grads, self.optimizer.partition
+        if not grads and partition is None:
+            return
+        self.last_grad_norm = global_norm(grads) if partition is None else partition.norm(global_norm(grads))
+        coefficient = clip_coefficient(self.last_grad_norm, self.settings.clip_grad_norm)
+        for grad in grads:
+            grad.mul_(coefficient.to(grad.device))
 
     def _adopt(self, work: Sequence[Any], param: Tensor) -> None:
         """A param with no gradient this call but some in the accumulated ones steps too."""
@@ -192,9 +219,14 @@ class InPlace:
 
     @torch.no_grad()
     def after_step(self, apply: bool | Tensor = True) -> None:
-        """The EMA update; ``apply`` is :meth:`before_step`'s answer (a tensor inside torch.compile)."""
-        if self.settings.ema is None:
-            return
+        """The stages after the step (:data:`~optorch.functional.settings.AROUND_STEP`: the EMA);
+        ``apply`` is :meth:`before_step`'s answer (a tensor inside torch.compile)."""
+        for entry in AROUND_STEP[AROUND_STEP.index("step") + 1 :]:
+            if self.settings.is_set(entry):
+                getattr(self, f"_{entry}")(apply)
+
+    def _ema(self, apply: bool | Tensor) -> None:
+        """Move the EMA of the params toward them (where the step applied)."""
         count = self._value("ema.count")
         counted = count + (apply.to(count.device, count.dtype) if isinstance(apply, Tensor) else 1)
         decay = ema_decay(self.settings.ema.decay, counted, self.settings.ema.warmup)
