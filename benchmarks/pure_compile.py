@@ -56,7 +56,7 @@ def child(args) -> None:
             fn()
     samples = {key: [] for key in rows}
     for round_index in range(args.steps):
-        keys = list(rows)[round_index % 2:] + list(rows)[:round_index % 2]
+        keys = list(rows)[round_index % 2 :] + list(rows)[: round_index % 2]
         for key in keys:
             sync()
             started = time.perf_counter()
@@ -64,10 +64,20 @@ def child(args) -> None:
             sync()
             samples[key].append(time.perf_counter() - started)
     medians = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
-    print(json.dumps({"algo": args.algo, "tensors": args.count, "size": args.size, "first_call_s": first,
-                      "pure_ms": medians["pure compiled"], "foreach_ms": medians["torch foreach Adam"],
-                      "ratio": medians["pure compiled"] / medians["torch foreach Adam"],
-                      "graphs": __import__("torch")._dynamo.utils.counters["stats"]["unique_graphs"]}))
+    print(
+        json.dumps(
+            {
+                "algo": args.algo,
+                "tensors": args.count,
+                "size": args.size,
+                "first_call_s": first,
+                "pure_ms": medians["pure compiled"],
+                "foreach_ms": medians["torch foreach Adam"],
+                "ratio": medians["pure compiled"] / medians["torch foreach Adam"],
+                "graphs": __import__("torch")._dynamo.utils.counters["stats"]["unique_graphs"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -87,11 +97,29 @@ def main() -> None:
     for count in map(int, args.tensors.split(",")):
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-            command = [sys.executable, __file__, "--algo", args.algo, "--size", str(args.size), "--device", args.device,
-                       "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup), "--count", str(count)]
+            command = [
+                sys.executable,
+                __file__,
+                "--algo",
+                args.algo,
+                "--size",
+                str(args.size),
+                "--device",
+                args.device,
+                "--threads",
+                str(args.threads),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--count",
+                str(count),
+            ]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            print(lines[-1] if lines else f"{count} tensors: failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            print(
+                lines[-1] if lines else f"{count} tensors: failed: {done.stderr.strip().splitlines()[-1:]}", flush=True
+            )
 
 
 if __name__ == "__main__":

@@ -80,7 +80,20 @@ except ImportError:  # running from a checkout without PYTHONPATH=src
     from optorch.algorithms import registry
 
 DEFAULT_SHAPES = ("1x16M", "200x80k", "2000x8k", "2000x1k")
-ROW_KEYS = ("fused", "foreach", "forloop", "peers", "auto", "contig", "compiled", "gather", "cosine", "eager", "pure", "purecompiled")
+ROW_KEYS = (
+    "fused",
+    "foreach",
+    "forloop",
+    "peers",
+    "auto",
+    "contig",
+    "compiled",
+    "gather",
+    "cosine",
+    "eager",
+    "pure",
+    "purecompiled",
+)
 ROW_LABELS = {
     "ref": "ref Adam fused",
     "fused": "torch fused",
@@ -104,8 +117,15 @@ ALGO_CONFIG: dict[str, dict[str, Any]] = {"sgd": {"lr": 1e-3, "momentum": 0.9}}
 def _adopt_kwargs(config: dict[str, Any], decouple_key: str) -> dict[str, Any]:
     exponent = config["clip_exponent"]
     clip = (lambda step: step**exponent) if exponent is not None else None
-    return {"lr": config["lr"], "betas": config["betas"], "eps": config["eps"], "weight_decay": config["weight_decay"],
-            decouple_key: config["decouple"], "maximize": config["maximize"], "clip_lambda": clip}
+    return {
+        "lr": config["lr"],
+        "betas": config["betas"],
+        "eps": config["eps"],
+        "weight_decay": config["weight_decay"],
+        decouple_key: config["decouple"],
+        "maximize": config["maximize"],
+        "clip_lambda": clip,
+    }
 
 
 # The implementations users would otherwise pick, per algorithm: (label, "module:Class", the
@@ -116,7 +136,16 @@ PEERS: dict[str, list[tuple[str, str, Callable[[dict[str, Any]], dict[str, Any]]
         ("pytorch_optimizer", "pytorch_optimizer:ADOPT", lambda c: _adopt_kwargs(c, "weight_decouple")),
     ],
     "lars": [
-        ("pytorch_optimizer", "pytorch_optimizer:LARS", lambda c: {"lr": c["lr"], "momentum": c["momentum"], "weight_decay": c["weight_decay"], "trust_coefficient": c["trust_coefficient"]}),
+        (
+            "pytorch_optimizer",
+            "pytorch_optimizer:LARS",
+            lambda c: {
+                "lr": c["lr"],
+                "momentum": c["momentum"],
+                "weight_decay": c["weight_decay"],
+                "trust_coefficient": c["trust_coefficient"],
+            },
+        ),
     ],
 }
 # DESIGN.md: shim step <= this many times torch.optim Adam fused (bytes-scaled).
@@ -239,7 +268,11 @@ def step_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int | None
         out = fn()
     del out
     try:
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        events = [
+            e
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        ]
     except Exception:  # profiler internals differ
         return None, None
     events.sort(key=lambda e: e.start_ns())
@@ -405,7 +438,15 @@ class Block:
         def after():
             holder["params"], holder["state"] = holder.pop("last")
 
-        row = Row("purecompiled", ROW_LABELS["purecompiled"], step, after=after, compiled=True, note="out of place, lists", keep=[holder])
+        row = Row(
+            "purecompiled",
+            ROW_LABELS["purecompiled"],
+            step,
+            after=after,
+            compiled=True,
+            note="out of place, lists",
+            keep=[holder],
+        )
         row.cold_first = self.args.cold_compile
         return row
 
@@ -488,7 +529,11 @@ def measure_block(block: Block, rows: list[Row], args, timer: Timer, log) -> Non
             row.run_once(timer, record=False)
     rounds_started = time.perf_counter()
     for round_index in range(args.steps):
-        if args.block_budget is not None and round_index >= 5 and time.perf_counter() - rounds_started > args.block_budget:
+        if (
+            args.block_budget is not None
+            and round_index >= 5
+            and time.perf_counter() - rounds_started > args.block_budget
+        ):
             log(f"  (block budget: stopped after {round_index} timed rounds)")
             break
         shift = round_index % len(live)
@@ -520,7 +565,10 @@ def probe_first_step(spec: str, device: str, dtype: str, seed: int) -> dict[str,
     name, count, size = spec.split(":")
     algorithm = registry.get(name)
     generator = torch.Generator().manual_seed(seed)
-    params = [torch.randn(int(size), generator=generator, dtype=getattr(torch, dtype)).to(device).requires_grad_(True) for _ in range(int(count))]
+    params = [
+        torch.randn(int(size), generator=generator, dtype=getattr(torch, dtype)).to(device).requires_grad_(True)
+        for _ in range(int(count))
+    ]
     for param in params:
         param.grad = torch.randn_like(param)
     opt = optorch.build({"name": algorithm.name, **ALGO_CONFIG.get(algorithm.name, {})}, params, engine="compiled")
@@ -536,7 +584,18 @@ def probe_first_step(spec: str, device: str, dtype: str, seed: int) -> dict[str,
 def run_probe(algorithm, count: int, size: int, args) -> dict[str, Any] | None:
     import subprocess
 
-    command = [sys.executable, os.path.abspath(__file__), "--probe-first-step", f"{algorithm.name}:{count}:{size}", "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--probe-first-step",
+        f"{algorithm.name}:{count}:{size}",
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--seed",
+        str(args.seed),
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ)
@@ -547,7 +606,10 @@ def run_probe(algorithm, count: int, size: int, args) -> dict[str, Any] | None:
     wall = time.perf_counter() - started
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"], "process_wall_s": wall}
+        return {
+            "error": (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"],
+            "process_wall_s": wall,
+        }
     result = json.loads(lines[-1])
     result["process_wall_s"] = wall
     return result
@@ -582,23 +644,40 @@ def row_result(row: Row, ref: Row, block: Block) -> dict[str, Any]:
         "first_step_cold_cache": bool(row.compiled and row.cold_first),
         "first_step_first_compile_in_process": row.first_compile_in_process,
         "recompiles": row.recompiles if row.compiled else None,
-        "recompile_window_steps": (len(row.samples) + row.extra_steps + max(block.args.warmup - 1, 0)) if row.compiled else None,
+        "recompile_window_steps": (len(row.samples) + row.extra_steps + max(block.args.warmup - 1, 0))
+        if row.compiled
+        else None,
         "peak_step_bytes": row.peak_bytes,
         "end_step_bytes": row.end_bytes,
-        "peak_temporary_bytes": None if row.peak_bytes is None or row.end_bytes is None else row.peak_bytes - row.end_bytes,
+        "peak_temporary_bytes": None
+        if row.peak_bytes is None or row.end_bytes is None
+        else row.peak_bytes - row.end_bytes,
         "error": row.error,
         "samples_ms": [s * 1e3 for s in row.samples],
     }
 
 
-def goals_for_block(algo: str, shape: str, count: int, results: dict[str, dict[str, Any]], probe: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def goals_for_block(
+    algo: str, shape: str, count: int, results: dict[str, dict[str, Any]], probe: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     goals = []
 
     def add(name, value, limit, unit, row, passed=None):
         if value is None:
             return
         ok = (value <= limit) if passed is None else passed
-        goals.append({"algo": algo, "shape": shape, "goal": name, "row": row, "value": value, "limit": limit, "unit": unit, "pass": bool(ok)})
+        goals.append(
+            {
+                "algo": algo,
+                "shape": shape,
+                "goal": name,
+                "row": row,
+                "value": value,
+                "limit": limit,
+                "unit": unit,
+                "pass": bool(ok),
+            }
+        )
 
     auto = results.get("auto")
     if auto and algo in SHIM_GOALS and auto["ms"] is not None:
@@ -607,14 +686,32 @@ def goals_for_block(algo: str, shape: str, count: int, results: dict[str, dict[s
     if pure and foreach and pure["ms"] is not None and foreach["ms"] is not None:
         add("pure eager <= 1.5x torch foreach", pure["ms"] / foreach["ms"], PURE_VS_FOREACH_GOAL, "x", "pure")
         if pure["peak_step_bytes"] is not None and foreach["peak_step_bytes"] is not None:
-            add("pure peak step memory <= torch foreach", pure["peak_step_bytes"] / 2**20, foreach["peak_step_bytes"] / 2**20, "MiB", "pure")
+            add(
+                "pure peak step memory <= torch foreach",
+                pure["peak_step_bytes"] / 2**20,
+                foreach["peak_step_bytes"] / 2**20,
+                "MiB",
+                "pure",
+            )
     compiled = results.get("compiled")
     if probe is not None and probe.get("first_step_s") is not None:
-        add(f"first compiled step <= 10 s with {count} tensors (fresh process, cold cache)", probe["first_step_s"], FIRST_STEP_GOAL_S, "s", "compiled")
+        add(
+            f"first compiled step <= 10 s with {count} tensors (fresh process, cold cache)",
+            probe["first_step_s"],
+            FIRST_STEP_GOAL_S,
+            "s",
+            "compiled",
+        )
     elif compiled and compiled["first_step_s"] is not None and count == FIRST_STEP_GOAL_TENSORS:
         cold = "cold cache" if compiled["first_step_cold_cache"] else "warm cache"
         where = "first compile in this process" if compiled["first_step_first_compile_in_process"] else "in-process"
-        add(f"first compiled step <= 10 s with {count} tensors ({where}, {cold})", compiled["first_step_s"], FIRST_STEP_GOAL_S, "s", "compiled")
+        add(
+            f"first compiled step <= 10 s with {count} tensors ({where}, {cold})",
+            compiled["first_step_s"],
+            FIRST_STEP_GOAL_S,
+            "s",
+            "compiled",
+        )
     for key in ("compiled", "gather", "cosine"):
         result = results.get(key)
         if result and result["recompiles"] is not None:
@@ -631,9 +728,21 @@ def fmt(value, spec, empty="-"):
     return format(value, spec)
 
 
-def print_block(algo: str, shape: str, n_params: int, results: list[dict[str, Any]], goals: list[dict[str, Any]], device: str, out, probe=None) -> None:
+def print_block(
+    algo: str,
+    shape: str,
+    n_params: int,
+    results: list[dict[str, Any]],
+    goals: list[dict[str, Any]],
+    device: str,
+    out,
+    probe=None,
+) -> None:
     ref = next(r for r in results if r["row"] == "ref")
-    print(f"\n== {algo}  {shape}  ({n_params / 1e6:.2f}M params, {device})  reference Adam fused: {fmt(ref['ms'], '.2f')} ms/step ==", file=out)
+    print(
+        f"\n== {algo}  {shape}  ({n_params / 1e6:.2f}M params, {device})  reference Adam fused: {fmt(ref['ms'], '.2f')} ms/step ==",
+        file=out,
+    )
     header = f"{'row':<22}{'ms/step':>9}{'min ms':>9}{'x ref':>7}{'x min':>7}{'x bytes':>8}{'1st s':>7}{'recomp':>7}{'peak MiB':>9}{'tmp MiB':>8}{'faults':>8}  {'goal':<10} note"
     print(header, file=out)
     print("-" * len(header), file=out)
@@ -654,8 +763,11 @@ def print_block(algo: str, shape: str, n_params: int, results: list[dict[str, An
         )
     if probe is not None:
         if probe.get("first_step_s") is not None:
-            print(f"shim compiled, fresh process, cold cache: first step {probe['first_step_s']:.2f} s, second {probe['second_step_s'] * 1e3:.1f} ms"
-                  + (f"; COMPILE FAILED: {probe['compile_failed']}" if probe.get("compile_failed") else ""), file=out)
+            print(
+                f"shim compiled, fresh process, cold cache: first step {probe['first_step_s']:.2f} s, second {probe['second_step_s'] * 1e3:.1f} ms"
+                + (f"; COMPILE FAILED: {probe['compile_failed']}" if probe.get("compile_failed") else ""),
+                file=out,
+            )
         else:
             print(f"shim compiled, fresh process: probe failed: {probe.get('error')}", file=out)
     out.flush()
@@ -690,7 +802,10 @@ def print_goals(goals: list[dict[str, Any]], out) -> None:
     for g in goals:
         value = f"{g['value']:.2f}{g['unit']}" if isinstance(g["value"], float) else f"{g['value']}{g['unit']}"
         limit = f"{g['limit']:.2f}{g['unit']}" if isinstance(g["limit"], float) else f"{g['limit']}{g['unit']}"
-        print(f"[{'PASS' if g['pass'] else 'MISS'}] {g['algo']:<8}{g['shape']:<10}{g['goal']}: {value} (limit {limit})", file=out)
+        print(
+            f"[{'PASS' if g['pass'] else 'MISS'}] {g['algo']:<8}{g['shape']:<10}{g['goal']}: {value} (limit {limit})",
+            file=out,
+        )
     passed = sum(g["pass"] for g in goals)
     print(f"{passed}/{len(goals)} goals pass", file=out)
     out.flush()
@@ -701,25 +816,75 @@ def print_goals(goals: list[dict[str, Any]], out) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Rows: " + ", ".join(ROW_KEYS))
-    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma-separated COUNTxSIZE layouts (default: %(default)s)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every tensor's size (not the tensor count) by this, e.g. 0.01 for a smoke run")
-    parser.add_argument("--algos", default=None, help="comma-separated algorithm names (default: every registered algorithm)")
-    parser.add_argument("--rows", default=",".join(ROW_KEYS), help="comma-separated rows to run; the Adam fused reference always runs (default: all)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per row; the median is reported (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing, the first (compile) step included (default: %(default)s)")
-    parser.add_argument("--schedule-steps", type=int, default=100, help="steps of the cosine-schedule row over which recompiles are counted (default: %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Rows: " + ", ".join(ROW_KEYS),
+    )
+    parser.add_argument(
+        "--shapes", default=",".join(DEFAULT_SHAPES), help="comma-separated COUNTxSIZE layouts (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every tensor's size (not the tensor count) by this, e.g. 0.01 for a smoke run",
+    )
+    parser.add_argument(
+        "--algos", default=None, help="comma-separated algorithm names (default: every registered algorithm)"
+    )
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROW_KEYS),
+        help="comma-separated rows to run; the Adam fused reference always runs (default: all)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=20, help="timed steps per row; the median is reported (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps per row before timing, the first (compile) step included (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--schedule-steps",
+        type=int,
+        default=100,
+        help="steps of the cosine-schedule row over which recompiles are counted (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)"
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--cold-compile", action=argparse.BooleanOptionalAction, default=True, help="time the 'shim compiled' first step from an empty Inductor cache (default: on)")
-    parser.add_argument("--first-step-process", action=argparse.BooleanOptionalAction, default=True,
-                        help=f"for layouts of {FIRST_STEP_GOAL_TENSORS} tensors, also time the compiled first step in a fresh process (the goal's measure; default: on)")
-    parser.add_argument("--block-budget", type=float, default=None, metavar="SECONDS",
-                        help="stop a block's timed rounds after this many seconds (at least 5 rounds); default: no limit")
+    parser.add_argument(
+        "--cold-compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the 'shim compiled' first step from an empty Inductor cache (default: on)",
+    )
+    parser.add_argument(
+        "--first-step-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"for layouts of {FIRST_STEP_GOAL_TENSORS} tensors, also time the compiled first step in a fresh process (the goal's measure; default: on)",
+    )
+    parser.add_argument(
+        "--block-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop a block's timed rounds after this many seconds (at least 5 rounds); default: no limit",
+    )
     parser.add_argument("--probe-first-step", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak step memory of every row (default: on)")
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure peak step memory of every row (default: on)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every result and raw sample as JSON")
     return parser
 
@@ -761,10 +926,18 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "args": vars(args),
         "timing": "median wall clock of interleaved rounds (one step of every row per round, rotating order)",
-        "peak_memory": "torch.cuda.max_memory_allocated above the pre-step level" if device.type == "cuda" else "CPU allocator events from torch.profiler(profile_memory=True): peak of the running sum during one step",
+        "peak_memory": "torch.cuda.max_memory_allocated above the pre-step level"
+        if device.type == "cuda"
+        else "CPU allocator events from torch.profiler(profile_memory=True): peak of the running sum during one step",
     }
-    print(f"optorch step_speed: torch {meta['torch']}, {meta['device']}, {meta['cpu_count']} CPU cores, {meta['torch_threads']} torch threads, {args.dtype}, scale {args.scale}", file=out)
-    print(f"steps {args.steps} (median), warmup {args.warmup}, cosine-schedule recompile window {max(args.steps, args.schedule_steps)} steps; rows interleaved per round", file=out)
+    print(
+        f"optorch step_speed: torch {meta['torch']}, {meta['device']}, {meta['cpu_count']} CPU cores, {meta['torch_threads']} torch threads, {args.dtype}, scale {args.scale}",
+        file=out,
+    )
+    print(
+        f"steps {args.steps} (median), warmup {args.warmup}, cosine-schedule recompile window {max(args.steps, args.schedule_steps)} steps; rows interleaved per round",
+        file=out,
+    )
 
     blocks, all_goals = [], []
 
@@ -793,7 +966,18 @@ def main(argv: list[str] | None = None) -> int:
                 all_goals.extend(goals)
                 print_block(algorithm.name, shape_name, count * size, results, goals, meta["device"], out, probe)
                 log(f"(block took {time.perf_counter() - block_started:.1f} s)")
-                blocks.append({"algo": algorithm.name, "shape": shape_name, "tensors": count, "size": size, "params": count * size, "config": block.config_dict, "results": results, "first_step_fresh_process": probe})
+                blocks.append(
+                    {
+                        "algo": algorithm.name,
+                        "shape": shape_name,
+                        "tensors": count,
+                        "size": size,
+                        "params": count * size,
+                        "config": block.config_dict,
+                        "results": results,
+                        "first_step_fresh_process": probe,
+                    }
+                )
                 del block, rows
                 gc.collect()
                 if device.type == "cuda":

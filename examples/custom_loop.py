@@ -65,10 +65,18 @@ def main(steps: int = 200, seed: int = 0) -> dict:
     max_diff = max((params[name] - p.detach()).abs().max().item() for name, p in shim_model.named_parameters())
 
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    print(f"custom loop with optorch.adam.step: {steps} steps, loss {first:.3f} -> {last:.3f}, accuracy {100 * accuracy:.1f}%")
+    print(
+        f"custom loop with optorch.adam.step: {steps} steps, loss {first:.3f} -> {last:.3f}, accuracy {100 * accuracy:.1f}%"
+    )
     print(f"same run through optorch.build(...): largest difference in the final params {max_diff:.1e}")
     print(f"state after the loop: step {int(state['step']['0.weight'])}, keys {sorted(state)}")
-    return {"first_loss": first, "last_loss": last, "accuracy": accuracy, "max_diff_vs_shim": max_diff, "steps": int(state["step"]["0.weight"])}
+    return {
+        "first_loss": first,
+        "last_loss": last,
+        "accuracy": accuracy,
+        "max_diff_vs_shim": max_diff,
+        "steps": int(state["step"]["0.weight"]),
+    }
 
 
 if __name__ == "__main__":

@@ -80,7 +80,13 @@ def main(steps: int = 150, seed: int = 0) -> dict:
         print(f"  lr {lr:<7g} loss {a:.4f} -> {b:.4f}")
     best = int(final.argmin())
     print(f"best lr {LRS[best]:g}; member {check} trained alone differs by at most {max_diff:.1e}")
-    return {"lrs": LRS, "first_losses": first.tolist(), "final_losses": final.tolist(), "best_lr": LRS[best], "max_diff_vs_alone": max_diff}
+    return {
+        "lrs": LRS,
+        "first_losses": first.tolist(),
+        "final_losses": final.tolist(),
+        "best_lr": LRS[best],
+        "max_diff_vs_alone": max_diff,
+    }
 
 
 if __name__ == "__main__":

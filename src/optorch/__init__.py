@@ -12,8 +12,26 @@ algorithm is also ``optorch.<name>`` (``optorch.adam.Config``).
 from . import _moved
 from . import schedules
 from .algorithms import (
-    ALGORITHMS, UnknownOptimizerError, adadelta, adafactor, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam,
-    register, rmsprop, rprop, sgd,
+    ALGORITHMS,
+    UnknownOptimizerError,
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    adopt,
+    asgd,
+    autosgm,
+    dag,
+    decoupled_adam,
+    lars,
+    nadam,
+    radam,
+    register,
+    rmsprop,
+    rprop,
+    sgd,
 )
 from .builder import ConfigError, build, build_stepper, load_config, parse_config
 from .core.algorithm import Algorithm, Grid

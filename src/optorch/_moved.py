@@ -29,7 +29,12 @@ MOVED: dict[str, tuple[str, ...]] = {
     "distributed": ("core.distributed", "builder.make:split_param_groups"),
     "amp": ("functional.amp",),
     "inject": ("functional.inject",),
-    "combinators": ("functional.combinators", "functional.settings", "shim.runtime:InPlace", "builder.make:build_stepper=from_config"),
+    "combinators": (
+        "functional.combinators",
+        "functional.settings",
+        "shim.runtime:InPlace",
+        "builder.make:build_stepper=from_config",
+    ),
     "adaptive": ("functional.adaptive", "functional.knobs", "shim.adaptive"),
     "engines": ("shim.engines",),
     "checkpoint": ("shim.checkpoint",),

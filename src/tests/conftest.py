@@ -16,8 +16,13 @@ import os
 
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", help="also run the whole verification grid (optorch verify --full)")
-    parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
-                     help="hypothesis examples per fuzz test and algorithm (default: the bounded CI count of test_fuzz.py)")
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="hypothesis examples per fuzz test and algorithm (default: the bounded CI count of test_fuzz.py)",
+    )
 
 
 def pytest_configure(config):

@@ -37,7 +37,13 @@ def _torch_run(params, flags, steps):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("flags", [{"lr": 0.3}, {"lr": 0.05, "eps": (1e-3, 0.05), "d": 1.3, "weight_decay": 0.1, "beta2_decay": -0.6, "maximize": True}])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"lr": 0.3},
+        {"lr": 0.05, "eps": (1e-3, 0.05), "d": 1.3, "weight_decay": 0.1, "beta2_decay": -0.6, "maximize": True},
+    ],
+)
 def test_pure_stepper_equals_torch_on_every_shape(flags, dtype):
     params = _params(dtype)
     expected, _ = _torch_run(params, flags, 30)
@@ -85,7 +91,13 @@ def test_complex_params_are_refused():
 
 @pytest.mark.parametrize(
     "flags, message",
-    [({"beta2_decay": 0.1}, "<= 0"), ({"d": 0.5}, ">= 1"), ({"eps": (-1e-3, 1e-3)}, ">= 0"), ({"eps": (None, -1.0)}, ">= 0"), ({"lr": -1.0}, ">= 0")],
+    [
+        ({"beta2_decay": 0.1}, "<= 0"),
+        ({"d": 0.5}, ">= 1"),
+        ({"eps": (-1e-3, 1e-3)}, ">= 0"),
+        ({"eps": (None, -1.0)}, ">= 0"),
+        ({"lr": -1.0}, ">= 0"),
+    ],
 )
 def test_config_rejects_what_torch_rejects(flags, message):
     with pytest.raises(pydantic.ValidationError, match=message):

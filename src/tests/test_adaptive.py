@@ -91,7 +91,9 @@ def reference_factors(losses, rule, knob="lr", config=AdaptiveConfig()):
             elif term == "inverse":
                 factors[term] = ref / max(fast, 1e-12) if ref > 0 and fast > 0 else 1.0
             elif term == "relative":
-                states["relative"] = clip(states["relative"] * (1 + c.relative_gain * min(max(r, -c.relative_clip), c.relative_clip)))
+                states["relative"] = clip(
+                    states["relative"] * (1 + c.relative_gain * min(max(r, -c.relative_clip), c.relative_clip))
+                )
                 factors[term] = states["relative"]
             elif term == "stable":
                 states["stable"] = clip(c.stable_beta * states["stable"] + (1 - c.stable_beta) / (1 + c.var_gain * cv))
@@ -129,8 +131,13 @@ def test_each_rule_equals_the_spec_formulas_step_by_step(term, knob, signal):
 
 def test_composition_multiplies_the_factors_of_single_rule_runs():
     losses = improving(80) + noisy(80, amplitude=0.2) + worsening(40)
-    composite = functional_factors(losses, AdaptiveConfig(lr_rule="trend+variance+cosine_restart", cycle_length=9), "lr")
-    singles = [functional_factors(losses, AdaptiveConfig(lr_rule=rule, cycle_length=9), "lr") for rule in ("trend", "variance", "cosine_restart")]
+    composite = functional_factors(
+        losses, AdaptiveConfig(lr_rule="trend+variance+cosine_restart", cycle_length=9), "lr"
+    )
+    singles = [
+        functional_factors(losses, AdaptiveConfig(lr_rule=rule, cycle_length=9), "lr")
+        for rule in ("trend", "variance", "cosine_restart")
+    ]
     assert composite == [a * b * c for a, b, c in zip(*singles)]
     # and the knob is the bounded base times that product
     optimizer = torch.optim.SGD(_param(), lr=0.1)
@@ -171,7 +178,11 @@ def _key(knob):
 @pytest.mark.parametrize("sequence", list(SEQUENCES))
 @pytest.mark.parametrize("rule, knob, expected", DIRECTIONS, ids=[f"{r}-{k}" for r, k, _ in DIRECTIONS])
 def test_each_rule_moves_its_knob_in_the_documented_direction(rule, knob, expected, sequence):
-    keys = {"betas_rule": (rule, None) if knob == "beta1" else (None, rule)} if knob.startswith("beta") else {_key(knob): rule}
+    keys = (
+        {"betas_rule": (rule, None) if knob == "beta1" else (None, rule)}
+        if knob.startswith("beta")
+        else {_key(knob): rule}
+    )
     # decay-type knobs compare horizons 1/(1 - v): the space the rules scale
     measure = (lambda v: 1 / (1 - v)) if knob in adaptive.DECAY_KNOBS else (lambda v: v)
 
@@ -225,9 +236,13 @@ def test_the_ema_step_signal_ignores_moves_below_its_threshold():
 def test_cosine_restart_equals_torch_cosine_annealing_warm_restarts(cycle_length, cycle_mult):
     base, floor = 0.3, 0.1
     reference = torch.optim.SGD(_param(), lr=base)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(reference, T_0=cycle_length, T_mult=cycle_mult, eta_min=floor * base)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        reference, T_0=cycle_length, T_mult=cycle_mult, eta_min=floor * base
+    )
     optimizer = torch.optim.SGD(_param(), lr=base)
-    adapt = AdaptiveOpt(optimizer, lr_rule="cosine_restart", cycle_length=cycle_length, cycle_mult=cycle_mult, cos_floor=floor)
+    adapt = AdaptiveOpt(
+        optimizer, lr_rule="cosine_restart", cycle_length=cycle_length, cycle_mult=cycle_mult, cos_floor=floor
+    )
     losses = noisy(120, amplitude=0.5)  # the loss plays no part
     restarts = 0
     for loss in losses:
@@ -280,15 +295,25 @@ def test_knob_value_bounds():
 
 
 def test_bounds_hold_every_step_under_extreme_losses():
-    losses = [10.0 ** (-t / 10) for t in range(200)] + [1e-20 * 10.0 ** (t / 5) for t in range(150)] + noisy(60, amplitude=0.9)
+    losses = (
+        [10.0 ** (-t / 10) for t in range(200)]
+        + [1e-20 * 10.0 ** (t / 5) for t in range(150)]
+        + noisy(60, amplitude=0.9)
+    )
     rule = "trend+relative+inverse+variance"
     optimizers = {
         "sgd": torch.optim.SGD(_param(), lr=0.1, momentum=0.9, weight_decay=0.01),
         "adamw": torch.optim.AdamW(_param(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01),
         "rmsprop": torch.optim.RMSprop(_param(), lr=1e-2, alpha=0.99, momentum=0.8, weight_decay=0.01),
     }
-    bounds = {"lr": lambda b: (1e-3 * b, 2 * b), "weight_decay": lambda b: (0.0, 10 * b), "momentum": lambda b: (min(0.5, b), max(0.99, b)),
-              "beta1": lambda b: (min(0.5, b), max(0.99, b)), "beta2": lambda b: (min(0.9, b), max(0.9999, b)), "alpha": lambda b: (min(0.9, b), max(0.9999, b))}
+    bounds = {
+        "lr": lambda b: (1e-3 * b, 2 * b),
+        "weight_decay": lambda b: (0.0, 10 * b),
+        "momentum": lambda b: (min(0.5, b), max(0.99, b)),
+        "beta1": lambda b: (min(0.5, b), max(0.99, b)),
+        "beta2": lambda b: (min(0.9, b), max(0.9999, b)),
+        "alpha": lambda b: (min(0.9, b), max(0.9999, b)),
+    }
     for optimizer in optimizers.values():
         adapt = AdaptiveOpt(optimizer, lr_rule=rule, momentum_rule=rule, betas_rule=rule, alpha_rule=rule, wd_rule=rule)
         base = adapt.knobs()
@@ -297,7 +322,11 @@ def test_bounds_hold_every_step_under_extreme_losses():
             adapt.step_loss(loss)
             for knob, value in adapt.knobs().items():
                 low, high = bounds[knob](base[knob])
-                assert low * (1 - 1e-15) <= value <= high * (1 + 1e-15) and value < 1 if knob in adaptive.DECAY_KNOBS else True, (knob, value)
+                assert (
+                    low * (1 - 1e-15) <= value <= high * (1 + 1e-15) and value < 1
+                    if knob in adaptive.DECAY_KNOBS
+                    else True
+                ), (knob, value)
                 assert low * (1 - 1e-15) <= value <= high * (1 + 1e-15), (knob, value)
                 seen[knob].add(value == pytest.approx(low, rel=1e-12) or value == pytest.approx(high, rel=1e-12))
             for terms in adapt.state["terms"].values():
@@ -350,7 +379,15 @@ def test_a_decay_knob_with_base_zero_is_never_written():
 def test_knobs_the_optimizer_lacks_are_ignored():
     adagrad = torch.optim.Adagrad(_param(), lr=0.1, weight_decay=0.01)
     group = _record_writes(adagrad)
-    adapt = _run(adagrad, improving(30), lr_rule="trend", momentum_rule="relative", betas_rule="relative", alpha_rule="stable", wd_rule="trend")
+    adapt = _run(
+        adagrad,
+        improving(30),
+        lr_rule="trend",
+        momentum_rule="relative",
+        betas_rule="relative",
+        alpha_rule="stable",
+        wd_rule="trend",
+    )
     assert set(adapt.knobs()) == {"lr", "weight_decay"} and set(group.writes) == {"lr", "weight_decay"}
     assert adapt.momentum is None and adapt.betas is None and adapt.alpha is None
     _step(adagrad)
@@ -364,17 +401,47 @@ def test_knobs_the_optimizer_lacks_are_ignored():
         (lambda p: torch.optim.AdamW(p, lr=1e-3), {"lr", "beta1", "beta2", "weight_decay"}),
         (lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5), {"lr", "momentum", "alpha", "weight_decay"}),
         (lambda p: torch.optim.Adagrad(p, lr=0.1), {"lr", "weight_decay"}),
-        (lambda p: optorch.build({"name": "sgd", "lr": 0.1, "momentum": 0.9}, p, engine="eager"), {"lr", "momentum", "weight_decay"}),
-        (lambda p: optorch.build({"name": "adamw", "lr": 1e-3}, p, engine="eager"), {"lr", "beta1", "beta2", "weight_decay"}),
-        (lambda p: optorch.build({"name": "rmsprop", "lr": 1e-2, "momentum": 0.5}, p, engine="eager"), {"lr", "momentum", "alpha", "weight_decay"}),
+        (
+            lambda p: optorch.build({"name": "sgd", "lr": 0.1, "momentum": 0.9}, p, engine="eager"),
+            {"lr", "momentum", "weight_decay"},
+        ),
+        (
+            lambda p: optorch.build({"name": "adamw", "lr": 1e-3}, p, engine="eager"),
+            {"lr", "beta1", "beta2", "weight_decay"},
+        ),
+        (
+            lambda p: optorch.build({"name": "rmsprop", "lr": 1e-2, "momentum": 0.5}, p, engine="eager"),
+            {"lr", "momentum", "alpha", "weight_decay"},
+        ),
         (lambda p: optorch.build({"name": "adagrad", "lr": 0.1}, p, engine="eager"), {"lr", "weight_decay"}),
-        (lambda p: optorch.build({"name": "nadam", "lr": 1e-3}, p, engine="eager"), {"lr", "beta1", "beta2", "weight_decay"}),
+        (
+            lambda p: optorch.build({"name": "nadam", "lr": 1e-3}, p, engine="eager"),
+            {"lr", "beta1", "beta2", "weight_decay"},
+        ),
     ],
-    ids=["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "shim-sgd", "shim-adamw", "shim-rmsprop", "shim-adagrad", "shim-nadam"],
+    ids=[
+        "SGD",
+        "Adam",
+        "AdamW",
+        "RMSprop",
+        "Adagrad",
+        "shim-sgd",
+        "shim-adamw",
+        "shim-rmsprop",
+        "shim-adagrad",
+        "shim-nadam",
+    ],
 )
 def test_torch_optimizers_and_the_shim_get_their_knobs_adapted_and_still_step(make, knobs):
     optimizer = make(_param())
-    adapt = AdaptiveOpt(optimizer, lr_rule="trend", momentum_rule="relative", betas_rule=("relative", "variance"), alpha_rule="stable", wd_rule="trend")
+    adapt = AdaptiveOpt(
+        optimizer,
+        lr_rule="trend",
+        momentum_rule="relative",
+        betas_rule=("relative", "variance"),
+        alpha_rule="stable",
+        wd_rule="trend",
+    )
     assert set(adapt.knobs()) == knobs
     before = adapt.knobs()
     for loss in improving(40):
@@ -491,7 +558,9 @@ def test_a_non_finite_loss_changes_nothing(bad):
 
 def test_groups_scale_their_own_bases_and_a_group_added_later_is_captured():
     a, b, c = _param(), _param(), _param()
-    optimizer = torch.optim.SGD([{"params": a}, {"params": b, "lr": 0.01, "weight_decay": 0.0}], lr=0.1, weight_decay=1e-3)
+    optimizer = torch.optim.SGD(
+        [{"params": a}, {"params": b, "lr": 0.01, "weight_decay": 0.0}], lr=0.1, weight_decay=1e-3
+    )
     adapt = _run(optimizer, improving(30), lr_rule="trend", wd_rule="trend")
     optimizer.add_param_group({"params": c, "lr": 1.0})
     for loss in improving(60)[30:]:
@@ -529,7 +598,11 @@ def test_state_dict_round_trip_continues_like_an_uninterrupted_run(kind):
         if kind == "torch":
             optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
             return optimizer, AdaptiveOpt(optimizer, **RULES)
-        optimizer = optorch.build({"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "adapt": RULES}, model.parameters(), engine="eager")
+        optimizer = optorch.build(
+            {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "adapt": RULES},
+            model.parameters(),
+            engine="eager",
+        )
         return optimizer, optimizer.adaptive
 
     model = _model()
@@ -578,7 +651,9 @@ def test_functional_loop_with_inject_hyperparams_equals_adaptive_opt():
     loss_of = lambda p, x: ((x @ p["w"] + p["b"] - x.sum(1, keepdim=True)) ** 2).mean()  # noqa: E731
     bad_steps = {7, 8}  # the loss handed to the rules is NaN there: adaptation skips
 
-    stepper = optorch.inject_hyperparams(optorch.sgd.algorithm, optorch.sgd.Config(lr=0.05, momentum=0.9, weight_decay=1e-3))
+    stepper = optorch.inject_hyperparams(
+        optorch.sgd.algorithm, optorch.sgd.Config(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    )
     state = stepper.init(params)
     rule_state, knob_bases = adaptive.init(rules), adaptive.bases(state["hyperparams"], rules)
     functional, losses = [], []
@@ -589,11 +664,18 @@ def test_functional_loop_with_inject_hyperparams_equals_adaptive_opt():
         rule_state, factors = adaptive.update(rule_state, loss, rules)
         state = adaptive.write_hyperparams(state, knob_bases, factors, rules)
         params, state = stepper.step(params, grads, state)
-        functional.append({k: float(v) for k, v in state["hyperparams"].items() if k in ("lr", "momentum", "weight_decay")})
+        functional.append(
+            {k: float(v) for k, v in state["hyperparams"].items() if k in ("lr", "momentum", "weight_decay")}
+        )
 
     torch.manual_seed(0)
-    weights = {"w": torch.randn(4, 1, dtype=torch.float64).requires_grad_(), "b": torch.zeros(1, dtype=torch.float64, requires_grad=True)}
-    optimizer = optorch.build({"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}, weights.values(), engine="eager")
+    weights = {
+        "w": torch.randn(4, 1, dtype=torch.float64).requires_grad_(),
+        "b": torch.zeros(1, dtype=torch.float64, requires_grad=True),
+    }
+    optimizer = optorch.build(
+        {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}, weights.values(), engine="eager"
+    )
     adapt = AdaptiveOpt(optimizer, config=rules)
     wrapped = []
     for step, x in enumerate(data):
@@ -614,13 +696,17 @@ def test_functional_loop_with_inject_hyperparams_equals_adaptive_opt():
 
 @pytest.mark.compile
 def test_the_functional_update_compiles_without_graph_breaks():
-    rules = AdaptiveConfig(lr_rule="trend+cosine_restart", betas_rule=("relative", "variance"), alpha_rule="stable+inverse")
+    rules = AdaptiveConfig(
+        lr_rule="trend+cosine_restart", betas_rule=("relative", "variance"), alpha_rule="stable+inverse"
+    )
     compiled = torch.compile(adaptive.update, fullgraph=True, dynamic=False)
     state, eager_state = adaptive.init(rules), adaptive.init(rules)
     for loss in improving(4) + [math.nan] + noisy(3):
         state, factors = compiled(state, torch.tensor(loss, dtype=torch.float64), rules)
         eager_state, eager = adaptive.update(eager_state, torch.tensor(loss, dtype=torch.float64), rules)
-        assert factors.keys() == eager.keys() and all(torch.allclose(factors[k], eager[k], rtol=1e-14, atol=0) for k in factors)
+        assert factors.keys() == eager.keys() and all(
+            torch.allclose(factors[k], eager[k], rtol=1e-14, atol=0) for k in factors
+        )
 
 
 # --- configuration and errors ------------------------------------------------------------------
@@ -637,7 +723,10 @@ def test_rule_strings_are_parsed():
 @pytest.mark.parametrize(
     "keys, message",
     [
-        ({"lr_rule": "trend+cosin"}, r"(?s)lr_rule.*unknown term 'cosin' in the rule 'trend\+cosin' for lr \(did you mean 'cosine'\?\)"),
+        (
+            {"lr_rule": "trend+cosin"},
+            r"(?s)lr_rule.*unknown term 'cosin' in the rule 'trend\+cosin' for lr \(did you mean 'cosine'\?\)",
+        ),
         ({"momentum_rule": "relative+relative"}, r"(?s)momentum_rule.*term 'relative' appears twice .* for momentum"),
         ({"betas_rule": ("relative", "varience")}, r"(?s)betas_rule.*unknown term 'varience' .* for beta2"),
         ({"betas_rule": ("relative",)}, r"(?s)betas_rule.*a pair"),
@@ -664,7 +753,12 @@ def test_config_and_keys_together_are_refused():
 
 # --- the builder entry, compare, plotting --------------------------------------------------------
 
-ADAPTIVE_SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "adapt": {"lr_rule": "trend+cosine_restart", "momentum_rule": "relative", "cycle_length": 200}}
+ADAPTIVE_SGD = {
+    "name": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "adapt": {"lr_rule": "trend+cosine_restart", "momentum_rule": "relative", "cycle_length": 200},
+}
 
 
 def test_build_attaches_adaptive_opt_and_its_state_rides_in_the_checkpoint():
@@ -675,11 +769,17 @@ def test_build_attaches_adaptive_opt_and_its_state_rides_in_the_checkpoint():
     optimizer.adaptive.step_loss(1.0)
     saved = optimizer.state_dict()["param_groups"][0]
     state = optimizer.adaptive.state_dict()
-    assert {key for key in saved if key.startswith("adapt.")} == set(flatten_state(state["state"])) | {f"adapt.base.{k}" for k in state["bases"][0]}
-    assert all(saved[key] is value for key, value in flatten_state(optimizer.adaptive.state).items()), "the live rule state"
+    assert {key for key in saved if key.startswith("adapt.")} == set(flatten_state(state["state"])) | {
+        f"adapt.base.{k}" for k in state["bases"][0]
+    }
+    assert all(saved[key] is value for key, value in flatten_state(optimizer.adaptive.state).items()), (
+        "the live rule state"
+    )
     plain = optorch.build({"name": "sgd", "lr": 0.1}, model.parameters())
     assert plain.adaptive is None and not any(key.startswith("adapt.") for key in plain.state_dict()["param_groups"][0])
-    assert builder.parse_config(ADAPTIVE_SGD) == builder.parse_config({k: v for k, v in ADAPTIVE_SGD.items() if k != "adapt"})
+    assert builder.parse_config(ADAPTIVE_SGD) == builder.parse_config(
+        {k: v for k, v in ADAPTIVE_SGD.items() if k != "adapt"}
+    )
 
 
 def test_a_bad_shim_checkpoint_leaves_optimizer_and_rules_unchanged():
@@ -698,7 +798,10 @@ def test_a_bad_shim_checkpoint_leaves_optimizer_and_rules_unchanged():
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"lr_rule": "trend", "cycle_lenght": 3}, r"'adapt': unknown key\(s\) 'cycle_lenght' \(did you mean 'cycle_length'\?\)"),
+        (
+            {"lr_rule": "trend", "cycle_lenght": 3},
+            r"'adapt': unknown key\(s\) 'cycle_lenght' \(did you mean 'cycle_length'\?\)",
+        ),
         ({"lr_rule": "tren"}, r"'adapt': lr_rule: unknown term 'tren'"),
         ({"alpha_rule": "stable"}, r"'adapt': a rule for alpha, which this optimizer does not have"),
         ("trend", r"'adapt' must map AdaptiveOpt keys"),
@@ -716,7 +819,9 @@ def test_a_knob_cannot_be_both_scheduled_and_adapted():
 
 
 def test_the_entry_is_adapt_so_autosgm_keeps_its_own_adaptive_flag():
-    algorithm, config = builder.parse_config({"name": "autosgm", "lr": 1e-2, "adaptive": False, "adapt": {"lr_rule": "trend"}})
+    algorithm, config = builder.parse_config(
+        {"name": "autosgm", "lr": 1e-2, "adaptive": False, "adapt": {"lr_rule": "trend"}}
+    )
     assert config.adaptive is False and builder.parse_adaptive({"name": "autosgm", "adaptive": False}) is None
     assert builder.parse_adaptive({"name": "autosgm", "adapt": {"lr_rule": "trend"}}).lr_rule == "trend"
 
@@ -727,7 +832,9 @@ def test_compare_steps_the_rules_and_records_the_adapted_knobs(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("tqdm")
     path = tmp_path / "sgd_adaptive.yaml"
-    path.write_text("name: sgd\nlr: 0.1\nmomentum: 0.9\nadapt:\n  lr_rule: trend+cosine_restart\n  momentum_rule: relative\n  cycle_length: 4\n")
+    path.write_text(
+        "name: sgd\nlr: 0.1\nmomentum: 0.9\nadapt:\n  lr_rule: trend+cosine_restart\n  momentum_rule: relative\n  cycle_length: 4\n"
+    )
     (spec,) = compare.load_specs([path])
     (result,) = compare.compare([spec], steps=12, progress=False)
     # the knobs each step used are those an AdaptiveOpt computes from the same batch losses
@@ -744,8 +851,16 @@ def test_compare_steps_the_rules_and_records_the_adapted_knobs(tmp_path):
 
 def test_plot_draws_the_loss_and_every_knob(tmp_path):
     pytest.importorskip("matplotlib")
-    adapt = _run(torch.optim.SGD(_param(), lr=0.1, momentum=0.9), improving(30) + [math.nan] + noisy(20), lr_rule="trend+cosine", momentum_rule="relative", cycle_length=10)
-    assert set(adapt.history) == {"loss", "lr", "momentum", "weight_decay"} and all(len(v) == 51 for v in adapt.history.values())
+    adapt = _run(
+        torch.optim.SGD(_param(), lr=0.1, momentum=0.9),
+        improving(30) + [math.nan] + noisy(20),
+        lr_rule="trend+cosine",
+        momentum_rule="relative",
+        cycle_length=10,
+    )
+    assert set(adapt.history) == {"loss", "lr", "momentum", "weight_decay"} and all(
+        len(v) == 51 for v in adapt.history.values()
+    )
     path = adapt.plot(tmp_path / "knobs.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -772,14 +887,23 @@ def test_under_ddp_every_rank_adapts_to_the_mean_loss(tmp_path):
     import torch.multiprocessing as mp
 
     generator = torch.Generator().manual_seed(0)
-    losses = [(2.0 * torch.exp(-0.05 * torch.arange(40.0)) + 0.1 * torch.rand(40, generator=generator)).tolist() for _ in range(2)]
+    losses = [
+        (2.0 * torch.exp(-0.05 * torch.arange(40.0)) + 0.1 * torch.rand(40, generator=generator)).tolist()
+        for _ in range(2)
+    ]
     out = str(tmp_path / "history")
     mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), losses, out), nprocs=2, join=True)
     histories = [torch.load(f"{out}.{rank}") for rank in range(2)]
     assert histories[0] == histories[1]
-    single = AdaptiveOpt(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1, momentum=0.9), lr_rule="trend+variance", momentum_rule="relative")
+    single = AdaptiveOpt(
+        torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1, momentum=0.9),
+        lr_rule="trend+variance",
+        momentum_rule="relative",
+    )
     for a, b in zip(*losses):
-        single.step_loss((torch.tensor(a).double() + torch.tensor(b).double()) / 2)  # the ranks' float32 losses, averaged in float64
+        single.step_loss(
+            (torch.tensor(a).double() + torch.tensor(b).double()) / 2
+        )  # the ranks' float32 losses, averaged in float64
     for name in ("lr", "momentum"):
         assert histories[0][name] == single.history[name], name
     assert histories[0]["lr"][-1] != histories[0]["lr"][0]
@@ -793,7 +917,12 @@ def test_the_compiled_shim_runs_one_graph_while_the_rules_move_lr_and_momentum()
     counters.clear()
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
-    config = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "adapt": {"lr_rule": "trend+cosine_restart", "momentum_rule": "relative", "cycle_length": 5}}
+    config = {
+        "name": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "adapt": {"lr_rule": "trend+cosine_restart", "momentum_rule": "relative", "cycle_length": 5},
+    }
     optimizer = optorch.build(config, model, engine="compiled")
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     for _ in range(30):

@@ -151,7 +151,11 @@ def _complex_loss(params, x):
     return (out.real.tanh() ** 2).mean() + (out.imag.sin() * r[:2]).mean() + (r**2).sum() * 0.1
 
 
-COMPLEX_CONFIGS = [{"lr": 0.05}, {"lr": 0.05, "weight_decay": 0.1, "maximize": True, "clip_exponent": 0.5}, {"lr": 0.05, "weight_decay": 0.1, "decouple": True, "clip_exponent": None}]
+COMPLEX_CONFIGS = [
+    {"lr": 0.05},
+    {"lr": 0.05, "weight_decay": 0.1, "maximize": True, "clip_exponent": 0.5},
+    {"lr": 0.05, "weight_decay": 0.1, "decouple": True, "clip_exponent": None},
+]
 
 
 @pytest.mark.parametrize("config", COMPLEX_CONFIGS, ids=lambda c: verify.describe({"name": "adopt", **c}))
@@ -239,7 +243,10 @@ def test_a_parameter_first_stepped_late_gets_its_own_initialising_call(engine):
 )
 def test_random_configs_match_torch_adopt_bit_for_bit(values, seed):
     generator = torch.Generator().manual_seed(seed)
-    init = [torch.randn(5, 3, dtype=torch.float64, generator=generator), torch.randn(3, dtype=torch.float64, generator=generator)]
+    init = [
+        torch.randn(5, 3, dtype=torch.float64, generator=generator),
+        torch.randn(3, dtype=torch.float64, generator=generator),
+    ]
     theirs = [torch.nn.Parameter(p.clone()) for p in init]
     reference = Reference(theirs, **values)
     config = optorch.adopt.Config(**values)
@@ -258,7 +265,10 @@ def test_random_configs_match_torch_adopt_bit_for_bit(values, seed):
 # checkpoints interchange with torch-adopt, mid-run
 
 
-CHECKPOINT_CONFIGS = [{"lr": 0.01}, {"lr": 0.01, "weight_decay": 0.1, "decouple": True, "maximize": True, "clip_exponent": None}]
+CHECKPOINT_CONFIGS = [
+    {"lr": 0.01},
+    {"lr": 0.01, "weight_decay": 0.1, "decouple": True, "maximize": True, "clip_exponent": None},
+]
 
 
 def _groups(model, config):

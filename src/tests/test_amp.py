@@ -134,7 +134,9 @@ def test_overflow_backs_off_on_every_overflow():
     assert scales == [512, 256, 256, 128, 128, 256, 128]
 
 
-@pytest.mark.parametrize("init_scale, growth", [(2.0**126, 2.0), (FLOAT32_MAX, 1.0000001), (3e38, 1.1), (FLOAT32_MAX, 1.00000001)])
+@pytest.mark.parametrize(
+    "init_scale, growth", [(2.0**126, 2.0), (FLOAT32_MAX, 1.0000001), (3e38, 1.1), (FLOAT32_MAX, 1.00000001)]
+)
 def test_the_scale_never_grows_to_inf_and_stops_where_grad_scaler_does(init_scale, growth):
     config = amp.ScalerConfig(init_scale=init_scale, growth_factor=growth, growth_interval=1)
     state = amp.init(config)
@@ -163,7 +165,9 @@ def test_unscale_is_out_of_place_keeps_the_structure_and_passes_none():
     inv_scale = torch.tensor(3.0, dtype=torch.float64).reciprocal().float()
     assert torch.equal(unscaled["layer"][0], a * inv_scale)
     assert unscaled["other"][0].dtype == torch.float64 and torch.equal(unscaled["other"][0], b * inv_scale.double())
-    assert unscaled["other"][1].dtype == torch.bfloat16 and torch.equal(unscaled["other"][1], (torch.tensor([2.0]) * inv_scale).bfloat16())
+    assert unscaled["other"][1].dtype == torch.bfloat16 and torch.equal(
+        unscaled["other"][1], (torch.tensor([2.0]) * inv_scale).bfloat16()
+    )
     assert found_inf.dtype == torch.float32 and found_inf.item() == 0.0
     assert amp.unscale({"w": None}, state)[0] == {"w": None}
 
@@ -214,7 +218,9 @@ def test_a_skipped_step_leaves_params_and_state_bit_identical():
         before = (params, state)
         params, state = stepper.step(params, poisoned, state)
         torch.utils._pytree.tree_map(lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0), before[0], params)
-        torch.utils._pytree.tree_map(lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0), before[1]["inner"], state["inner"])
+        torch.utils._pytree.tree_map(
+            lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0), before[1]["inner"], state["inner"]
+        )
     assert state["skipped"].item() == 2 and state["scaler"].scale.item() == 4.0
     moved, state = stepper.step(params, grads, state)
     assert not torch.equal(moved["w"], params["w"]) and state["inner"]["count"].item() == 2
@@ -254,8 +260,10 @@ def test_compiled_fullgraph_update_and_unscale_equal_eager():
 
 def test_a_compiled_fullgraph_scaled_step_skips_and_steps_as_eager():
     params = [torch.randn(4), torch.randn(2, 2)]
-    stepper = amp.scaled(optorch.inject_hyperparams(optorch.sgd.algorithm, optorch.sgd.Config(lr=0.1, momentum=0.9)),
-                         amp.ScalerConfig(init_scale=2.0, growth_interval=2))
+    stepper = amp.scaled(
+        optorch.inject_hyperparams(optorch.sgd.algorithm, optorch.sgd.Config(lr=0.1, momentum=0.9)),
+        amp.ScalerConfig(init_scale=2.0, growth_interval=2),
+    )
     compiled = torch.compile(stepper.step, fullgraph=True)
     eager_state = fast_state = stepper.init(params)
     eager_params = fast_params = params
@@ -263,18 +271,31 @@ def test_a_compiled_fullgraph_scaled_step_skips_and_steps_as_eager():
         grads = [torch.full((4,), 0.5 * t), torch.full((2, 2), math.nan if t in (1, 4) else 1.0)]
         eager_params, eager_state = stepper.step(eager_params, grads, eager_state)
         fast_params, fast_state = compiled(fast_params, grads, fast_state)
-        for a, b in zip(torch.utils._pytree.tree_leaves((eager_params, eager_state)), torch.utils._pytree.tree_leaves((fast_params, fast_state))):
+        for a, b in zip(
+            torch.utils._pytree.tree_leaves((eager_params, eager_state)),
+            torch.utils._pytree.tree_leaves((fast_params, fast_state)),
+        ):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     # clean, NaN (back to 1), clean, clean (grows to 2), NaN (back to 1), clean
     assert fast_state["skipped"].item() == 2 and fast_state["scaler"].scale.item() == 1.0
     assert fast_state["scaler"].growth_tracker.item() == 1
 
 
-@pytest.mark.parametrize("field, value", [
-    ("growth_factor", 1.0), ("growth_factor", 0.5), ("backoff_factor", 1.0), ("backoff_factor", 0.0),
-    ("growth_interval", 0), ("growth_interval", 2.5), ("init_scale", 0.0), ("init_scale", math.inf),
-    ("init_scale", 1e39), ("enabled", "yes"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("growth_factor", 1.0),
+        ("growth_factor", 0.5),
+        ("backoff_factor", 1.0),
+        ("backoff_factor", 0.0),
+        ("growth_interval", 0),
+        ("growth_interval", 2.5),
+        ("init_scale", 0.0),
+        ("init_scale", math.inf),
+        ("init_scale", 1e39),
+        ("enabled", "yes"),
+    ],
+)
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(pydantic.ValidationError, match=field):
         amp.ScalerConfig(**{field: value})
@@ -287,8 +308,13 @@ def test_config_is_frozen_and_rejects_unknown_keys():
         amp.ScalerConfig(precision="torch.bfloat16")  # the original eval()-ed this string
     with pytest.raises(pydantic.ValidationError):
         amp.ScalerConfig().growth_factor = 3.0
-    assert amp.ScalerConfig().model_dump() == {"init_scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
-                                               "growth_interval": 2000, "enabled": True}
+    assert amp.ScalerConfig().model_dump() == {
+        "init_scale": 65536.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "enabled": True,
+    }
 
 
 def test_a_disabled_scaler_is_an_identity_and_never_skips():

@@ -85,7 +85,11 @@ def _imports(module: str, path: Path) -> list[Import]:
             if isinstance(child, ast.Import):
                 found.extend(Import(module, alias.name, child.lineno, inner) for alias in child.names)
             elif isinstance(child, ast.ImportFrom):
-                target = _resolve(module, path.name == "__init__.py", child.level, child.module) if child.level else child.module
+                target = (
+                    _resolve(module, path.name == "__init__.py", child.level, child.module)
+                    if child.level
+                    else child.module
+                )
                 for alias in child.names:  # `from . import x`: the module x, where x is one
                     sub = f"{target}.{alias.name}"
                     found.append(Import(module, sub if sub in modules else target, child.lineno, inner))
@@ -101,20 +105,29 @@ def _layer(module: str) -> str:
 
 
 ALL = {module: _imports(module, path) for module, path in _modules().items()}
-EDGES = {module: {i.target for i in imports if i.target.startswith("optorch") and i.target != module} for module, imports in ALL.items()}
+EDGES = {
+    module: {i.target for i in imports if i.target.startswith("optorch") and i.target != module}
+    for module, imports in ALL.items()
+}
 
 
 def test_every_import_goes_to_the_same_layer_or_below():
     rank = {layer: i for i, layer in enumerate(LAYERS)}
-    upward = [f"{i.module}:{i.line} imports {i.target} ({_layer(i.target) or 'the top package'} is above {_layer(i.module)})"
-              for imports in ALL.values() for i in imports
-              if i.target.startswith("optorch.") and rank[_layer(i.target)] > rank[_layer(i.module)]]
+    upward = [
+        f"{i.module}:{i.line} imports {i.target} ({_layer(i.target) or 'the top package'} is above {_layer(i.module)})"
+        for imports in ALL.values()
+        for i in imports
+        if i.target.startswith("optorch.") and rank[_layer(i.target)] > rank[_layer(i.module)]
+    ]
     assert upward == []
 
 
 def test_the_modules_import_each_other_without_cycles():
     # a package's __init__ re-exports its modules: its edges to them are not a dependency of theirs on it
-    edges = {m: {t for t in targets if not (t.startswith(m + ".") and _modules()[m].name == "__init__.py")} for m, targets in EDGES.items()}
+    edges = {
+        m: {t for t in targets if not (t.startswith(m + ".") and _modules()[m].name == "__init__.py")}
+        for m, targets in EDGES.items()
+    }
     state: dict[str, int] = {}
     cycles = []
 
@@ -122,7 +135,7 @@ def test_the_modules_import_each_other_without_cycles():
         state[module] = 1
         for target in sorted(edges.get(module, ())):
             if state.get(target) == 1:
-                cycles.append(" -> ".join([*path[path.index(target):], target]))
+                cycles.append(" -> ".join([*path[path.index(target) :], target]))
             elif target not in state:
                 walk(target, [*path, target])
         state[module] = 2
@@ -134,8 +147,13 @@ def test_the_modules_import_each_other_without_cycles():
 
 
 def test_no_module_imports_optorch_inside_a_function_and_third_party_lazily_only_where_documented():
-    local = [f"{i.module}:{i.line} imports {i.target} inside a function" for imports in ALL.values() for i in imports
-             if i.local and (i.target.startswith("optorch") or not any(i.target == p or i.target.startswith(p + ".") for p in LAZY))]
+    local = [
+        f"{i.module}:{i.line} imports {i.target} inside a function"
+        for imports in ALL.values()
+        for i in imports
+        if i.local
+        and (i.target.startswith("optorch") or not any(i.target == p or i.target.startswith(p + ".") for p in LAZY))
+    ]
     assert local == []
 
 
@@ -147,9 +165,15 @@ def test_the_top_package_holds_few_modules_and_no_module_is_long():
 
 
 def test_torch_private_apis_are_used_in_compat_alone():
-    private = re.compile(r"torch\.utils\._pytree|torch\._C\.|torch\._inductor\.|torch\._dynamo\.|from torch\.optim\.\w+ import")
-    users = sorted(f"{module}: {match}" for module, path in _modules().items() if module != "optorch.core.compat"
-                   for match in private.findall(path.read_text()))
+    private = re.compile(
+        r"torch\.utils\._pytree|torch\._C\.|torch\._inductor\.|torch\._dynamo\.|from torch\.optim\.\w+ import"
+    )
+    users = sorted(
+        f"{module}: {match}"
+        for module, path in _modules().items()
+        if module != "optorch.core.compat"
+        for match in private.findall(path.read_text())
+    )
     assert users == []
 
 

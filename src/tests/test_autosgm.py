@@ -22,7 +22,12 @@ EXACT = 1e-12  # spec section 7: these reductions are exact up to float64 roundi
 def _problem():
     generator = torch.Generator().manual_seed(7)
     draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=DTYPE)  # noqa: E731
-    params = {"w1": draw(4, 3) * 0.5, "b1": torch.zeros(3, dtype=DTYPE), "w2": draw(3, 2) * 0.5, "scale": torch.tensor(1.3, dtype=DTYPE)}
+    params = {
+        "w1": draw(4, 3) * 0.5,
+        "b1": torch.zeros(3, dtype=DTYPE),
+        "w2": draw(3, 2) * 0.5,
+        "scale": torch.tensor(1.3, dtype=DTYPE),
+    }
     return params, draw(16, 4), draw(16, 2) * 0.5
 
 
@@ -122,7 +127,9 @@ def test_numerator_4_is_numerator_0():
 )
 def test_only_the_state_the_config_uses_is_allocated(config, keys):
     assert set(autosgm.algorithm.state_keys(autosgm.Config(**config))) == keys
-    per_tensor = {key for key, value in autosgm.init_leaf(torch.zeros(3), autosgm.Config(**config)).items() if value.dim() == 0}
+    per_tensor = {
+        key for key, value in autosgm.init_leaf(torch.zeros(3), autosgm.Config(**config)).items() if value.dim() == 0
+    }
     assert per_tensor == keys & {"step", "lr_num"}
 
 
@@ -142,7 +149,9 @@ def test_window_values_of_the_spec():
     linear = [1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 1]
     frame = {"window_epochs": 1, "window_steps_per_epoch": 10}
     assert _rho(11, window=1, window_order=2, **frame) == pytest.approx(half_cosine, abs=5e-4)
-    assert _rho(7, window=1, window_order=2, window_full=True, window_floor=0.1, **frame) == pytest.approx(full_cosine, abs=5e-4)
+    assert _rho(7, window=1, window_order=2, window_full=True, window_floor=0.1, **frame) == pytest.approx(
+        full_cosine, abs=5e-4
+    )
     assert _rho(11, window=2, window_order=1, **frame) == pytest.approx(linear, abs=1e-12)
 
 
@@ -156,8 +165,16 @@ def test_logistic_late_window_is_not_normalised():
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("unit", [0, 1, 2, 3])
 def test_window_with_tensor_step_equals_number_step(kind, full, unit):
-    config = autosgm.Config(window=kind, window_full=full, window_unit=unit, window_order=0.5 if kind == 3 else 3.0,
-                            window_floor=0.1, window_flat_top=0.2, window_epochs=3, window_steps_per_epoch=4)
+    config = autosgm.Config(
+        window=kind,
+        window_full=full,
+        window_unit=unit,
+        window_order=0.5 if kind == 3 else 3.0,
+        window_floor=0.1,
+        window_flat_top=0.2,
+        window_epochs=3,
+        window_steps_per_epoch=4,
+    )
     for t in range(1, 30):
         number = autosgm.window(float(t), config)
         tensor = autosgm.window(torch.tensor(float(t), dtype=DTYPE), config)
@@ -168,7 +185,10 @@ def test_epoch_frames_count_epochs_of_spe_steps():
     """Fix: the original's epoch counter advances every tau steps (never when tau = 1) and, after the
     first frame, produces values with f > 1. Here the epoch is ceil(t / spe) and every frame repeats
     the first: tau = 2 epochs of spe = 3 steps, a linear half window (1 at f = 0, 0.5 at f = 1/2)."""
-    assert _rho(12, window=2, window_order=1, window_unit=0, window_epochs=2, window_steps_per_epoch=3) == [1, 1, 1, 0.5, 0.5, 0.5] * 2
+    assert (
+        _rho(12, window=2, window_order=1, window_unit=0, window_epochs=2, window_steps_per_epoch=3)
+        == [1, 1, 1, 0.5, 0.5, 0.5] * 2
+    )
 
 
 def test_frames_restart_inside_a_flat_top():
@@ -184,7 +204,10 @@ def test_staircase_windows():
     poly = _rho(8, window=2, window_order=1, **frame)
     assert poly == pytest.approx([1 - k / 8 for k in range(8)], abs=1e-15)
     cosine = _rho(8, window=1, window_order=2, **frame)  # f = k/8, M f = k/2
-    expected = [(4 - max(1, math.ceil(k / 2)) + math.cos(math.pi * (k / 2 - max(1, math.ceil(k / 2)) + 1) / 2) ** 2) / 4 for k in range(8)]
+    expected = [
+        (4 - max(1, math.ceil(k / 2)) + math.cos(math.pi * (k / 2 - max(1, math.ceil(k / 2)) + 1) / 2) ** 2) / 4
+        for k in range(8)
+    ]
     assert cosine == pytest.approx(expected, abs=1e-15)
     assert cosine[2] == pytest.approx(0.75) and cosine[4] == pytest.approx(0.5)
 
@@ -211,7 +234,9 @@ def test_tuples_fill_the_named_fields():
 
 
 def test_builder_accepts_tuples_as_lists():
-    optimizer = optorch.build({"name": "autosgm", **{k: list(v) for k, v in ORIGINAL.items()}}, [torch.zeros(2, requires_grad=True)])
+    optimizer = optorch.build(
+        {"name": "autosgm", **{k: list(v) for k, v in ORIGINAL.items()}}, [torch.zeros(2, requires_grad=True)]
+    )
     assert optimizer.param_groups[0]["lr"] == 1e-2 and optimizer.param_groups[0]["numerator"] == 3
 
 
@@ -247,13 +272,28 @@ def test_bad_configs_are_refused_by_name(values, match):
 def test_kronecker_sequence_warns_and_is_ignored():
     with pytest.warns(UserWarning, match="ignored"):
         config = autosgm.Config(window=1, window_sequence=1, window_epochs=1, window_steps_per_epoch=10)
-    assert _rho(10, window=1, window_epochs=1, window_steps_per_epoch=10) == [autosgm.window(float(t), config) for t in range(1, 11)]
+    assert _rho(10, window=1, window_epochs=1, window_steps_per_epoch=10) == [
+        autosgm.window(float(t), config) for t in range(1, 11)
+    ]
 
 
 def test_tensor_hyperparameters_match_numbers():
-    numbers = {"lr": 2.0**-6, "numerator": 2, "beta_i": 0.8, "gamma_i": 0.3, "eta_i": 0.5, "debias": False, "weight_decay": 0.01,
-               "decoupled_weight_decay": True, "window": 5, "window_order": 3.0, "window_floor": 0.1, "window_epochs": 1,
-               "window_steps_per_epoch": 7, "eps": 1e-8}
+    numbers = {
+        "lr": 2.0**-6,
+        "numerator": 2,
+        "beta_i": 0.8,
+        "gamma_i": 0.3,
+        "eta_i": 0.5,
+        "debias": False,
+        "weight_decay": 0.01,
+        "decoupled_weight_decay": True,
+        "window": 5,
+        "window_order": 3.0,
+        "window_floor": 0.1,
+        "window_epochs": 1,
+        "window_steps_per_epoch": 7,
+        "eps": 1e-8,
+    }
     tensors = {k: torch.tensor(v, dtype=DTYPE) if isinstance(v, float) else v for k, v in numbers.items()}
     diff = (_run_pure(numbers, steps=15) - _run_pure(tensors, steps=15)).abs().max().item()
     assert diff <= 1e-14

@@ -13,7 +13,14 @@ WINDOWS = [
     {"window": 0},
     {"window": 1, "window_epochs": 5, "window_steps_per_epoch": 6, "window_floor": 0.1},
     {"window": 2, "window_order": 1.5, "window_epochs": 4, "window_steps_per_epoch": 5, "window_full": True},
-    {"window": 3, "window_order": 3.0, "window_epochs": 3, "window_steps_per_epoch": 7, "window_unit": 0, "window_flat_top": 0.2},
+    {
+        "window": 3,
+        "window_order": 3.0,
+        "window_epochs": 3,
+        "window_steps_per_epoch": 7,
+        "window_unit": 0,
+        "window_flat_top": 0.2,
+    },
     {"window": 4, "window_epochs": 10, "window_unit": 3, "window_floor": 0.05},
     {"window": 5, "window_order": 1.0, "window_epochs": 6, "window_steps_per_epoch": 4, "window_unit": 2},
     {"window": 6, "window_order": 4.0, "window_epochs": 12, "window_unit": 4, "window_full": True},
@@ -30,13 +37,17 @@ def test_the_schedule_is_autosgms_window_one_step_later(keys):
     steps = range(0, 130)
     for s in steps:
         assert schedule(s) == autosgm.window(s + 1, config), s
-        assert schedule(torch.tensor(s)).item() == float(autosgm.window(torch.tensor(s + 1, dtype=torch.float64), config)), s
+        assert schedule(torch.tensor(s)).item() == float(
+            autosgm.window(torch.tensor(s + 1, dtype=torch.float64), config)
+        ), s
     vector = schedule(torch.arange(130))  # element-wise over a tensor of steps
     expected = autosgm.window(torch.arange(1, 131, dtype=torch.float64), config)
     expected = torch.as_tensor(expected, dtype=torch.float64).expand(130)
     assert vector.dtype == torch.float64 and torch.equal(vector, expected)
     # the number path and the tensor path agree to rounding (libm against torch's cos and pow)
-    torch.testing.assert_close(vector, torch.tensor([schedule(s) for s in steps], dtype=torch.float64), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(
+        vector, torch.tensor([schedule(s) for s in steps], dtype=torch.float64), rtol=1e-14, atol=1e-15
+    )
     scaled = schedules.from_config({"name": "autosgm_window", "init_value": 0.03, **keys})
     assert all(scaled(s) == 0.03 * autosgm.window(s + 1, config) for s in steps)
 
@@ -67,7 +78,9 @@ def test_a_builder_schedule_entry_reproduces_autosgms_own_window(keys):
     scheduled = [p.clone().requires_grad_() for p in start]
     base = {"name": "autosgm", "lr": lr, "adaptive": False, "beta_i": 0.9}
     a = optorch.build({**base, **keys}, windowed, engine="eager")
-    b = optorch.build({**base, "schedule": {"lr": {"name": "autosgm_window", "init_value": lr, **keys}}}, scheduled, engine="eager")
+    b = optorch.build(
+        {**base, "schedule": {"lr": {"name": "autosgm_window", "init_value": lr, **keys}}}, scheduled, engine="eager"
+    )
     for t in range(70):
         for optimizer, params in ((a, windowed), (b, scheduled)):
             optimizer.zero_grad()
@@ -78,12 +91,19 @@ def test_a_builder_schedule_entry_reproduces_autosgms_own_window(keys):
     assert not torch.equal(windowed[0], start[0])
 
 
-@pytest.mark.parametrize("keys, field", [
-    ({"window": 9}, "window"), ({"window": 1, "window_order": -1.0}, "window_order"),
-    ({"window": 1, "window_floor": 2.0}, "window_floor"), ({"window": 1, "window_unit": -1}, "window_unit"),
-    ({"window": 1, "window_epochs": 1}, "window_epochs"), ({"window": 1, "window_sequence": 0}, "window_sequence"),
-    ({"window": 1.5}, "window"), ({}, "window"),
-])
+@pytest.mark.parametrize(
+    "keys, field",
+    [
+        ({"window": 9}, "window"),
+        ({"window": 1, "window_order": -1.0}, "window_order"),
+        ({"window": 1, "window_floor": 2.0}, "window_floor"),
+        ({"window": 1, "window_unit": -1}, "window_unit"),
+        ({"window": 1, "window_epochs": 1}, "window_epochs"),
+        ({"window": 1, "window_sequence": 0}, "window_sequence"),
+        ({"window": 1.5}, "window"),
+        ({}, "window"),
+    ],
+)
 def test_bad_windows_name_the_key(keys, field):
     with pytest.raises(pydantic.ValidationError, match=field):
         schedules.from_config({"name": "autosgm_window", **keys})
@@ -95,6 +115,7 @@ def test_it_is_a_named_schedule_that_round_trips_and_joins():
     assert "autosgm_window" in schedules.names() and schedules.SCHEDULES["autosgm_window"] is schedules.AutosgmWindow
     schedule = schedules.from_config({"name": "autosgm_window", **WINDOWS[2]})
     assert schedules.from_config(schedule.model_dump()) == schedule
-    joined = schedules.from_config({"name": "join", "boundaries": [10],
-                                    "schedules": [{"name": "constant", "value": 0.5}, schedule.model_dump()]})
+    joined = schedules.from_config(
+        {"name": "join", "boundaries": [10], "schedules": [{"name": "constant", "value": 0.5}, schedule.model_dump()]}
+    )
     assert joined(3) == 0.5 and joined(10) == schedule(0) and joined(27) == schedule(17)

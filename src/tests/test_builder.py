@@ -36,7 +36,9 @@ def torch_keywords(name: str) -> dict[str, inspect.Parameter]:
 
 def group_values(optimizer: torch.optim.Optimizer) -> list[dict]:
     """param_groups as comparable values (params by identity)."""
-    return [{k: ([id(p) for p in v] if k == "params" else v) for k, v in group.items()} for group in optimizer.param_groups]
+    return [
+        {k: ([id(p) for p in v] if k == "params" else v) for k, v in group.items()} for group in optimizer.param_groups
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,13 +90,17 @@ def test_build_from_file(tmp_path, suffix, as_string):
     if suffix == ".json":
         path.write_text(json.dumps(values))
     else:
-        path.write_text("# an example config\nname: adam\nlr: 0.02\nbetas: [0.8, 0.95]\nweight_decay: 0.1\namsgrad: true\n")
+        path.write_text(
+            "# an example config\nname: adam\nlr: 0.02\nbetas: [0.8, 0.95]\nweight_decay: 0.1\namsgrad: true\n"
+        )
     assert optorch.load_config(path) == values
     optimizer = optorch.build(str(path) if as_string else path, make_params((3,)))
     group = optimizer.param_groups[0]
     assert (group["lr"], group["betas"], group["weight_decay"], group["amsgrad"]) == (0.02, (0.8, 0.95), 0.1, True)
     algorithm, config = optorch.parse_config(path)
-    assert algorithm is registry.get("adam") and config == optorch.adam.Config(lr=0.02, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True)
+    assert algorithm is registry.get("adam") and config == optorch.adam.Config(
+        lr=0.02, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True
+    )
 
 
 @pytest.mark.parametrize("engine", ["torch", "eager"])
@@ -111,7 +117,11 @@ def test_per_group_overrides_reach_param_groups_and_the_step(engine):
     assert optimizer.group_config(groups[1]) == optorch.sgd.Config(lr=0.01, momentum=0.5, nesterov=True)
 
     twins = [[p.detach().clone().requires_grad_() for p in ps] for ps in (first, second)]
-    reference = torch.optim.SGD([{"params": twins[0]}, {"params": twins[1], "lr": 0.01, "momentum": 0.5, "nesterov": True}], lr=0.1, momentum=0.9)
+    reference = torch.optim.SGD(
+        [{"params": twins[0]}, {"params": twins[1], "lr": 0.01, "momentum": 0.5, "nesterov": True}],
+        lr=0.1,
+        momentum=0.9,
+    )
     for _ in range(3):
         for p, t in zip(first + second, twins[0] + twins[1]):
             p.grad = torch.ones_like(p)
@@ -204,7 +214,9 @@ def test_invalid_group_override_at_build(engine):
     with pytest.raises(pydantic.ValidationError, match="lr"):
         optorch.build({"name": "adam"}, [{"params": params[:1]}, {"params": params[1:], "lr": -1.0}], engine=engine)
     with pytest.raises(pydantic.ValidationError, match="betas"):
-        optorch.build({"name": "adam"}, [{"params": params[:1], "betas": (0.9, 1.0)}, {"params": params[1:]}], engine=engine)
+        optorch.build(
+            {"name": "adam"}, [{"params": params[:1], "betas": (0.9, 1.0)}, {"params": params[1:]}], engine=engine
+        )
     # nothing was done to the params (no flat buffers half set up)
     assert [p.untyped_storage().data_ptr() for p in params] == storages
     for p, v in zip(params, values):
@@ -214,7 +226,12 @@ def test_invalid_group_override_at_build(engine):
 @pytest.mark.parametrize("engine", ["torch", "eager"])
 @pytest.mark.parametrize(
     "override, field",
-    [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"eps": [1e-8]}, "eps"), ({"amsgrad": "sometimes"}, "amsgrad")],
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"eps": [1e-8]}, "eps"),
+        ({"amsgrad": "sometimes"}, "amsgrad"),
+    ],
     ids=["lr", "betas", "eps", "amsgrad"],
 )
 def test_invalid_add_param_group_leaves_the_optimizer_unchanged(engine, override, field):
@@ -258,7 +275,10 @@ def test_file_with_bad_suffix(tmp_path):
         optorch.build(path, make_params((2,)))
 
 
-@pytest.mark.parametrize("suffix, text", [(".yaml", "- name: adam\n- lr: 0.1\n"), (".json", '["adam", 0.1]'), (".yaml", "adam\n"), (".yaml", "")])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [(".yaml", "- name: adam\n- lr: 0.1\n"), (".json", '["adam", 0.1]'), (".yaml", "adam\n"), (".yaml", "")],
+)
 def test_file_with_non_mapping_top_level(tmp_path, suffix, text):
     path = tmp_path / f"config{suffix}"
     path.write_text(text)
@@ -335,4 +355,6 @@ def test_a_misspelt_top_level_entry_is_suggested():
     with pytest.raises(optorch.ConfigError) as info:
         optorch.build({"name": "adamw", "clip_grad_nrom": 1.0}, make_params((2,)))
     message = str(info.value)
-    assert "did you mean 'clip_grad_norm'" in message and "top-level entries: schedule, adapt, clip_grad_norm" in message
+    assert (
+        "did you mean 'clip_grad_norm'" in message and "top-level entries: schedule, adapt, clip_grad_norm" in message
+    )

@@ -17,7 +17,10 @@ CONFIG = {"name": "adam", "lr": 0.05, "betas": [0.9, 0.95], "schedule": {"lr": L
 
 def _params():
     generator = torch.Generator().manual_seed(2)
-    return [torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True), torch.randn(3, generator=generator, dtype=torch.float64, requires_grad=True)]
+    return [
+        torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True),
+        torch.randn(3, generator=generator, dtype=torch.float64, requires_grad=True),
+    ]
 
 
 def _train(optimizer, params, steps, start=0):

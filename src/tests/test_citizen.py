@@ -35,7 +35,13 @@ CONFIGS = {
     "rmsprop": {"lr": 0.01, "momentum": 0.9, "centered": True, "weight_decay": 0.01},
     "adopt": {"lr": 0.01, "weight_decay": 0.01},
     "dag": {"lr": 0.05, "momentum": 0.9, "shrink": {"warmup_steps": 2}},
-    "lars": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01, "eps": 0.0, "exclude_1d": True},  # pytorch_optimizer's conventions
+    "lars": {
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 0.01,
+        "eps": 0.0,
+        "exclude_1d": True,
+    },  # pytorch_optimizer's conventions
     "adafactor": {"lr": 0.01, "weight_decay": 0.01},
     "adam": {"lr": 0.01, "amsgrad": True, "weight_decay": 0.01},
     "sgd": {"lr": 0.05, "momentum": 0.9, "nesterov": True},
@@ -46,7 +52,9 @@ def cases(names=ALGORITHMS) -> list:
     """``(name, engine)`` for every engine the algorithm can run; "compiled" marked ``compile``."""
     params = []
     for name in names:
-        for engine in ["eager", "compiled", "auto"] + (["torch"] if registry.get(name).torch_optimizer is not None else []):
+        for engine in ["eager", "compiled", "auto"] + (
+            ["torch"] if registry.get(name).torch_optimizer is not None else []
+        ):
             marks = [pytest.mark.compile] if engine == "compiled" else []
             params.append(pytest.param(name, engine, id=f"{name}-{engine}", marks=marks))
     return params
@@ -109,7 +117,10 @@ def reference(name: str, model: nn.Module):
 def loss_at(model: nn.Module, i: int) -> torch.Tensor:
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(100 + i)
-    x, y = torch.randn(8, 4, generator=generator, dtype=torch.float64), torch.randn(8, 1, generator=generator, dtype=torch.float64)
+    x, y = (
+        torch.randn(8, 4, generator=generator, dtype=torch.float64),
+        torch.randn(8, 1, generator=generator, dtype=torch.float64),
+    )
     return torch.nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))
 
 
@@ -295,8 +306,13 @@ def test_a_submodule_s_state_dict_holds_only_the_submodule(name, engine):
 
 @pytest.mark.parametrize("name, engine", cases(["rmsprop", "adopt", "dag", "lars", "adafactor"]))
 def test_deepcopy_and_pickle_give_an_optimizer_that_steps_and_saves_as_the_original(name, engine):
-    config = {"name": name, **CONFIGS[name], "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 10}},
-              "ema": 0.9, "accumulate_steps": 2}
+    config = {
+        "name": name,
+        **CONFIGS[name],
+        "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 10}},
+        "ema": 0.9,
+        "accumulate_steps": 2,
+    }
     model = make_model()
     shim = optorch.build(config, model, engine=engine)
     train(model, shim, range(5))  # mid-accumulation
@@ -333,8 +349,16 @@ def _assert_state_dicts_equal(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("engine", ["eager", "torch"])
 def test_everything_the_shim_saves_loads_with_weights_only(engine):
-    config = {"name": "adam", "lr": 0.01, "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 10}},
-              "ema": 0.9, "accumulate_steps": 2, "skip_nonfinite": True, "amp": {}, "adapt": {"lr_rule": "trend"}}
+    config = {
+        "name": "adam",
+        "lr": 0.01,
+        "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 10}},
+        "ema": 0.9,
+        "accumulate_steps": 2,
+        "skip_nonfinite": True,
+        "amp": {},
+        "adapt": {"lr_rule": "trend"},
+    }
     config.pop("schedule")  # a rule and a schedule may not drive the same knob
     model = make_model()
     shim = optorch.build(config, model, engine=engine)
@@ -460,7 +484,9 @@ def test_two_threads_stepping_one_optimizer_are_serialised(engine):
 
 def test_skipped_steps_are_visible_as_step_was_skipped():
     model = make_model()
-    shim = optorch.build({"name": "adam", "lr": 0.01, "accumulate_steps": 2, "skip_nonfinite": True}, model.parameters())
+    shim = optorch.build(
+        {"name": "adam", "lr": 0.01, "accumulate_steps": 2, "skip_nonfinite": True}, model.parameters()
+    )
     seen = []
     for i in range(6):
         loss_at(model, i).backward()

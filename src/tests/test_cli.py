@@ -16,7 +16,21 @@ from optorch.tools import cli, verify, verify_checks, verify_plan, verify_proble
 from optorch.shim import engines
 from optorch.algorithms import registry
 
-SMALL = ["verify", "--algo", "adam", "--steps", "10", "--dtype", "float64", "--device", "cpu", "--no-compile", "--jobs", "1", "--no-progress"]
+SMALL = [
+    "verify",
+    "--algo",
+    "adam",
+    "--steps",
+    "10",
+    "--dtype",
+    "float64",
+    "--device",
+    "cpu",
+    "--no-compile",
+    "--jobs",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +45,9 @@ def _rows(out: str, name: str) -> list[str]:
 def test_small_run_passes_and_prints_a_row_per_planned_check(capsys):
     assert cli.main(SMALL) == 0
     out = capsys.readouterr().out
-    planned = verify.plan(algorithms=["adam"], dtypes=["float64"], devices=["cpu"], paths=["pure", "torch", "eager"], steps=10).checks
+    planned = verify.plan(
+        algorithms=["adam"], dtypes=["float64"], devices=["cpu"], paths=["pure", "torch", "eager"], steps=10
+    ).checks
     rows = _rows(out, "adam")
     assert len(rows) == len(planned) and all(row.endswith("PASS") for row in rows)
     assert {"pure", "shim:torch", "shim:eager", "torch:fused"} <= {word for row in rows for word in row.split()}
@@ -40,7 +56,25 @@ def test_small_run_passes_and_prints_a_row_per_planned_check(capsys):
 
 
 def test_low_precision_rows_show_both_errors(capsys):
-    assert cli.main([*SMALL[:-8], "--dtype", "float32", "--dtype", "bfloat16", "--engine", "eager", "--device", "cpu", "--jobs", "1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                *SMALL[:-8],
+                "--dtype",
+                "float32",
+                "--dtype",
+                "bfloat16",
+                "--engine",
+                "eager",
+                "--device",
+                "cpu",
+                "--jobs",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = _rows(capsys.readouterr().out, "adam")
     assert rows and all(row.split()[-4] != "-" and row.split()[-3] != "-" for row in rows)  # error, reference error
     assert {row.split()[-6] for row in rows} == {"float32", "bfloat16"}
@@ -71,7 +105,25 @@ def test_a_crashing_check_is_reported_and_the_run_goes_on(capsys, monkeypatch):
 def test_the_summary_names_what_is_skipped_and_why(capsys, monkeypatch):
     monkeypatch.setattr(engines, "compiler_available", lambda: False)
     monkeypatch.setitem(registry.ALGORITHMS, "lars", dataclasses.replace(registry.get("lars"), reference=lambda: None))
-    assert cli.main(["verify", "--algo", "lars", "--algo", "sgd", "--dtype", "float64", "--steps", "5", "--jobs", "1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "verify",
+                "--algo",
+                "lars",
+                "--algo",
+                "sgd",
+                "--dtype",
+                "float64",
+                "--steps",
+                "5",
+                "--jobs",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "skipped: engine compiled: torch.compile finds no C++ compiler" in out
     assert "skipped: lars: reference not installed (pip install pytorch_optimizer)" in out
@@ -83,7 +135,25 @@ def test_expected_failures_are_named_and_do_not_fail_the_run(capsys, monkeypatch
     """An entry of EXPECTED_FAILURES (empty today) marks its checks: here one that passes, so XPASS."""
     reason = "issue 0: a listed check"
     monkeypatch.setitem(verify.EXPECTED_FAILURES, ("nadam", verify_plan.DEFAULT_FLOAT64), reason)
-    assert cli.main(["verify", "--algo", "nadam", "--dtype", "float64", "--device", "cpu", "--engine", "pure", "--jobs", "1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "verify",
+                "--algo",
+                "nadam",
+                "--dtype",
+                "float64",
+                "--device",
+                "cpu",
+                "--engine",
+                "pure",
+                "--jobs",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     marked = [row for row in _rows(out, "nadam") if "(default float64)" in row]
     assert marked and all(row.endswith("XPASS") for row in marked)
@@ -99,11 +169,27 @@ def test_a_progress_bar_on_a_terminal(capsys, monkeypatch):
 
 def test_processes_report_what_one_process_reports(capsys):
     """--jobs 2 spreads the checks over two processes (whole cases each): the same rows, in another order."""
-    args = ["verify", "--algo", "rprop", "--algo", "asgd", "--dtype", "float64", "--dtype", "float32", "--steps", "10", "--no-compile", "--no-progress"]
+    args = [
+        "verify",
+        "--algo",
+        "rprop",
+        "--algo",
+        "asgd",
+        "--dtype",
+        "float64",
+        "--dtype",
+        "float32",
+        "--steps",
+        "10",
+        "--no-compile",
+        "--no-progress",
+    ]
     rows = []
     for jobs in ("1", "2"):
         assert cli.main([*args, "--jobs", jobs]) == 0
-        rows.append(sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith(("rprop ", "asgd "))))
+        rows.append(
+            sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith(("rprop ", "asgd ")))
+        )
     assert rows[0] == rows[1] and len(rows[0]) > 10
 
 
@@ -117,7 +203,9 @@ def test_unknown_algorithm_exits_2_with_the_registry_message(capsys):
 def test_module_entry_point_help():
     src = str(Path(optorch.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "optorch", "verify", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "optorch", "verify", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "--full" in result.stdout and "representative subset" in result.stdout
 
@@ -125,7 +213,24 @@ def test_module_entry_point_help():
 def test_reductions_and_recordings_are_verified(capsys):
     """AutoSGM has no single reference class: verify checks its torch.optim reductions and replays the
     original's recorded trajectories."""
-    args = ["verify", "--algo", "autosgm", "--dtype", "float64", "--device", "cpu", "--engine", "pure", "--engine", "eager", "--steps", "20", "--jobs", "1", "--no-progress"]
+    args = [
+        "verify",
+        "--algo",
+        "autosgm",
+        "--dtype",
+        "float64",
+        "--device",
+        "cpu",
+        "--engine",
+        "pure",
+        "--engine",
+        "eager",
+        "--steps",
+        "20",
+        "--jobs",
+        "1",
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     expected = 2 * len(optorch.autosgm.REDUCTIONS) + 2 * len(optorch.tools.recorded.cases("autosgm"))

@@ -58,8 +58,16 @@ def _lightning_run(config: dict, max_epochs: int, tmp_path, resume_from=None, sa
             return torch.utils.data.DataLoader(dataset(), batch_size=16, shuffle=False)
 
     module = Module()
-    trainer = lightning.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, ckpt_path=resume_from)
     if save_to is not None:
         trainer.save_checkpoint(save_to)

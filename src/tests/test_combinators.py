@@ -45,7 +45,9 @@ def _max_diff(a, b) -> float:
 
 
 def _identical(a, b) -> bool:
-    return len(_leaves(a)) == len(_leaves(b)) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b)))
+    return len(_leaves(a)) == len(_leaves(b)) and all(
+        x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b))
+    )
 
 
 class _Reveal:
@@ -64,7 +66,9 @@ ADAMW = {"lr": 0.05, "betas": (0.8, 0.95), "weight_decay": 0.1}
 # -- clip_by_global_norm ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scale, max_norm", [(3.0, 1.0), (0.01, 1.0), (1.0, 0.5)], ids=["clips", "no-clip", "clips-half"])
+@pytest.mark.parametrize(
+    "scale, max_norm", [(3.0, 1.0), (0.01, 1.0), (1.0, 0.5)], ids=["clips", "no-clip", "clips-half"]
+)
 def test_clip_equals_clip_grad_norm(scale, max_norm):
     grads = _grads(0, scale)
     clipped, _ = C.clip_by_global_norm(_Reveal(), max_norm).step(_params(), grads, {})
@@ -105,12 +109,20 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(bad):
     params, state = stepper.step(params, _grads(0), state)
     new_params, new_state = stepper.step(params, _with_nan(_grads(1), bad), state)
     assert _identical(new_params, params) and _identical(new_state["inner"], state["inner"])
-    assert (int(new_state["notfinite_count"]), int(new_state["total_notfinite"]), bool(new_state["last_finite"])) == (1, 1, False)
+    assert (int(new_state["notfinite_count"]), int(new_state["total_notfinite"]), bool(new_state["last_finite"])) == (
+        1,
+        1,
+        False,
+    )
     # A finite step after it is exactly the inner step, and resets the consecutive count.
     after, after_state = stepper.step(new_params, _grads(2), new_state)
     expected, expected_inner = inner.step(params, _grads(2), state["inner"])
     assert _identical(after, expected) and _identical(after_state["inner"], expected_inner)
-    assert (int(after_state["notfinite_count"]), int(after_state["total_notfinite"]), bool(after_state["last_finite"])) == (0, 1, True)
+    assert (
+        int(after_state["notfinite_count"]),
+        int(after_state["total_notfinite"]),
+        bool(after_state["last_finite"]),
+    ) == (0, 1, True)
 
 
 def test_skipping_equals_running_only_the_finite_steps():
@@ -152,7 +164,10 @@ def test_multi_steps_equals_one_inner_step_on_the_mean_gradient():
         if (t + 1) % k:
             assert _identical(params, before) and _identical(state["inner"], expected_state)
         else:
-            mean = {name: sum((_grads(s)[name] for s in range(t + 1 - k, t + 1)), torch.zeros(shape, dtype=DTYPE)) / k for name, shape in NAMES.items()}
+            mean = {
+                name: sum((_grads(s)[name] for s in range(t + 1 - k, t + 1)), torch.zeros(shape, dtype=DTYPE)) / k
+                for name, shape in NAMES.items()
+            }
             expected, expected_state = inner.step(expected, mean, expected_state)
             assert _identical(params, expected) and _identical(state["inner"], expected_state)
             assert int(state["mini_step"]) == 0 and all(not a.any() for a in _leaves(state["grad_acc"]))
@@ -174,34 +189,52 @@ def test_multi_steps_counts_a_missing_gradient_as_zero():
 def test_partition_equals_each_subset_run_alone():
     decay, no_decay = C.bind("adamw", ADAMW), C.bind("adamw", {**ADAMW, "weight_decay": 0.0})
     labels = lambda p: C.labels_from_patterns(p, {"no_decay": ["*.bias", "*norm*"]}, default="decay")  # noqa: E731
-    assert labels(_params()) == {"linear.weight": "decay", "linear.bias": "no_decay", "norm.weight": "no_decay", "norm.bias": "no_decay"}
+    assert labels(_params()) == {
+        "linear.weight": "decay",
+        "linear.bias": "no_decay",
+        "norm.weight": "no_decay",
+        "norm.bias": "no_decay",
+    }
     stepper = C.partition({"decay": decay, "no_decay": no_decay}, labels)
     params, state = _params(), stepper.init(_params())
-    alone = {"decay": {"linear.weight": _params()["linear.weight"]}, "no_decay": {k: v for k, v in _params().items() if k != "linear.weight"}}
+    alone = {
+        "decay": {"linear.weight": _params()["linear.weight"]},
+        "no_decay": {k: v for k, v in _params().items() if k != "linear.weight"},
+    }
     alone_state = {"decay": decay.init(alone["decay"]), "no_decay": no_decay.init(alone["no_decay"])}
     for t in range(20):
         grads = _grads(t)
         params, state = stepper.step(params, grads, state)
         for label, stepper_ in (("decay", decay), ("no_decay", no_decay)):
-            alone[label], alone_state[label] = stepper_.step(alone[label], {k: grads[k] for k in alone[label]}, alone_state[label])
+            alone[label], alone_state[label] = stepper_.step(
+                alone[label], {k: grads[k] for k in alone[label]}, alone_state[label]
+            )
     assert list(params) == list(NAMES)  # the structure and order of the params are kept
     assert _identical(params, {k: {**alone["decay"], **alone["no_decay"]}[k] for k in NAMES})
     assert _identical(state, alone_state)
 
 
 def test_partition_names_nested_dicts_by_their_path():
-    params = {"encoder": {"norm": {"weight": torch.ones(2)}, "proj": {"weight": torch.ones(2, 2), "bias": torch.ones(2)}}}
+    params = {
+        "encoder": {"norm": {"weight": torch.ones(2)}, "proj": {"weight": torch.ones(2, 2), "bias": torch.ones(2)}}
+    }
     assert C.param_names(params) == ["encoder.norm.weight", "encoder.proj.weight", "encoder.proj.bias"]
     labels = C.labels_from_patterns(params, {"frozen": "encoder.norm.*"})
     stepper = C.partition({"frozen": C.bind("sgd", {"lr": 0.0}), "default": C.bind("sgd", {"lr": 0.5})}, labels)
     new, _ = stepper.step(params, torch.utils._pytree.tree_map(torch.ones_like, params), stepper.init(params))
-    assert torch.equal(new["encoder"]["norm"]["weight"], torch.ones(2)) and torch.equal(new["encoder"]["proj"]["bias"], torch.full((2,), 0.5))
+    assert torch.equal(new["encoder"]["norm"]["weight"], torch.ones(2)) and torch.equal(
+        new["encoder"]["proj"]["bias"], torch.full((2,), 0.5)
+    )
 
 
 def test_partition_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"label 'no_decay': pattern '\*norm_\*' matches no parameter; names are: linear.weight"):
+    with pytest.raises(
+        ValueError, match=r"label 'no_decay': pattern '\*norm_\*' matches no parameter; names are: linear.weight"
+    ):
         C.labels_from_patterns(_params(), {"no_decay": ["*.bias", "*norm_*"]})
-    stepper = C.partition({"decay": C.bind("sgd")}, lambda p: C.labels_from_patterns(p, {"no_decay": "*.bias"}, default="decay"))
+    stepper = C.partition(
+        {"decay": C.bind("sgd")}, lambda p: C.labels_from_patterns(p, {"no_decay": "*.bias"}, default="decay")
+    )
     with pytest.raises(ValueError, match="no stepper for label.*'no_decay'"):
         stepper.init(_params())
     with pytest.raises(ValueError, match="labels must have the structure of params"):
@@ -282,7 +315,9 @@ def test_torch_func_differentiates_through_clipping_with_respect_to_the_lr():
     """d/d lr of sum(params after one clipped SGD step) is -sum(clipped grads): torch.func.grad
     through the injected hyperparameter and the combinators gives clip_grad_norm_'s grads."""
     params, grads = _params(), _grads(0, 3.0)
-    stepper = C.apply_if_finite(C.clip_by_global_norm(optorch.inject_hyperparams(optorch.sgd.algorithm, {"lr": 0.1}), 1.0))
+    stepper = C.apply_if_finite(
+        C.clip_by_global_norm(optorch.inject_hyperparams(optorch.sgd.algorithm, {"lr": 0.1}), 1.0)
+    )
     state = stepper.init(params)
 
     def loss(lr):
@@ -351,9 +386,13 @@ def _grads_at(shadow: torch.nn.Module, params: dict[str, torch.Tensor], backward
 
 
 FULL = {
-    "name": "adamw", **ADAMW,
+    "name": "adamw",
+    **ADAMW,
     "schedule": {"lr": {"name": "cosine", "init_value": 0.05, "warmup_steps": 3, "decay_steps": 20}},
-    "clip_grad_norm": 0.5, "skip_nonfinite": True, "accumulate_steps": 2, "ema": {"decay": 0.9, "warmup": True},
+    "clip_grad_norm": 0.5,
+    "skip_nonfinite": True,
+    "accumulate_steps": 2,
+    "ema": {"decay": 0.9, "warmup": True},
     "param_groups": [{"match": ["*.bias", "*norm*"], "weight_decay": 0.0}],
 }
 
@@ -388,9 +427,16 @@ def test_the_recipe_equals_torch_adamw_with_clipping_no_decay_groups_and_a_sched
     optimizer = optorch.build(path, model)
     decay = [p for n, p in reference.named_parameters() if n == "linear.weight"]
     no_decay = [p for n, p in reference.named_parameters() if n != "linear.weight"]
-    torch_opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=raw["lr"], betas=raw["betas"], weight_decay=raw["weight_decay"])
+    torch_opt = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=raw["lr"],
+        betas=raw["betas"],
+        weight_decay=raw["weight_decay"],
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda t: schedule(t) / raw["lr"])
-    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3] and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3] and optimizer.param_groups[1][
+        "weight_decay"
+    ] == 0.0
     for t in range(30):
         _backward(model, t)
         optimizer.step()
@@ -416,7 +462,12 @@ def test_shim_clipping_is_clip_grad_norm_in_place():
 
 def test_shim_skip_leaves_params_state_and_schedule_untouched():
     model = _net()
-    config = {"name": "adam", "lr": 0.1, "skip_nonfinite": True, "schedule": {"lr": {"name": "linear", "init_value": 0.1, "end_value": 0.0, "transition_steps": 10}}}
+    config = {
+        "name": "adam",
+        "lr": 0.1,
+        "skip_nonfinite": True,
+        "schedule": {"lr": {"name": "linear", "init_value": 0.1, "end_value": 0.0, "transition_steps": 10}},
+    }
     optimizer = optorch.build(config, model, engine="eager")
     _backward(model, 0)
     optimizer.step()
@@ -430,9 +481,15 @@ def test_shim_skip_leaves_params_state_and_schedule_untouched():
         optimizer.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     after = optimizer.state_dict()
-    assert int(after["param_groups"][0]["schedule_step"]) == 1 and optimizer.param_groups[0]["lr"] == state["param_groups"][0]["lr"]
+    assert (
+        int(after["param_groups"][0]["schedule_step"]) == 1
+        and optimizer.param_groups[0]["lr"] == state["param_groups"][0]["lr"]
+    )
     assert all(torch.equal(after["state"][i][k], v) for i, leaf in state["state"].items() for k, v in leaf.items())
-    counters = {key: after["param_groups"][0][f"skip.{key}"].item() for key in ("notfinite_count", "total_notfinite", "last_finite")}
+    counters = {
+        key: after["param_groups"][0][f"skip.{key}"].item()
+        for key in ("notfinite_count", "total_notfinite", "last_finite")
+    }
     assert counters == {"notfinite_count": 2, "total_notfinite": 2, "last_finite": False}
     assert optimizer.combinators.skipped == 2
 
@@ -505,7 +562,11 @@ def test_shim_state_dict_round_trip_mid_accumulation(engine):
             o.zero_grad()
     assert _max_diff(list(model.parameters()), list(resumed_model.parameters())) == 0.0
     assert _max_diff(optimizer.ema_params(), resumed.ema_params()) == 0.0
-    assert optimizer.state_dict()["param_groups"][0]["ema.count"] == resumed.state_dict()["param_groups"][0]["ema.count"] == 5
+    assert (
+        optimizer.state_dict()["param_groups"][0]["ema.count"]
+        == resumed.state_dict()["param_groups"][0]["ema.count"]
+        == 5
+    )
     # A checkpoint of other combinators, or of other shapes, is refused before anything changes.
     lacking = copy.deepcopy(checkpoint)
     for group in lacking["param_groups"]:
@@ -542,11 +603,27 @@ def test_lr_schedulers_keep_working_with_combinators():
         ({"ema": 1.5}, None, r"ema.decay: .*less than or equal to 1"),
         ({"ema": {"decay": 0.9, "warmpu": True}}, None, r"ema.warmpu: .*Extra inputs"),
         ({"param_groups": [{"weight_decay": 0.0}]}, None, r"param_groups.0.match: .*Field required"),
-        ({"param_groups": [{"match": "*.bias", "weight_decy": 0.0}]}, None, r"param_groups\[0\]: unknown key\(s\) for adamw: 'weight_decy' \(did you mean 'weight_decay'\?\)"),
+        (
+            {"param_groups": [{"match": "*.bias", "weight_decy": 0.0}]},
+            None,
+            r"param_groups\[0\]: unknown key\(s\) for adamw: 'weight_decy' \(did you mean 'weight_decay'\?\)",
+        ),
         ({"param_groups": [{"match": "*.bias", "lr": -1.0}]}, None, r"param_groups\[0\]: lr: must be >= 0, got -1.0$"),
-        ({"param_groups": [{"match": ["*.bias", "*nrom*"], "weight_decay": 0.0}]}, "module", r"param_groups\[0\]: pattern '\*nrom\*' matches no parameter; names are: linear.weight, linear.bias, norm.weight, norm.bias"),
-        ({"param_groups": [{"match": "*.bias"}, {"match": "linear.bias"}]}, "module", r"param_groups\[1\]: every parameter it matches was taken by an earlier entry"),
-        ({"param_groups": [{"match": "*.bias"}]}, "tensors", r"param_groups matches parameters by name: pass the model or model.named_parameters\(\), not unnamed tensors"),
+        (
+            {"param_groups": [{"match": ["*.bias", "*nrom*"], "weight_decay": 0.0}]},
+            "module",
+            r"param_groups\[0\]: pattern '\*nrom\*' matches no parameter; names are: linear.weight, linear.bias, norm.weight, norm.bias",
+        ),
+        (
+            {"param_groups": [{"match": "*.bias"}, {"match": "linear.bias"}]},
+            "module",
+            r"param_groups\[1\]: every parameter it matches was taken by an earlier entry",
+        ),
+        (
+            {"param_groups": [{"match": "*.bias"}]},
+            "tensors",
+            r"param_groups matches parameters by name: pass the model or model.named_parameters\(\), not unnamed tensors",
+        ),
         ({"param_groups": [{"match": "*.bias"}]}, "groups", "not param-group dicts"),
         ({"amp": {"growth_factor": 0.5}}, None, r"amp.growth_factor: .*greater than 1"),
         ({"amp": {"init_scale": 65536.0, "precision": "torch.bfloat16"}}, None, r"amp.precision: .*Extra inputs"),
@@ -565,7 +642,9 @@ def test_bad_entries_raise_config_errors_naming_the_entry(entries, params, messa
 def test_a_config_file_error_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: sgd\naccumulate_steps: 1.5\n")
-    with pytest.raises(optorch.ConfigError, match=r"bad.yaml, line 2: accumulate_steps: Input should be a valid integer, got 1.5$"):
+    with pytest.raises(
+        optorch.ConfigError, match=r"bad.yaml, line 2: accumulate_steps: Input should be a valid integer, got 1.5$"
+    ):
         optorch.build(path, [torch.zeros(2, requires_grad=True)])
 
 
@@ -582,12 +661,18 @@ def test_all_finite_eager_compiled_and_under_vmap():
     from optorch.core.ops import all_finite
 
     nan, inf = float("nan"), float("inf")
-    cases = [[torch.ones(3), torch.zeros(2, 2)], [torch.ones(3), torch.tensor([1.0, nan])], [torch.tensor([-inf]), torch.ones(2)]]
+    cases = [
+        [torch.ones(3), torch.zeros(2, 2)],
+        [torch.ones(3), torch.tensor([1.0, nan])],
+        [torch.tensor([-inf]), torch.ones(2)],
+    ]
     expected = [True, False, False]
     assert [bool(all_finite(c)) for c in cases] == expected
     compiled = torch.compile(all_finite, fullgraph=True, backend="eager")
     assert [bool(compiled(c)) for c in cases] == expected
-    batched = torch.func.vmap(lambda a, b: all_finite([a, b]))(torch.stack([c[0][:1] for c in cases]), torch.stack([c[1].flatten()[:2] for c in cases]))
+    batched = torch.func.vmap(lambda a, b: all_finite([a, b]))(
+        torch.stack([c[0][:1] for c in cases]), torch.stack([c[1].flatten()[:2] for c in cases])
+    )
     assert batched.tolist() == expected
 
 
@@ -621,7 +706,9 @@ def test_shim_loss_scaling_equals_grad_scaler_with_torch_adam(engine):
         scaler.update()
         torch_optimizer.zero_grad()
         # the torch engine runs torch's multi-tensor Adam, the reference its single-tensor one (1 ulp)
-        assert _max_diff(list(model.parameters()), list(reference.parameters())) <= (0.0 if engine == "eager" else 1e-15), t
+        assert _max_diff(list(model.parameters()), list(reference.parameters())) <= (
+            0.0 if engine == "eager" else 1e-15
+        ), t
         assert optimizer.combinators.scaler.scale.item() == scaler.get_scale(), t
         assert int(optimizer.combinators.scaler.growth_tracker) == scaler._get_growth_tracker(), t
     assert optimizer.combinators.overflows == len(OVERFLOWS)

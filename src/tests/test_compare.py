@@ -45,7 +45,9 @@ def test_a_short_run_writes_the_table_the_plot_and_the_json(two_configs, tmp_pat
     assert cli.main(["compare", *two_configs, "--steps", "30", "--out", str(out), "--json", str(report)]) == 0
     captured = capsys.readouterr()
     printed = captured.out
-    assert "sgd_fast: 100%" in captured.err and "adam_small: 100%" in captured.err and "30/30" in captured.err  # progress bars
+    assert (
+        "sgd_fast: 100%" in captured.err and "adam_small: 100%" in captured.err and "30/30" in captured.err
+    )  # progress bars
     rows = {line.split()[0]: line for line in printed.splitlines() if line.startswith(("sgd_fast ", "adam_small "))}
     assert set(rows) == {"sgd_fast", "adam_small"}
     assert rows["sgd_fast"].split()[1] == "sgd" and rows["adam_small"].split()[1] == "adam"
@@ -105,13 +107,23 @@ def test_batches_are_shuffled_epochs_of_the_training_set():
     "name, text, expected",
     [
         ("negative_lr.yaml", "name: adam\nlr: -0.1\n", ["negative_lr.yaml, line 2: lr: must be >= 0, got -0.1"]),
-        ("typo.yaml", "name: adam\nbetas: [0.9, 0.99]\nweight_decy: 0.1\n", ["typo.yaml", "'weight_decy'", "did you mean 'weight_decay'"]),
-        ("bad_beta.json", '{"name": "adam", "betas": [0.9, 1.5]}', ["bad_beta.json, line 1: betas.1: must be in [0, 1), got 1.5"]),
+        (
+            "typo.yaml",
+            "name: adam\nbetas: [0.9, 0.99]\nweight_decy: 0.1\n",
+            ["typo.yaml", "'weight_decy'", "did you mean 'weight_decay'"],
+        ),
+        (
+            "bad_beta.json",
+            '{"name": "adam", "betas": [0.9, 1.5]}',
+            ["bad_beta.json, line 1: betas.1: must be in [0, 1), got 1.5"],
+        ),
         ("no_such.yaml", "name: adamm\n", ["no_such.yaml", "unknown optimizer 'adamm'"]),
         ("broken.yaml", "name: adam\nlr: [1e-3\n", ["broken.yaml"]),
     ],
 )
-def test_a_bad_config_fails_before_any_training_naming_file_and_field(two_configs, tmp_path, capsys, monkeypatch, name, text, expected):
+def test_a_bad_config_fails_before_any_training_naming_file_and_field(
+    two_configs, tmp_path, capsys, monkeypatch, name, text, expected
+):
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
@@ -141,7 +153,9 @@ def test_the_default_set_covers_every_registered_algorithm_and_the_repo_configs(
     assert config_dir == repo_configs
     assert [s.source for s in specs if s.source != "defaults"] == [str(p) for p in sorted(repo_configs.glob("*.yaml"))]
     # A directory argument means its config files, by name.
-    assert [s.source for s in compare.load_specs([repo_configs])] == [str(p) for p in sorted(repo_configs.glob("*.yaml"))]
+    assert [s.source for s in compare.load_specs([repo_configs])] == [
+        str(p) for p in sorted(repo_configs.glob("*.yaml"))
+    ]
 
 
 def test_without_config_files_every_algorithm_gets_its_default_config(tmp_path, monkeypatch):
@@ -165,7 +179,9 @@ def test_every_default_config_runs(tmp_path):
 
 def test_a_changing_learning_rate_is_recorded_and_plotted(two_configs, tmp_path):
     (spec,) = compare.load_specs(two_configs[:1])
-    scheduled = dataclasses.replace(spec, label="sgd_steplr", scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5))
+    scheduled = dataclasses.replace(
+        spec, label="sgd_steplr", scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    )
     results = compare.compare([spec, scheduled], steps=10, progress=False)
     assert results[0].changing_knobs() == {}
     # StepLR: the lr used by step k (1-based) is 0.1 * 0.5 ** ((k - 1) // 4).
@@ -194,7 +210,9 @@ def _write(path: Path, text: str) -> str:
 def test_module_entry_point_help():
     src = str(Path(optorch.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "optorch", "compare", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "optorch", "compare", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "CONFIG" in result.stdout and "--json PATH" in result.stdout and "before any training" in result.stdout
 

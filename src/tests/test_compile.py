@@ -41,7 +41,9 @@ def _run(step_fn, module, flags, steps: int):
     state = module.init(params, module.Config(lr=_cosine(0), **flags))
     generator = torch.Generator().manual_seed(1)
     for i in range(steps):
-        grads = {k: torch.sin(v) + 0.1 * torch.randn(v.shape, generator=generator, dtype=DTYPE) for k, v in params.items()}
+        grads = {
+            k: torch.sin(v) + 0.1 * torch.randn(v.shape, generator=generator, dtype=DTYPE) for k, v in params.items()
+        }
         params, state = step_fn(params, grads, state, module.Config(lr=_cosine(i), **flags))
     return params, state
 
@@ -63,7 +65,10 @@ def test_compiled_step_equals_eager_and_never_recompiles(module, flags):
     torch.manual_seed(0)
     eager_params, eager_state = _run(module.step, module, flags, steps=100)
     for a, b in ((first, eager_first), ((params, state), (eager_params, eager_state))):
-        assert verify.max_abs_diff(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)) <= verify.FLOAT64_TOLERANCE
+        assert (
+            verify.max_abs_diff(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b))
+            <= verify.FLOAT64_TOLERANCE
+        )
 
 
 def test_shim_compiled_engine_compiles_once_under_a_cosine_scheduler():
@@ -101,25 +106,37 @@ def _mixed_grads(params, step: int, generator: torch.Generator) -> None:
 
 
 def _layout(state_dict) -> dict:
-    state = {index: {key: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v) for key, v in leaf.items()}
-             for index, leaf in state_dict["state"].items()}
+    state = {
+        index: {key: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v) for key, v in leaf.items()}
+        for index, leaf in state_dict["state"].items()
+    }
     groups = [sorted(group) for group in state_dict["param_groups"]]
     return {"state": state, "groups": groups, "top": sorted(state_dict)}
 
 
 def _state_diff(a, b) -> float:
-    diffs = [(torch.as_tensor(a["state"][i][k]) - torch.as_tensor(b["state"][i][k])).abs().max().item()
-             for i in a["state"] for k in a["state"][i]]
-    diffs += [(torch.as_tensor(v) - torch.as_tensor(b["param_groups"][0][k])).abs().max().item()
-              for k, v in a["param_groups"][0].items() if k.startswith("shared.")]
+    diffs = [
+        (torch.as_tensor(a["state"][i][k]) - torch.as_tensor(b["state"][i][k])).abs().max().item()
+        for i in a["state"]
+        for k in a["state"][i]
+    ]
+    diffs += [
+        (torch.as_tensor(v) - torch.as_tensor(b["param_groups"][0][k])).abs().max().item()
+        for k, v in a["param_groups"][0].items()
+        if k.startswith("shared.")
+    ]
     return verify.worst(diffs)
 
 
-@pytest.mark.parametrize("config", [
-    {"name": "dag", "lr": 0.02, "momentum": 0.9, "weight_decay": 0.01},
-    {"name": "lars", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
-    {"name": "adafactor", "lr": 0.01, "weight_decay": 0.01},
-], ids=lambda config: config["name"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "dag", "lr": 0.02, "momentum": 0.9, "weight_decay": 0.01},
+        {"name": "lars", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
+        {"name": "adafactor", "lr": 0.01, "weight_decay": 0.01},
+    ],
+    ids=lambda config: config["name"],
+)
 def test_shim_compiled_follows_eager_for_non_elementwise_algorithms(config):
     """A non-element-wise algorithm compiled (per tensor rank, dynamic shapes: one kernel for single
     tensors and one for stacks of same-shaped ones) follows the eager engine over 20 steps to verify's

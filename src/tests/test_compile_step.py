@@ -143,11 +143,19 @@ def _cases(full: bool) -> list:
     for name in ALGORITHMS:
         for engine in _engines(name):
             for entry in ["none", *ENTRIES]:
-                ci = (entry == "none" and engine == "eager") \
-                    or (entry == "combined" and (name in ("adam", "dag", "adopt") or (name, engine) == ("adam", "torch")))
+                ci = (entry == "none" and engine == "eager") or (
+                    entry == "combined" and (name in ("adam", "dag", "adopt") or (name, engine) == ("adam", "torch"))
+                )
                 if ci != full:
-                    cases.append(pytest.param(name, engine, entry, id=f"{name}-{engine}-{entry}",
-                                              marks=[pytest.mark.matrix] if full else []))
+                    cases.append(
+                        pytest.param(
+                            name,
+                            engine,
+                            entry,
+                            id=f"{name}-{engine}-{entry}",
+                            marks=[pytest.mark.matrix] if full else [],
+                        )
+                    )
     return cases
 
 

@@ -54,7 +54,9 @@ def test_config_directory_has_configs():
 
 def test_every_registered_algorithm_has_a_config_file():
     missing = [name for name in registry.names() if not (CONFIG_DIR / f"{name}.yaml").is_file()]
-    assert not missing, f"registered algorithms without an example config: {', '.join(f'configs/{n}.yaml' for n in missing)}"
+    assert not missing, (
+        f"registered algorithms without an example config: {', '.join(f'configs/{n}.yaml' for n in missing)}"
+    )
     for name in registry.names():
         named = builder.load_config(CONFIG_DIR / f"{name}.yaml")["name"]
         assert registry.get(named).name == name, f"configs/{name}.yaml configures {named!r}, not {name!r}"
@@ -78,7 +80,9 @@ def test_config_validates(path: Path):
     rules = builder.parse_adaptive(raw, config)
     assert (rules is None) == (entry is None), f"{path.name}: adaptive"
     for key, value in (entry or {}).items():
-        assert getattr(rules, key) == (tuple(value) if isinstance(value, list) else value), f"{path.name}: adaptive: {key}"
+        assert getattr(rules, key) == (tuple(value) if isinstance(value, list) else value), (
+            f"{path.name}: adaptive: {key}"
+        )
     for key, value in raw.items():
         if key in BUILDER_KEYS:
             continue
@@ -103,7 +107,10 @@ def test_config_keys_are_the_torch_constructor_keywords(path: Path):
         values.pop(key, None)
     # Each param_groups entry's overrides are torch param-group keys too.
     params = [{"params": [torch.zeros(2, requires_grad=True)]}]
-    params += [{"params": [torch.zeros(2, requires_grad=True)], **{k: v for k, v in group.items() if k != "match"}} for group in groups]
+    params += [
+        {"params": [torch.zeros(2, requires_grad=True)], **{k: v for k, v in group.items() if k != "match"}}
+        for group in groups
+    ]
     algorithm.torch_optimizer(params, **values)
 
 
@@ -121,7 +128,11 @@ def test_config_builds_and_trains(path: Path, engine: str):
     initial = [p.detach().clone() for p in model.parameters()]
 
     # Named params, as param_groups needs (plain tensors work for configs without it: test_builder).
-    optimizer = optorch.build(path, model.named_parameters()) if engine == "auto" else optorch.build(path, model.named_parameters(), engine=engine)
+    optimizer = (
+        optorch.build(path, model.named_parameters())
+        if engine == "auto"
+        else optorch.build(path, model.named_parameters(), engine=engine)
+    )
 
     assert isinstance(optimizer, torch.optim.Optimizer)
     assert optimizer.param_groups[0]["lr"] == (config.lr if lr_schedule is None else lr_schedule(0))
@@ -132,7 +143,10 @@ def test_config_builds_and_trains(path: Path, engine: str):
     names = {id(p): name for name, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for param in group["params"]:
-            rule = next((r for r in settings.param_groups if any(fnmatch.fnmatchcase(names[id(param)], g) for g in r.match)), None)
+            rule = next(
+                (r for r in settings.param_groups if any(fnmatch.fnmatchcase(names[id(param)], g) for g in r.match)),
+                None,
+            )
             for key, value in (rule.overrides if rule else {}).items():
                 assert group[key] == value, f"{path.name}: {names[id(param)]} has {key}={group[key]!r}"
 

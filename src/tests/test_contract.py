@@ -26,19 +26,33 @@ class Config(optorch.Config):
 
 
 def init_leaf(param, config):
-    return {"grad_norm": torch.zeros((), dtype=param.dtype, device=param.device), "row_sums": param.new_zeros(param.shape[:1])}
+    return {
+        "grad_norm": torch.zeros((), dtype=param.dtype, device=param.device),
+        "row_sums": param.new_zeros(param.shape[:1]),
+    }
 
 
 def update(param, grad, state, config, shared):
     norm = grad.norm()
     new_param = param - config.lr * shared["scale"] * grad / norm
     row_sums = state["row_sums"] + grad.abs().reshape(grad.shape[0], -1).sum(1)
-    return new_param, {"grad_norm": norm, "row_sums": row_sums}, {"norm_sq": norm.square().to(shared["scale"].dtype), "tensors": torch.ones((), dtype=shared["scale"].dtype, device=norm.device)}
+    return (
+        new_param,
+        {"grad_norm": norm, "row_sums": row_sums},
+        {
+            "norm_sq": norm.square().to(shared["scale"].dtype),
+            "tensors": torch.ones((), dtype=shared["scale"].dtype, device=norm.device),
+        },
+    )
 
 
 def init_shared(params, config):
     like = dict(dtype=torch.float64, device=params[0].device if params else "cpu")
-    return {"scale": torch.ones((), **like), "steps": torch.zeros((), **like), "numel": torch.tensor(float(sum(p.numel() for p in params)), **like)}
+    return {
+        "scale": torch.ones((), **like),
+        "steps": torch.zeros((), **like),
+        "numel": torch.tensor(float(sum(p.numel() for p in params)), **like),
+    }
 
 
 def finish(shared, totals, config):
@@ -48,7 +62,9 @@ def finish(shared, totals, config):
     return {**shared, "scale": torch.where(too_big, shared["scale"] / 2, shared["scale"]), "steps": shared["steps"] + 1}
 
 
-TOY = optorch.Algorithm("toy", Config, init_leaf, update, elementwise=False, shared=Shared(init_shared, finish, derived=("numel",)))
+TOY = optorch.Algorithm(
+    "toy", Config, init_leaf, update, elementwise=False, shared=Shared(init_shared, finish, derived=("numel",))
+)
 CONFIG = Config(lr=0.05, limit=0.3)
 
 
@@ -62,7 +78,11 @@ def _grads(params, step):
 
 def _initial():
     generator = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(3, 4, generator=generator, dtype=torch.float64), "b": torch.randn(4, generator=generator, dtype=torch.float64), "c": torch.randn(5, generator=generator, dtype=torch.float64)}
+    return {
+        "w": torch.randn(3, 4, generator=generator, dtype=torch.float64),
+        "b": torch.randn(4, generator=generator, dtype=torch.float64),
+        "c": torch.randn(5, generator=generator, dtype=torch.float64),
+    }
 
 
 def _pure(steps):
@@ -110,7 +130,11 @@ def test_shim_follows_the_pure_stepper(engine):
 def test_shared_state_round_trips_through_a_checkpoint():
     _, optimizer = _shim("eager", 5)
     checkpoint = copy.deepcopy(optimizer.state_dict())
-    saved = {key[len("shared."):]: value for key, value in checkpoint["param_groups"][0].items() if key.startswith("shared.")}
+    saved = {
+        key[len("shared.") :]: value
+        for key, value in checkpoint["param_groups"][0].items()
+        if key.startswith("shared.")
+    }
     assert set(saved) == set(optimizer.shared) and saved["steps"].item() == 5
     params = {n: p.clone().requires_grad_() for n, p in _initial().items()}
     fresh = optorch.Optimizer(list(params.values()), TOY, CONFIG, engine="eager")

@@ -31,7 +31,13 @@ def _first_step_by_hand(g: torch.Tensor, config: dag.Config, d_total: int, sat_p
     h = config.hyper
     values = g.reshape(-1).tolist()
     d, norm = len(values), math.sqrt(sum(v * v for v in values))
-    alpha_hat = h.kappa * (norm + h.eps) / (norm / math.sqrt(d) + h.eps) * (d / d_total) ** h.beta * (h.p_star / (sat_prev + h.eps)) ** h.eta
+    alpha_hat = (
+        h.kappa
+        * (norm + h.eps)
+        / (norm / math.sqrt(d) + h.eps)
+        * (d / d_total) ** h.beta
+        * (h.p_star / (sat_prev + h.eps)) ** h.eta
+    )
     alpha = (1 - h.rho) * 1.0 + h.rho * alpha_hat
     x = [alpha * v / (norm + h.eps) for v in values]
     return alpha, x, torch.tensor([config.k_val * math.tanh(v) for v in x], dtype=DTYPE).reshape(g.shape)
@@ -50,7 +56,9 @@ def test_first_step_of_one_tensor():  # §12.1
     assert (config.hyper.p_star / config.hyper.eps) ** config.hyper.eta == pytest.approx(15.8489, abs=1e-4)
     assert state["alpha"]["w"].item() == pytest.approx(alpha, rel=1e-13)
     torch.testing.assert_close(new["w"], p - 0.1 * u, rtol=0, atol=1e-14)
-    assert state["sigma"]["w"].item() == pytest.approx(g.norm().item() / math.sqrt(20), rel=1e-14)  # §12.7: sigma = |g|/sqrt(d)
+    assert state["sigma"]["w"].item() == pytest.approx(
+        g.norm().item() / math.sqrt(20), rel=1e-14
+    )  # §12.7: sigma = |g|/sqrt(d)
 
 
 def _run(config, params, steps, grads_at):
@@ -85,21 +93,30 @@ def test_warmup_keeps_s_at_one_and_rms0_is_the_ema_of_the_ema():  # §12.2
 def test_shrink_formula(gamma, expected):  # §12.3: rms_t = 0.15 RMS0, lambda = 0.3, ratio 0.5
     config = dag.Config(shrink={"lambda_rms": 0.3, "s_min": 0.1, "ema_beta": 0.0, "warmup_steps": 0, "gamma": gamma})
     shared = dag.init_shared([torch.zeros(10, dtype=DTYPE)], config)
-    shared = {**shared, "global_step": torch.tensor(7.0, dtype=DTYPE), "rms0_ema": torch.tensor(2.0, dtype=DTYPE), "rms_count": torch.tensor(7.0, dtype=DTYPE)}
+    shared = {
+        **shared,
+        "global_step": torch.tensor(7.0, dtype=DTYPE),
+        "rms0_ema": torch.tensor(2.0, dtype=DTYPE),
+        "rms_count": torch.tensor(7.0, dtype=DTYPE),
+    }
     totals = {"sum_u2": torch.tensor(0.3**2 * 10, dtype=DTYPE), "numel": torch.tensor(10.0, dtype=DTYPE)}
     new = dag.finish(shared, totals, config)
     assert new["rms_t_ema"].item() == pytest.approx(0.3)
     assert new["rms0_ema"].item() == 2.0  # frozen after warmup
     assert new["s_t"].item() == pytest.approx(expected, rel=1e-14)
     # far below the baseline: the floor s_min; above it: no shrink
-    assert dag.finish(shared, {**totals, "sum_u2": torch.tensor(0.0, dtype=DTYPE)}, config)["s_t"].item() == pytest.approx(0.1)
+    assert dag.finish(shared, {**totals, "sum_u2": torch.tensor(0.0, dtype=DTYPE)}, config)[
+        "s_t"
+    ].item() == pytest.approx(0.1)
     assert dag.finish(shared, {**totals, "sum_u2": torch.tensor(10.0, dtype=DTYPE)}, config)["s_t"].item() == 1.0
 
 
 def test_after_an_empty_warmup_rms0_is_the_first_measurement():  # §10 #14
     config = dag.Config(shrink={"warmup_steps": 0})
     shared = dag.init_shared([torch.zeros(4, dtype=DTYPE)], config)
-    new = dag.finish(shared, {"sum_u2": torch.tensor(4.0, dtype=DTYPE), "numel": torch.tensor(4.0, dtype=DTYPE)}, config)
+    new = dag.finish(
+        shared, {"sum_u2": torch.tensor(4.0, dtype=DTYPE), "numel": torch.tensor(4.0, dtype=DTYPE)}, config
+    )
     assert new["rms_t_ema"].item() == new["rms0_ema"].item() == 1.0
     assert new["s_t"].item() == 1.0  # ratio 1 / 0.3 clipped to 1
 
@@ -151,7 +168,10 @@ def test_k_schedule_receives_the_optimizer_step_and_stops_at_zero():  # §12.6, 
         assert state["shared"]["k_val"].item() == pytest.approx(k, abs=1e-15)
         # |u|_inf = k tanh(max|x|): the step used k(t), t = 0, 1, 2, ...
         step = ((params["w"] - new["w"]).abs().max() / 0.1).item()
-        assert step == pytest.approx(k * math.tanh(state["alpha"]["w"].item() * g["w"].abs().max().item() / (g["w"].norm().item() + 1e-5)), abs=1e-14)
+        assert step == pytest.approx(
+            k * math.tanh(state["alpha"]["w"].item() * g["w"].abs().max().item() / (g["w"].norm().item() + 1e-5)),
+            abs=1e-14,
+        )
         params = new
     assert t >= 4 and step == 0.0  # the hazard: from total_steps on, the update is zero
     # set_k_val(k) of the original: a config without the schedule
@@ -161,8 +181,14 @@ def test_k_schedule_receives_the_optimizer_step_and_stops_at_zero():  # §12.6, 
 
 def test_d_total_and_the_rms_span_every_group_and_param():  # §12.8, §10 #9
     torch.manual_seed(0)
-    a, b, frozen_out = torch.randn(3, 4, dtype=DTYPE, requires_grad=True), torch.randn(5, dtype=DTYPE, requires_grad=True), torch.randn(2, dtype=DTYPE, requires_grad=True)
-    opt = optorch.build({"name": "dag", "lr": 0.1}, [{"params": [a]}, {"params": [b, frozen_out], "lr": 0.05}], engine="eager")
+    a, b, frozen_out = (
+        torch.randn(3, 4, dtype=DTYPE, requires_grad=True),
+        torch.randn(5, dtype=DTYPE, requires_grad=True),
+        torch.randn(2, dtype=DTYPE, requires_grad=True),
+    )
+    opt = optorch.build(
+        {"name": "dag", "lr": 0.1}, [{"params": [a]}, {"params": [b, frozen_out], "lr": 0.05}], engine="eager"
+    )
     assert opt.shared["d_total"].item() == 12 + 5 + 2  # counts a param that never gets a gradient
     before = [a.detach().clone(), b.detach().clone()]
     (a.sin().sum() + b.cos().sum()).backward()
@@ -188,11 +214,15 @@ def test_kappa_auto_value(tau, p_star, expected):  # §12.9
 def test_maximize_without_momentum_equals_the_original():  # §12.10
     case = recorded.case("dag", "hyper_maximize")
     assert case["config"]["maximize"] and not case["config"]["momentum"] and not case["config"]["weight_decay"]
-    original = [[torch.tensor(values, dtype=torch.float64) for values in step] for step in case["trajectory"]]  # its maximize, unfixed
+    original = [
+        [torch.tensor(values, dtype=torch.float64) for values in step] for step in case["trajectory"]
+    ]  # its maximize, unfixed
     assert verify.max_abs_diff(recorded.replay("dag", case), original) <= 1e-12
 
 
-@pytest.mark.parametrize("flags", [{"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "dampening": 0.2}, {"weight_decay": 0.1}, {}])
+@pytest.mark.parametrize(
+    "flags", [{"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "dampening": 0.2}, {"weight_decay": 0.1}, {}]
+)
 def test_maximize_is_minimizing_the_negated_objective(flags):  # §10 #3-4
     params = {"w": _grad((4, 3), 10), "b": _grad((3,), 11)}
     grads_at = lambda t, p: {k: torch.sin(2 * v + t) for k, v in p.items()}  # noqa: E731
@@ -249,11 +279,18 @@ def test_global_step_advances_without_gradients_and_the_shrink_waits():  # §10 
 
 
 def test_per_tensor_scalars_are_at_least_float32():  # §10 #12
-    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32), (DTYPE, DTYPE)):
+    for dtype, expected in (
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float32),
+        (DTYPE, DTYPE),
+    ):
         state = dag.init_leaf(torch.zeros(3, dtype=dtype), dag.Config())
         assert {v.dtype for v in state.values()} == {expected}
     params = {"w": torch.randn(4, 4).to(torch.bfloat16)}
-    new, state = dag.step(params, {"w": torch.randn(4, 4).to(torch.bfloat16)}, dag.init(params, dag.Config(lr=0.1)), dag.Config(lr=0.1))
+    new, state = dag.step(
+        params, {"w": torch.randn(4, 4).to(torch.bfloat16)}, dag.init(params, dag.Config(lr=0.1)), dag.Config(lr=0.1)
+    )
     assert new["w"].dtype == torch.bfloat16 and state["alpha"]["w"].dtype == torch.float32
 
 
@@ -325,7 +362,9 @@ def test_execution_flags_never_change_the_numbers():  # §10 #7
     params = {"w": _grad((4, 3), 30)}
     grads_at = lambda t, p: {"w": torch.sin(p["w"] + t)}  # noqa: E731
     plain = _run(dag.Config(lr=0.05, momentum=0.9), params, 4, grads_at)
-    flagged = _run(dag.Config(lr=0.05, momentum=0.9, foreach=True, fused=False, differentiable=True), params, 4, grads_at)
+    flagged = _run(
+        dag.Config(lr=0.05, momentum=0.9, foreach=True, fused=False, differentiable=True), params, 4, grads_at
+    )
     for (_, a, _), (_, b, _) in zip(plain, flagged):
         assert torch.equal(a["w"], b["w"])
 
@@ -337,7 +376,9 @@ def test_execution_flags_never_change_the_numbers():  # §10 #7
 def test_shim_exposes_shared_and_per_tensor_observables_and_checkpoints_them():
     torch.manual_seed(0)
     w = torch.randn(4, 3, dtype=DTYPE, requires_grad=True)
-    opt = optorch.build({"name": "dag", "lr": 0.05, "shrink": {"warmup_steps": 2, "lambda_rms": 5.0}}, [w], engine="eager")
+    opt = optorch.build(
+        {"name": "dag", "lr": 0.05, "shrink": {"warmup_steps": 2, "lambda_rms": 5.0}}, [w], engine="eager"
+    )
     for _ in range(4):
         opt.zero_grad()
         w.sin().sum().backward()
@@ -354,7 +395,17 @@ def test_shim_exposes_shared_and_per_tensor_observables_and_checkpoints_them():
 def test_pure_step_compiles_to_one_graph_and_equals_eager():
     """No graph break (so no host sync): cadences, warmup and the first-measurement logic run on tensors.
     Dynamo's own backend is enough to prove it (inductor runs in the shim's replays, test_reference.py)."""
-    config = dag.Config(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, use_exact_sigma=True, sigma_every=2, sat_every=3, k_sched={"name": "cosine", "k0": 2.0, "total_steps": 5}, shrink={"warmup_steps": 2, "lambda_rms": 5.0})
+    config = dag.Config(
+        lr=0.05,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=0.01,
+        use_exact_sigma=True,
+        sigma_every=2,
+        sat_every=3,
+        k_sched={"name": "cosine", "k0": 2.0, "total_steps": 5},
+        shrink={"warmup_steps": 2, "lambda_rms": 5.0},
+    )
     params = {"w": _grad((4, 3), 40), "b": _grad((3,), 41)}
     grads_at = lambda t, p: {k: torch.sin(3 * v + t) for k, v in p.items()}  # noqa: E731
     torch._dynamo.reset()
@@ -364,10 +415,15 @@ def test_pure_step_compiles_to_one_graph_and_equals_eager():
     compiled_params, compiled_state = params, dag.init(params, config)
     for t in range(7):
         eager_params, eager_state = dag.step(eager_params, grads_at(t, eager_params), eager_state, config)
-        compiled_params, compiled_state = compiled(compiled_params, grads_at(t, compiled_params), compiled_state, config)
+        compiled_params, compiled_state = compiled(
+            compiled_params, grads_at(t, compiled_params), compiled_state, config
+        )
     assert counters["stats"]["unique_graphs"] == 1, "the step recompiled (a guard on a step-dependent value)"
     assert compiled_state["shared"]["s_t"].item() < 1.0  # the shrink ran after warmup
-    for a, b in zip(torch.utils._pytree.tree_leaves((eager_params, eager_state)), torch.utils._pytree.tree_leaves((compiled_params, compiled_state))):
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves((eager_params, eager_state)),
+        torch.utils._pytree.tree_leaves((compiled_params, compiled_state)),
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     torch._dynamo.reset()
 
@@ -380,7 +436,9 @@ def test_global_keys_are_refused_in_param_groups():
     with pytest.raises(ValueError, match=r"'hyper'"):
         optorch.build({"name": "dag"}, [{"params": params, "hyper": {"tau": 2.0}}])
     # Per-group keys and a group repeating the optimizer's value stay allowed.
-    opt = optorch.build({"name": "dag", "k_val": 3.0}, [{"params": params[:1], "lr": 0.5, "k_val": 3.0}, {"params": params[1:]}])
+    opt = optorch.build(
+        {"name": "dag", "k_val": 3.0}, [{"params": params[:1], "lr": 0.5, "k_val": 3.0}, {"params": params[1:]}]
+    )
     saved = opt.state_dict()
     saved["param_groups"][1]["k_val"] = 4.0
     with pytest.raises(ValueError, match=r"param group 1 of the state_dict sets 'k_val'"):

@@ -30,10 +30,14 @@ def test_equals_adamw_with_weight_decay_divided_by_initial_lr(amsgrad, maximize)
     start, target = _problem()
     initial_lr, wd = 0.05, 0.01
     reference = start.clone().requires_grad_()
-    torch_opt = torch.optim.AdamW([reference], lr=initial_lr, weight_decay=wd / initial_lr, amsgrad=amsgrad, maximize=maximize, betas=(0.8, 0.95))
+    torch_opt = torch.optim.AdamW(
+        [reference], lr=initial_lr, weight_decay=wd / initial_lr, amsgrad=amsgrad, maximize=maximize, betas=(0.8, 0.95)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda t: 0.5 ** (t // 20))
     params = {"w": start.clone()}
-    config = decoupled_adam.Config(lr=initial_lr, weight_decay=wd, amsgrad=amsgrad, maximize=maximize, betas=(0.8, 0.95))
+    config = decoupled_adam.Config(
+        lr=initial_lr, weight_decay=wd, amsgrad=amsgrad, maximize=maximize, betas=(0.8, 0.95)
+    )
     state = decoupled_adam.init(params, config)
     worst = 0.0
     for t in range(100):
@@ -42,7 +46,9 @@ def test_equals_adamw_with_weight_decay_divided_by_initial_lr(amsgrad, maximize)
         torch_opt.step()
         scheduler.step()
         grads = {"w": torch.func.grad(_loss)(params["w"], target)}
-        params, state = decoupled_adam.step(params, grads, state, config.replace(lr=initial_lr * 0.5 ** (t // 20), initial_lr=initial_lr))
+        params, state = decoupled_adam.step(
+            params, grads, state, config.replace(lr=initial_lr * 0.5 ** (t // 20), initial_lr=initial_lr)
+        )
         worst = max(worst, verify.max_abs_diff(params["w"], reference))
     # The only difference is the rounding of lr * (wd / initial_lr) against wd * (lr / initial_lr).
     assert worst <= 1e-14, worst
@@ -57,7 +63,9 @@ def test_zero_gradients_follow_the_closed_form_with_a_schedule():
     config = decoupled_adam.Config(lr=initial_lr, weight_decay=wd)
     state = decoupled_adam.init(params, config)
     for s in schedule:
-        params, state = decoupled_adam.step(params, {"w": torch.zeros(7, dtype=torch.float64)}, state, config.replace(lr=initial_lr * s))
+        params, state = decoupled_adam.step(
+            params, {"w": torch.zeros(7, dtype=torch.float64)}, state, config.replace(lr=initial_lr * s)
+        )
     expected = start * math.prod(1 - wd * s for s in schedule)
     torch.testing.assert_close(params["w"], expected, rtol=1e-15, atol=0)
 
@@ -67,14 +75,23 @@ def test_the_decay_does_not_scale_with_the_peak_learning_rate():
     for lr in (1e-4, 1.0):
         config = decoupled_adam.Config(lr=lr, weight_decay=0.2)
         params = {"w": torch.ones(3, dtype=torch.float64)}
-        params, _ = decoupled_adam.step(params, {"w": torch.zeros(3, dtype=torch.float64)}, decoupled_adam.init(params, config), config)
+        params, _ = decoupled_adam.step(
+            params, {"w": torch.zeros(3, dtype=torch.float64)}, decoupled_adam.init(params, config), config
+        )
         torch.testing.assert_close(params["w"], torch.full((3,), 0.8, dtype=torch.float64), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("engine", ["eager", pytest.param("compiled", marks=pytest.mark.compile)])
 def test_shim_takes_initial_lr_per_group_and_follows_a_torch_scheduler(engine):
-    a, b = torch.ones(4, dtype=torch.float64, requires_grad=True), torch.ones(3, dtype=torch.float64, requires_grad=True)
-    optimizer = optorch.build({"name": "decoupled_adam", "lr": 0.1, "weight_decay": 0.1}, [{"params": [a]}, {"params": [b], "lr": 0.01}], engine=engine)
+    a, b = (
+        torch.ones(4, dtype=torch.float64, requires_grad=True),
+        torch.ones(3, dtype=torch.float64, requires_grad=True),
+    )
+    optimizer = optorch.build(
+        {"name": "decoupled_adam", "lr": 0.1, "weight_decay": 0.1},
+        [{"params": [a]}, {"params": [b], "lr": 0.01}],
+        engine=engine,
+    )
     assert [g["initial_lr"] for g in optimizer.param_groups] == [0.1, 0.01]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5**t)
     factors = []

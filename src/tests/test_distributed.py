@@ -29,7 +29,9 @@ from optorch.tools.verify_distributed import RESUME_TOLERANCE, TOLERANCE, Case
 from test_docs import python_blocks
 
 dist = pytest.importorskip("torch.distributed")
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
 
 
 def _check(result: dict) -> None:
@@ -38,7 +40,9 @@ def _check(result: dict) -> None:
     if result["torch_diff"] is not None:
         assert result["torch_diff"] <= TOLERANCE, f"{result['torch_diff']:.3g} from torch.optim in the same mode"
     if result["resume_diff"] is not None:
-        assert result["resume_diff"] <= RESUME_TOLERANCE, f"resumed {result['resume_diff']:.3g} from the run without a break"
+        assert result["resume_diff"] <= RESUME_TOLERANCE, (
+            f"resumed {result['resume_diff']:.3g} from the run without a break"
+        )
     if result["init_step_change"] is not None:
         assert result["init_step_change"] == 0.0, "DCP's state-creating step changed a param, a position or a counter"
 
@@ -82,7 +86,12 @@ ALGORITHMS = [name for name, config in verify_distributed.CONFIGS.items() if not
 TORCH_KERNELS = ("sgd", "adam", "adamw", "adagrad")
 MATRIX_ENGINES = (
     [Case(name, "fsdp2", "compiled") for name in ALGORITHMS]  # element-wise shards through the compiled kernels
-    + [Case(name, mode, engine) for name in TORCH_KERNELS for engine in ("auto", "torch") for mode in ("fsdp2", "ddp", "zero")]
+    + [
+        Case(name, mode, engine)
+        for name in TORCH_KERNELS
+        for engine in ("auto", "torch")
+        for mode in ("fsdp2", "ddp", "zero")
+    ]
 )
 MATRIX_2D = [Case(name, "fsdp2-tp") for name in verify_distributed.CONFIGS]
 
@@ -136,11 +145,24 @@ def _refusals() -> dict[str, str | None]:
     attempt("amp without partition_group", lambda: zero({"name": "adamw", "amp": {}}))
     attempt("adamw without partition_group", lambda: zero({"name": "adamw", "ema": 0.9}))
     attempt("dag with partition_group", lambda: zero({"name": "dag"}, partition_group=dist.group.WORLD))
-    attempt("adapt inside zero", lambda: zero({"name": "sgd", "lr": 0.1, "adapt": {"lr_rule": "trend"}}, partition_group=dist.group.WORLD))
-    attempt("param_groups inside zero", lambda: zero({"name": "adamw", "param_groups": [{"match": "bias", "weight_decay": 0.0}]}))
+    attempt(
+        "adapt inside zero",
+        lambda: zero({"name": "sgd", "lr": 0.1, "adapt": {"lr_rule": "trend"}}, partition_group=dist.group.WORLD),
+    )
+    attempt(
+        "param_groups inside zero",
+        lambda: zero({"name": "adamw", "param_groups": [{"match": "bias", "weight_decay": 0.0}]}),
+    )
     model = torch.nn.Linear(4, 3)
-    attempt("a schedule as zero's keyword", lambda: ZeroRedundancyOptimizer(
-        model.parameters(), optimizer_class=optorch.optim.AdamW, lr=0.01, schedule={"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 10}}))
+    attempt(
+        "a schedule as zero's keyword",
+        lambda: ZeroRedundancyOptimizer(
+            model.parameters(),
+            optimizer_class=optorch.optim.AdamW,
+            lr=0.01,
+            schedule={"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 10}},
+        ),
+    )
 
     # a whole (unsharded) state loaded into a sharded optimizer by hand: refused at the next step
     torch.manual_seed(0)
@@ -161,9 +183,15 @@ def refusals(ci_results):
     return ci_results["extra"]
 
 
-@pytest.mark.parametrize("name", ["dag without partition_group", "clip without partition_group", "amp without partition_group"])
+@pytest.mark.parametrize(
+    "name", ["dag without partition_group", "clip without partition_group", "amp without partition_group"]
+)
 def test_zero_refuses_cross_parameter_reductions_without_a_partition_group(refusals, name):
-    assert refusals[name].startswith("ValueError") and "partition_group=dist.group.WORLD" in refusals[name] and "partial result" in refusals[name]
+    assert (
+        refusals[name].startswith("ValueError")
+        and "partition_group=dist.group.WORLD" in refusals[name]
+        and "partial result" in refusals[name]
+    )
 
 
 def test_zero_builds_per_tensor_configs_and_a_partition_group(refusals):
@@ -174,7 +202,10 @@ def test_zero_builds_per_tensor_configs_and_a_partition_group(refusals):
 def test_zero_refuses_what_it_would_undo_or_cannot_name(refusals):
     assert "AdaptiveOpt(zero_optimizer" in refusals["adapt inside zero"]
     assert "split_param_groups" in refusals["param_groups inside zero"]
-    assert "'schedule'" in refusals["a schedule as zero's keyword"] and "functools.partial(optorch.optim" in refusals["a schedule as zero's keyword"]
+    assert (
+        "'schedule'" in refusals["a schedule as zero's keyword"]
+        and "functools.partial(optorch.optim" in refusals["a schedule as zero's keyword"]
+    )
 
 
 def test_a_whole_state_in_a_sharded_optimizer_is_refused(refusals):
@@ -221,14 +252,24 @@ def _in_backward(config, steps=5):
     return results
 
 
-@pytest.mark.parametrize("config", [
-    {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
-    {"name": "adopt", "lr": 0.01},
-    {"name": "lars", "lr": 0.1, "weight_decay": 0.01},
-    {"name": "adafactor", "lr": 0.01},
-    {"name": "autosgm", "lr": 0.01, "numerator": 2},
-    {"name": "sgd", "lr": 0.1, "momentum": 0.9, "ema": 0.9, "schedule": {"lr": {"name": "cosine", "init_value": 0.1, "decay_steps": 5}}},
-], ids=lambda config: config["name"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+        {"name": "adopt", "lr": 0.01},
+        {"name": "lars", "lr": 0.1, "weight_decay": 0.01},
+        {"name": "adafactor", "lr": 0.01},
+        {"name": "autosgm", "lr": 0.01, "numerator": 2},
+        {
+            "name": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "ema": 0.9,
+            "schedule": {"lr": {"name": "cosine", "init_value": 0.1, "decay_steps": 5}},
+        },
+    ],
+    ids=lambda config: config["name"],
+)
 def test_an_optimizer_per_parameter_in_backward_equals_one_after_it(config):
     hooked, plain = _in_backward(config)
     for a, b in zip(hooked, plain):
@@ -254,12 +295,15 @@ def test_optimizer_in_backward_equals_torch_optim_in_backward():
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("config, what", [
-    ({"name": "dag"}, "dag's shared state"),
-    ({"name": "adamw", "clip_grad_norm": 1.0}, "'clip_grad_norm'"),
-    ({"name": "adamw", "skip_nonfinite": True}, "'skip_nonfinite'"),
-    ({"name": "adamw", "amp": {}}, "'amp'"),
-])
+@pytest.mark.parametrize(
+    "config, what",
+    [
+        ({"name": "dag"}, "dag's shared state"),
+        ({"name": "adamw", "clip_grad_norm": 1.0}, "'clip_grad_norm'"),
+        ({"name": "adamw", "skip_nonfinite": True}, "'skip_nonfinite'"),
+        ({"name": "adamw", "amp": {}}, "'amp'"),
+    ],
+)
 def test_optimizer_in_backward_is_refused_where_a_step_reduces_over_all_params(config, what):
     with pytest.raises(RuntimeError, match="inside backward") as error:
         _in_backward(config, steps=1)
@@ -278,26 +322,45 @@ def test_every_builtin_algorithm_has_a_class():
 
 def test_a_class_steps_as_build_and_pickles_as_itself():
     params = {kind: torch.nn.Parameter(torch.arange(4.0, dtype=torch.float64)) for kind in ("class", "build")}
-    config = {"lr": 0.01, "momentum": 0.9, "clip_grad_norm": 1.0, "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 4}}}
-    optimizers = {"class": optorch.optim.DAG([params["class"]], engine="eager", **config),
-                  "build": optorch.build({"name": "dag", **config}, [params["build"]], engine="eager")}
+    config = {
+        "lr": 0.01,
+        "momentum": 0.9,
+        "clip_grad_norm": 1.0,
+        "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 4}},
+    }
+    optimizers = {
+        "class": optorch.optim.DAG([params["class"]], engine="eager", **config),
+        "build": optorch.build({"name": "dag", **config}, [params["build"]], engine="eager"),
+    }
     for _ in range(3):
         for kind, optimizer in optimizers.items():
             params[kind].grad = params[kind].detach().sin()
             optimizer.step()
     torch.testing.assert_close(params["class"], params["build"], rtol=0, atol=0)
     copied = pickle.loads(pickle.dumps(optimizers["class"]))
-    assert type(copied) is optorch.optim.DAG and copied.state_dict()["param_groups"] == optimizers["class"].state_dict()["param_groups"]
+    assert (
+        type(copied) is optorch.optim.DAG
+        and copied.state_dict()["param_groups"] == optimizers["class"].state_dict()["param_groups"]
+    )
 
 
 def test_split_param_groups_builds_what_the_config_builds():
-    config = {"name": "adamw", "lr": 0.01, "weight_decay": 0.1, "param_groups": [{"match": "*.bias", "weight_decay": 0.0}]}
+    config = {
+        "name": "adamw",
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        "param_groups": [{"match": "*.bias", "weight_decay": 0.0}],
+    }
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     groups, rest = distributed.split_param_groups(config, model)
-    assert "param_groups" not in rest and [len(g["params"]) for g in groups] == [2, 2] and groups[1]["weight_decay"] == 0.0
+    assert (
+        "param_groups" not in rest and [len(g["params"]) for g in groups] == [2, 2] and groups[1]["weight_decay"] == 0.0
+    )
     split, whole = optorch.build(rest, groups), optorch.build(config, model)
-    assert [{k: v for k, v in g.items() if k != "params"} for g in split.param_groups] == [{k: v for k, v in g.items() if k != "params"} for g in whole.param_groups]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in split.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in whole.param_groups
+    ]
 
 
 def test_a_partition_copies_as_itself_and_refuses_pickling():
@@ -313,7 +376,15 @@ def test_the_fsdp2_and_dcp_example_of_the_docs_runs_in_two_processes(tmp_path):
     page = Path(__file__).parents[2] / "docs" / "distributed.md"
     line, code, _ = next(block for block in python_blocks(page.read_text()) if "fully_shard" in block[1])
     (tmp_path / "train.py").write_text(code)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"docs/distributed.md line {line}:\n{result.stderr[-3000:]}"
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir() if p.suffix == ".distcp") == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]

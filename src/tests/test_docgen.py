@@ -22,7 +22,9 @@ def test_committed_reference_is_current() -> None:
 
 
 def test_every_field_is_described_and_every_description_is_used() -> None:
-    assert docgen.undescribed() == [], "give these fields a docstring (or a shared description: optorch.core.config.SHARED_DESCRIPTIONS)"
+    assert docgen.undescribed() == [], (
+        "give these fields a docstring (or a shared description: optorch.core.config.SHARED_DESCRIPTIONS)"
+    )
 
 
 def test_every_algorithm_schedule_and_entry_has_a_section() -> None:
@@ -35,7 +37,7 @@ def test_every_algorithm_schedule_and_entry_has_a_section() -> None:
 
 
 def _row(page: str, section: str, key: str) -> list[str]:
-    body = page[page.index(section):]
+    body = page[page.index(section) :]
     line = next(line for line in body.splitlines() if line.startswith(f"| `{key}` |"))
     return [cell.strip() for cell in line.strip("|").split(" | ")]
 
@@ -43,8 +45,13 @@ def _row(page: str, section: str, key: str) -> list[str]:
 def test_rows_state_types_defaults_and_constraints() -> None:
     # each expected row is read off the Config definitions in the algorithm modules
     page = docgen.render()
-    assert _row(page, "\n### adam\n", "betas") == ["`betas`", "(scalar, scalar)", "`(0.9, 0.999)`", "each in [0, 1)",
-                                                 "decay rates of the first and second moment averages"]
+    assert _row(page, "\n### adam\n", "betas") == [
+        "`betas`",
+        "(scalar, scalar)",
+        "`(0.9, 0.999)`",
+        "each in [0, 1)",
+        "decay rates of the first and second moment averages",
+    ]
     assert _row(page, "\n### adam\n", "eps")[1:4] == ["scalar", "`1e-8`", ">= 0"]
     assert _row(page, "\n### adafactor\n", "beta2_decay")[1:4] == ["scalar", "`-0.8`", "<= 0"]
     assert _row(page, "\n### adafactor\n", "eps")[1:4] == ["(scalar or None, scalar)", "`(None, 0.001)`", "each >= 0"]

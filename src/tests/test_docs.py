@@ -41,7 +41,7 @@ def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
         start, body = i, []
         i += 1
         while i < len(lines) and not lines[i].strip().startswith(fence):
-            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i].lstrip())
+            body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i].lstrip())
             i += 1
         i += 1  # the closing fence
         if language.lower() in ("python", "py"):
@@ -83,25 +83,27 @@ def test_python_blocks_run(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_block_parser() -> None:
-    text = "\n".join([
-        "intro",
-        "```python",
-        "x = 1",
-        "```",
-        "<!-- not-run: needs a GPU -->",
-        "",
-        "```python",
-        "y = cuda()",
-        "```",
-        "- item",
-        "",
-        "    ```py",
-        "    z = x + 1",
-        "    ```",
-        "```bash",
-        "echo no",
-        "```",
-    ])
+    text = "\n".join(
+        [
+            "intro",
+            "```python",
+            "x = 1",
+            "```",
+            "<!-- not-run: needs a GPU -->",
+            "",
+            "```python",
+            "y = cuda()",
+            "```",
+            "- item",
+            "",
+            "    ```py",
+            "    z = x + 1",
+            "    ```",
+            "```bash",
+            "echo no",
+            "```",
+        ]
+    )
     assert python_blocks(text) == [(2, "x = 1\n", None), (7, "y = cuda()\n", "needs a GPU"), (12, "z = x + 1\n", None)]
 
 

@@ -18,14 +18,35 @@ from optorch import adam, autosgm
 from optorch.tools import recorded, verify, verify_checks, verify_problem, verify_rule
 from optorch.algorithms import registry
 
-EXPECTED_GRIDS = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "adopt", "asgd", "lars", "nadam", "radam", "rmsprop", "rprop", "sgd"]
+EXPECTED_GRIDS = [
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "adopt",
+    "asgd",
+    "lars",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
+    "sgd",
+]
 """Every algorithm verified over a flag grid against a live reference: a reference package missing
 (torch-adopt, pytorch_optimizer) must fail the suite, not shrink it."""
 
 
 def _float64_grid() -> list[verify.Check]:
     return [
-        verify.Check("grid", name, tuple(sorted((k, v) for k, v in config.items() if k != "name")), path, intermittent=intermittent)
+        verify.Check(
+            "grid",
+            name,
+            tuple(sorted((k, v) for k, v in config.items() if k != "name")),
+            path,
+            intermittent=intermittent,
+        )
         for name in verify.grid_algorithms()
         for config in verify.flag_grid(name)
         for intermittent in (False, True)
@@ -42,7 +63,11 @@ def _param(check: verify.Check):
 
 def pytest_generate_tests(metafunc):
     if "check" in metafunc.fixturenames:
-        checks = verify.plan(full=True).checks if metafunc.config.getoption("--full") else verify.plan().checks + _float64_grid()
+        checks = (
+            verify.plan(full=True).checks
+            if metafunc.config.getoption("--full")
+            else verify.plan().checks + _float64_grid()
+        )
         metafunc.parametrize("check", [_param(check) for check in dict.fromkeys(checks)])
 
 
@@ -80,7 +105,10 @@ def test_every_grid_is_verified_and_every_algorithm_planned():
     # nothing skipped but float16 where no reference runs in it (and the compiled engine without a compiler)
     assert all("float16 not checked" in note or "compiled" in note for note in plan.skipped), plan.skipped
     kinds = {(check.algorithm, check.kind) for check in plan.checks}
-    assert {name for name, kind in kinds if kind == "estimated"} == {"autosgm", "dag"}  # no live low-precision reference
+    assert {name for name, kind in kinds if kind == "estimated"} == {
+        "autosgm",
+        "dag",
+    }  # no live low-precision reference
 
 
 def test_cover_takes_every_flag_value_with_and_without_missing_grads():
@@ -102,7 +130,9 @@ def test_the_default_plan_checks_every_path_and_dtype():
         assert {check.path for check in mine} >= {"pure", "eager"}, name
     compiled = {check.algorithm for check in plan.checks if check.path == "compiled"}
     assert compiled == set(verify.COMPILED_REPRESENTATIVES) or not optorch.shim.engines.compiler_available()
-    assert {check.algorithm for check in plan.checks if check.default_dtype == "float64"} == set(verify.grid_algorithms()) | {"adopt", "dag"}
+    assert {check.algorithm for check in plan.checks if check.default_dtype == "float64"} == set(
+        verify.grid_algorithms()
+    ) | {"adopt", "dag"}
 
 
 def test_gradients_are_the_losss():
@@ -162,17 +192,58 @@ def test_max_abs_diff_sees_nan_and_mismatches():
 def test_a_reference_that_fails_in_low_precision_judges_nothing():
     """torch's float16 Adam with a second moment that underflows is no approximation to the truth: the
     check says N/A, never PASS, however close optorch comes to it."""
-    result = verify.Result("adam", "-", 100, "float16", "cpu", "shim:eager", 80.0, 80.0, verify.tolerance(torch.float16, 80.0), movement=1.0)
+    result = verify.Result(
+        "adam",
+        "-",
+        100,
+        "float16",
+        "cpu",
+        "shim:eager",
+        80.0,
+        80.0,
+        verify.tolerance(torch.float16, 80.0),
+        movement=1.0,
+    )
     assert result.verdict == "N/A" and not result.passed and result.ok
-    nan = verify.Result("adam", "-", 100, "float16", "cpu", "shim:eager", math.inf, math.inf, verify.tolerance(torch.float16, math.inf), movement=1.0)
+    nan = verify.Result(
+        "adam",
+        "-",
+        100,
+        "float16",
+        "cpu",
+        "shim:eager",
+        math.inf,
+        math.inf,
+        verify.tolerance(torch.float16, math.inf),
+        movement=1.0,
+    )
     assert nan.verdict == "N/A"
-    broken = verify.Result("adam", "-", 100, "float32", "cpu", "shim:eager", math.inf, 1e-7, verify.tolerance(torch.float32, 1e-7), movement=1.0)
+    broken = verify.Result(
+        "adam",
+        "-",
+        100,
+        "float32",
+        "cpu",
+        "shim:eager",
+        math.inf,
+        1e-7,
+        verify.tolerance(torch.float32, 1e-7),
+        movement=1.0,
+    )
     assert broken.verdict == "FAIL" and not broken.ok
 
 
 def _with_float32_bug(algorithm: optorch.Algorithm, update) -> optorch.Algorithm:
-    return optorch.Algorithm(algorithm.name, algorithm.config, algorithm.init_leaf, update, algorithm.torch_optimizer, grid=algorithm.grid,
-                             elementwise=algorithm.elementwise, shared=algorithm.shared)
+    return optorch.Algorithm(
+        algorithm.name,
+        algorithm.config,
+        algorithm.init_leaf,
+        update,
+        algorithm.torch_optimizer,
+        grid=algorithm.grid,
+        elementwise=algorithm.elementwise,
+        shared=algorithm.shared,
+    )
 
 
 def _half_in_float32(value: torch.Tensor) -> torch.Tensor:
@@ -189,7 +260,9 @@ def test_a_float32_bug_in_a_bias_correction_is_caught(monkeypatch):
         lr, (beta1, beta2), wd = config.lr, config.betas, config.weight_decay
         g = -grad if config.maximize else grad
         step = state["step"] + 1
-        param, g = optorch.core.ops.weight_decay(param, g, wd, config.decay_rate() if config.decoupled_weight_decay else None)
+        param, g = optorch.core.ops.weight_decay(
+            param, g, wd, config.decay_rate() if config.decoupled_weight_decay else None
+        )
         exp_avg = optorch.core.ops.lerp(state["exp_avg"], g, 1 - beta1)
         exp_avg_sq = optorch.core.ops.addcmul(state["exp_avg_sq"] * beta2, g, g, 1 - beta2)
         new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
@@ -207,7 +280,9 @@ def test_a_float32_bug_in_a_bias_correction_is_caught(monkeypatch):
         assert verify.check("adam", config, dtype="float32", engine="eager", intermittent=intermittent).passed
     monkeypatch.setitem(registry.ALGORITHMS, "adam", _with_float32_bug(adam.algorithm, update))
     for config, intermittent in cases:
-        assert verify.check("adam", config, dtype="float64", engine="eager", intermittent=intermittent).passed  # float64 is untouched
+        assert verify.check(
+            "adam", config, dtype="float64", engine="eager", intermittent=intermittent
+        ).passed  # float64 is untouched
         for engine in ("pure", "eager"):
             result = verify.check("adam", config, dtype="float32", engine=engine, intermittent=intermittent)
             assert result.verdict == "FAIL" and result.error > 2 * result.tolerance, result
@@ -257,13 +332,19 @@ def _judged_in_float64(config, candidate_config, nudge=None):
     the compiled engine on an algorithm that reduces is judged."""
     setting = verify_problem.Setting(steps=100)
     reference = verify_checks._GridReference("adafactor", tuple(sorted(config.items())))
-    candidate = lambda s: verify_problem._run_torch("adafactor", candidate_config, s._replace(nudge=nudge, inputs=torch.float64 if nudge is not None else None))
-    return verify_rule._judge(candidate, reference, setting, float64_tolerance=verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE)
+    candidate = lambda s: verify_problem._run_torch(
+        "adafactor", candidate_config, s._replace(nudge=nudge, inputs=torch.float64 if nudge is not None else None)
+    )
+    return verify_rule._judge(
+        candidate, reference, setting, float64_tolerance=verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE
+    )
 
 
 def test_float64_rounding_grown_by_a_chaotic_configuration_is_not_judged_and_a_real_difference_still_fails():
     chaotic = _judged_in_float64(CHAOTIC, CHAOTIC, nudge=99)
-    assert chaotic.error > 0.1 and chaotic.basis == "sensitivity" and chaotic.tolerance >= chaotic.movement  # N/A: noise moves it as far as training
+    assert (
+        chaotic.error > 0.1 and chaotic.basis == "sensitivity" and chaotic.tolerance >= chaotic.movement
+    )  # N/A: noise moves it as far as training
     calm = _judged_in_float64(CALM, CALM, nudge=99)
     assert calm.error <= calm.tolerance == verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE  # its rounding stays rounding
     wrong = _judged_in_float64(CALM, {**CALM, "lr": 0.1 * (1 + 1e-6)})

@@ -73,7 +73,9 @@ def test_grad_through_unrolled_steps_wrt_lr_matches_finite_differences(name, fla
         # be that noisy. A step of 1e-3 shrinks the noise to ~1e-6 and a fourth-order stencil keeps
         # the truncation error below that (O(h^4)).
         h = 1e-3
-        numeric = (8 * (meta_loss(lr + h) - meta_loss(lr - h)) - (meta_loss(lr + 2 * h) - meta_loss(lr - 2 * h))) / (12 * h)
+        numeric = (8 * (meta_loss(lr + h) - meta_loss(lr - h)) - (meta_loss(lr + 2 * h) - meta_loss(lr - 2 * h))) / (
+            12 * h
+        )
     else:
         h = 1e-6
         numeric = (meta_loss(lr + h) - meta_loss(lr - h)) / (2 * h)

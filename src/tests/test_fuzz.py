@@ -39,8 +39,10 @@ CONFIG_ERRORS = (pydantic.ValidationError, optorch.ConfigError, optorch.UnknownO
 
 def named_params() -> dict[str, torch.nn.Parameter]:
     generator = torch.Generator().manual_seed(0)
-    return {"w": torch.nn.Parameter(torch.randn(2, 3, generator=generator, dtype=torch.float64)),
-            "b": torch.nn.Parameter(torch.randn(3, generator=generator, dtype=torch.float64))}
+    return {
+        "w": torch.nn.Parameter(torch.randn(2, 3, generator=generator, dtype=torch.float64)),
+        "b": torch.nn.Parameter(torch.randn(3, generator=generator, dtype=torch.float64)),
+    }
 
 
 def smooth_grads(values: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
@@ -50,12 +52,16 @@ def smooth_grads(values: dict[str, torch.Tensor], i: int) -> dict[str, torch.Ten
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     # float64, a few steps: the same math in another order differs in the last bits only
     for name in expected:
-        torch.testing.assert_close(actual[name].detach(), expected[name].detach(), rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+        torch.testing.assert_close(
+            actual[name].detach(), expected[name].detach(), rtol=1e-12, atol=1e-12, equal_nan=True, msg=name
+        )
 
 
 def is_plain(config: dict) -> bool:
     """No surroundings and no tensors: torch.optim takes the same keys."""
-    return not any(key in config for key in builder.ENTRY_KEYS) and not any(isinstance(v, torch.Tensor) for v in _leaves(config))
+    return not any(key in config for key in builder.ENTRY_KEYS) and not any(
+        isinstance(v, torch.Tensor) for v in _leaves(config)
+    )
 
 
 def _leaves(value):
@@ -72,8 +78,11 @@ def reference(name: str, config: dict, init: dict[str, torch.Tensor]):
     algorithm = optorch.ALGORITHMS[name]
     if algorithm.torch_optimizer is not None and is_plain(config):
         params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in init.items()}
-        optimizer = algorithm.torch_optimizer(list(params.values()), **algorithm.config(**{k: v for k, v in config.items() if k != "name"}).hyperparameters(),
-                                              foreach=False)
+        optimizer = algorithm.torch_optimizer(
+            list(params.values()),
+            **algorithm.config(**{k: v for k, v in config.items() if k != "name"}).hyperparameters(),
+            foreach=False,
+        )
 
         def step(grads):
             for k, p in params.items():
@@ -109,8 +118,16 @@ SPECIAL = [0.0, 1.0, -1.0, 0.5, 0.999, 1.5, 2.0, 1e-8, 1e-50, 1e300, -1e-3, 10**
 JUNK = ["0.1", "yes", None, [0.1], {"a": 1}, True, b"1"]
 # in the params' dtype: a float32 tensor hyperparameter computes in float32 in the eager engine (the
 # user's tensor, as given) and in float64 in the references, a difference of precision, not of math
-TENSORS = st.sampled_from([0.01, 0.9]).flatmap(lambda v: st.sampled_from([torch.tensor(v, dtype=torch.float64), torch.tensor([v], dtype=torch.float64),
-                                                                          torch.tensor(int(v)), torch.tensor(v + 0j)]))
+TENSORS = st.sampled_from([0.01, 0.9]).flatmap(
+    lambda v: st.sampled_from(
+        [
+            torch.tensor(v, dtype=torch.float64),
+            torch.tensor([v], dtype=torch.float64),
+            torch.tensor(int(v)),
+            torch.tensor(v + 0j),
+        ]
+    )
+)
 
 
 def value_like(default) -> st.SearchStrategy:
@@ -122,7 +139,11 @@ def value_like(default) -> st.SearchStrategy:
     if isinstance(default, float) or default is None:
         return st.one_of(st.floats(-3, 3), st.sampled_from(SPECIAL), st.sampled_from(JUNK), TENSORS)
     if isinstance(default, tuple):
-        return st.one_of(st.tuples(*[value_like(d) for d in default]).map(list), st.tuples(*[value_like(d) for d in default]), st.sampled_from(JUNK))
+        return st.one_of(
+            st.tuples(*[value_like(d) for d in default]).map(list),
+            st.tuples(*[value_like(d) for d in default]),
+            st.sampled_from(JUNK),
+        )
     return st.just(default)  # nested settings (DAG's hyper, shrink): their own tests
 
 
@@ -131,9 +152,21 @@ ENTRIES = {
     "skip_nonfinite": value_like(True),
     "accumulate_steps": st.one_of(st.integers(0, 3), st.sampled_from(JUNK)),
     "ema": st.one_of(value_like(0.9), st.fixed_dictionaries({"decay": value_like(0.9), "warmup": value_like(False)})),
-    "amp": st.one_of(st.just({}), st.fixed_dictionaries({"init_scale": value_like(1024.0), "growth_interval": value_like(3)})),
-    "schedule": st.fixed_dictionaries({"lr": st.fixed_dictionaries({"name": st.sampled_from(["cosine", "linear", "cosin"]), "init_value": value_like(0.01),
-                                                                  "decay_steps": value_like(10), "warmup_steps": value_like(2)})}),
+    "amp": st.one_of(
+        st.just({}), st.fixed_dictionaries({"init_scale": value_like(1024.0), "growth_interval": value_like(3)})
+    ),
+    "schedule": st.fixed_dictionaries(
+        {
+            "lr": st.fixed_dictionaries(
+                {
+                    "name": st.sampled_from(["cosine", "linear", "cosin"]),
+                    "init_value": value_like(0.01),
+                    "decay_steps": value_like(10),
+                    "warmup_steps": value_like(2),
+                }
+            )
+        }
+    ),
 }
 
 
@@ -161,13 +194,22 @@ def test_random_configs_build_and_step_correctly_or_fail_clearly(name, data):
         assert "\n" not in message and len(message) < 2000, message
         assert names_what_is_wrong(error, config), message
         return
-    filled = parsed.config.hyperparameters().get({"adagrad": "initial_accumulator_value", "rprop": "lr"}.get(name, ""), 0.0)
+    filled = parsed.config.hyperparameters().get(
+        {"adagrad": "initial_accumulator_value", "rprop": "lr"}.get(name, ""), 0.0
+    )
     # Known, outside this suite: Algorithm.state_keys probes init_leaf with a float32 tensor, so the pure
     # init fails for a state filled from a value finite in float64 (these params) but not in float32.
     assume(isinstance(filled, torch.Tensor) or abs(filled) <= torch.finfo(torch.float32).max)
     init = named_params()
-    optimizer = builder.assemble(list(init.items()), parsed.algorithm, parsed.config, engine="eager", schedules=parsed.schedules,
-                                 settings=parsed.settings, rules=parsed.rules)
+    optimizer = builder.assemble(
+        list(init.items()),
+        parsed.algorithm,
+        parsed.config,
+        engine="eager",
+        schedules=parsed.schedules,
+        settings=parsed.settings,
+        rules=parsed.rules,
+    )
     ref = reference(name, config, init)
     for i in range(3):
         grads = smooth_grads(init, i)
@@ -176,7 +218,9 @@ def test_random_configs_build_and_step_correctly_or_fail_clearly(name, data):
         before = snapshot(optimizer)
         try:
             optimizer.step()
-        except pydantic.ValidationError as error:  # a schedule that leaves the key's range later (step 0 is checked when parsed)
+        except (
+            pydantic.ValidationError
+        ) as error:  # a schedule that leaves the key's range later (step 0 is checked when parsed)
             assert first_location(error)[0] in config.get("schedule", {}), error
             assert_same(snapshot(optimizer), before)
             return
@@ -187,7 +231,24 @@ def test_random_configs_build_and_step_correctly_or_fail_clearly(name, data):
 # ------------------------------------------------------------------------------------------------
 # random corruptions of a saved checkpoint
 
-CORRUPTIONS = ("drop", "rename", "nan", "inf", "negate", "huge", "zero", "shape", "int", "float16", "complex", "string", "none", "list", "bool", "number")
+CORRUPTIONS = (
+    "drop",
+    "rename",
+    "nan",
+    "inf",
+    "negate",
+    "huge",
+    "zero",
+    "shape",
+    "int",
+    "float16",
+    "complex",
+    "string",
+    "none",
+    "list",
+    "bool",
+    "number",
+)
 
 
 def corrupt(value, how: str):
@@ -199,10 +260,18 @@ def corrupt(value, how: str):
         return [0.1, 0.2]
     if how == "bool":
         return True
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and how in ("nan", "inf", "negate", "huge", "zero"):
-        return {"nan": math.nan, "inf": math.inf, "negate": -1 - value, "huge": value + 1e300, "zero": 0}[how]  # a number stays one
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and how in ("nan", "inf", "negate", "huge", "zero")
+    ):
+        return {"nan": math.nan, "inf": math.inf, "negate": -1 - value, "huge": value + 1e300, "zero": 0}[
+            how
+        ]  # a number stays one
     if not isinstance(value, torch.Tensor):
-        value = torch.tensor(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else torch.zeros(())
+        value = (
+            torch.tensor(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else torch.zeros(())
+        )
     if value.dtype == torch.bool:
         value = value.to(torch.int64)
     floating = value if value.is_floating_point() or value.is_complex() else value.double()
@@ -221,8 +290,14 @@ def corrupt(value, how: str):
     }[how]()
 
 
-FULL = {"lr": 0.01, "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 100}}, "accumulate_steps": 2, "skip_nonfinite": True,
-        "ema": 0.9, "amp": {}}
+FULL = {
+    "lr": 0.01,
+    "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": 100}},
+    "accumulate_steps": 2,
+    "skip_nonfinite": True,
+    "ema": 0.9,
+    "amp": {},
+}
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
@@ -257,7 +332,9 @@ def test_random_checkpoint_corruptions_load_correctly_or_fail_and_change_nothing
             holder[key] = corrupt(holder[key], how)
     torch_checkpoint = copy.deepcopy(checkpoint)
     for group in torch_checkpoint["param_groups"] if isinstance(torch_checkpoint.get("param_groups"), list) else []:
-        for key, field in optorch.ALGORITHMS[name].config.model_fields.items():  # a flag left out takes its default, in both
+        for key, field in optorch.ALGORITHMS[
+            name
+        ].config.model_fields.items():  # a flag left out takes its default, in both
             if isinstance(group, dict) and isinstance(field.default, bool):
                 group.setdefault(key, field.default)
     before = snapshot(optimizer)
@@ -288,7 +365,9 @@ def test_random_checkpoint_corruptions_load_correctly_or_fail_and_change_nothing
 # ------------------------------------------------------------------------------------------------
 # random gradients: NaN, inf, huge, subnormal, the wrong shape
 
-ELEMENTS = st.one_of(st.floats(-10, 10), st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, 1e-310, 0.0, -0.0]))
+ELEMENTS = st.one_of(
+    st.floats(-10, 10), st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, 1e-310, 0.0, -0.0])
+)
 
 
 @st.composite
@@ -298,7 +377,9 @@ def gradients(draw, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
         count = math.prod(shape)
         finite = draw(st.booleans(), label=f"{name} finite")
         elements = st.floats(-10, 10) if finite else ELEMENTS
-        grads[name] = torch.tensor(draw(st.lists(elements, min_size=count, max_size=count)), dtype=torch.float64).reshape(shape)
+        grads[name] = torch.tensor(
+            draw(st.lists(elements, min_size=count, max_size=count)), dtype=torch.float64
+        ).reshape(shape)
     return grads
 
 

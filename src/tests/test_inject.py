@@ -12,7 +12,10 @@ from optorch import adam, schedules, sgd
 def _problem():
     generator = torch.Generator().manual_seed(1)
     target = torch.randn(6, 3, generator=generator, dtype=torch.float64)
-    params = {"w": torch.randn(6, 3, generator=generator, dtype=torch.float64), "b": torch.randn(3, generator=generator, dtype=torch.float64)}
+    params = {
+        "w": torch.randn(6, 3, generator=generator, dtype=torch.float64),
+        "b": torch.randn(3, generator=generator, dtype=torch.float64),
+    }
     return params, target
 
 
@@ -33,7 +36,9 @@ def test_scheduled_steps_equal_the_plain_stepper_given_each_value():
         grads = torch.func.grad(_loss)(params, target)
         params, state = stepper.step(params, grads, state)
         config = stepper.config.replace(lr=LR(t), betas=(BETA1(t), 0.999))
-        plain_params, plain_state = adam.step(plain_params, torch.func.grad(_loss)(plain_params, target), plain_state, config)
+        plain_params, plain_state = adam.step(
+            plain_params, torch.func.grad(_loss)(plain_params, target), plain_state, config
+        )
         assert state["hyperparams"]["lr"].item() == LR(t)
         for name in params:  # 0-dim tensor hyperparameters against numbers: a few ulps
             torch.testing.assert_close(params[name], plain_params[name], rtol=0, atol=1e-14)

@@ -41,31 +41,48 @@ def close(actual, expected):
 
 def test_one_step_by_hand():
     # r = 0.5 * 5 / (1 + 0.1 * 5 + 0) = 5/3;  u = 5/3 * (g + 0.1 w) = 5/3 * [0.9, 1.2] = [1.5, 2.0]
-    new, _ = one_step([[3.0, 4.0]], [[0.6, 0.8]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=0.0)
+    new, _ = one_step(
+        [[3.0, 4.0]], [[0.6, 0.8]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=0.0
+    )
     close(new, [[3.0 - 0.15, 4.0 - 0.2]])
 
 
 def test_eps_is_in_the_denominator():
     # r = 2.5 / (1 + 0.5 + 0.5) = 1.25;  u = 1.25 * [0.9, 1.2] = [1.125, 1.5]
-    new, _ = one_step([[3.0, 4.0]], [[0.6, 0.8]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=0.5)
+    new, _ = one_step(
+        [[3.0, 4.0]], [[0.6, 0.8]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=0.5
+    )
     close(new, [[3.0 - 0.1125, 4.0 - 0.15]])
 
 
 def test_maximize_negates_the_gradient_before_decay():
     # d = -g, ||d|| = 1: r = 5/3, u = 5/3 * [-0.6 + 0.3, -0.8 + 0.4] = [-0.5, -2/3]
-    new, _ = one_step([[3.0, 4.0]], [[0.6, 0.8]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=0.0, maximize=True)
+    new, _ = one_step(
+        [[3.0, 4.0]],
+        [[0.6, 0.8]],
+        lr=0.1,
+        momentum=0.0,
+        weight_decay=0.1,
+        trust_coefficient=0.5,
+        eps=0.0,
+        maximize=True,
+    )
     close(new, [[3.0 + 0.05, 4.0 + 0.1 * 2 / 3]])
 
 
 def test_zero_param_norm_falls_back_to_ratio_one():
     # ||w|| = 0: r = 1 (a zero-initialised tensor still moves), the decay term is zero
-    new, _ = one_step([[0.0, 0.0]], [[1.0, 2.0]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=1e-8)
+    new, _ = one_step(
+        [[0.0, 0.0]], [[1.0, 2.0]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=1e-8
+    )
     close(new, [[-0.1, -0.2]])
 
 
 def test_zero_grad_norm_falls_back_to_ratio_one():
     # ||g|| = 0: r = 1, u = 0.1 w: w (1 - 0.1 * 0.1)
-    new, _ = one_step([[3.0, 4.0]], [[0.0, 0.0]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=1e-8)
+    new, _ = one_step(
+        [[3.0, 4.0]], [[0.0, 0.0]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=1e-8
+    )
     close(new, [[3.0 * 0.99, 4.0 * 0.99]])
 
 
@@ -79,8 +96,16 @@ def test_trust_ratio_by_hand():
 
 def test_exclude_1d_leaves_vectors_and_scalars_to_plain_sgd():
     cfg = lars.Config(lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=0.0, exclude_1d=True)
-    params = {"w": torch.tensor([[3.0, 4.0]], **F64), "b": torch.tensor([1.0, 2.0], **F64), "s": torch.tensor(2.0, **F64)}
-    grads = {"w": torch.tensor([[0.6, 0.8]], **F64), "b": torch.tensor([0.5, 0.5], **F64), "s": torch.tensor(0.25, **F64)}
+    params = {
+        "w": torch.tensor([[3.0, 4.0]], **F64),
+        "b": torch.tensor([1.0, 2.0], **F64),
+        "s": torch.tensor(2.0, **F64),
+    }
+    grads = {
+        "w": torch.tensor([[0.6, 0.8]], **F64),
+        "b": torch.tensor([0.5, 0.5], **F64),
+        "s": torch.tensor(0.25, **F64),
+    }
     new, _ = lars.step(params, grads, lars.init(params, cfg), cfg)
     close(new["w"], [[2.85, 3.8]])  # adapted and decayed, as in test_one_step_by_hand
     close(new["b"], [1.0 - 0.05, 2.0 - 0.05])  # no ratio, no decay
@@ -88,7 +113,9 @@ def test_exclude_1d_leaves_vectors_and_scalars_to_plain_sgd():
 
 
 def test_exclude_applies_to_every_tensor_of_its_config():
-    new, _ = one_step([[3.0, 4.0]], [[0.6, 0.8]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, exclude=True)
+    new, _ = one_step(
+        [[3.0, 4.0]], [[0.6, 0.8]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, exclude=True
+    )
     close(new, [[3.0 - 0.06, 4.0 - 0.08]])
 
 
@@ -216,7 +243,9 @@ def test_zero_grad_with_decay_differs_from_pytorch_optimizer():
     leaf.grad = torch.zeros_like(w)
     TheirLARS([leaf], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5).step()
     close(leaf.detach(), [[3.0 * (1 - 0.1 * 0.5), 4.0 * (1 - 0.1 * 0.5)]])
-    ours, _ = one_step([[3.0, 4.0]], [[0.0, 0.0]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=0.0)
+    ours, _ = one_step(
+        [[3.0, 4.0]], [[0.0, 0.0]], lr=0.1, momentum=0.0, weight_decay=0.1, trust_coefficient=0.5, eps=0.0
+    )
     close(ours, [[3.0 * (1 - 0.1 * 0.1), 4.0 * (1 - 0.1 * 0.1)]])
 
 
@@ -235,7 +264,11 @@ def test_reference_adapter_refuses_conventions_it_does_not_share():
     reference = lars.algorithm.reference_optimizer()
     params = [torch.zeros(2, 2, requires_grad=True)]
     reference(params, lr=0.1, eps=0.0, exclude_1d=True)  # accepted
-    for bad in (dict(eps=1e-8, exclude_1d=True), dict(eps=0.0, exclude_1d=False), dict(eps=0.0, exclude_1d=True, dampening=0.1)):
+    for bad in (
+        dict(eps=1e-8, exclude_1d=True),
+        dict(eps=0.0, exclude_1d=False),
+        dict(eps=0.0, exclude_1d=True, dampening=0.1),
+    ):
         with pytest.raises(ValueError, match="only with eps=0"):
             reference(params, lr=0.1, **bad)
 
@@ -264,7 +297,10 @@ def test_param_groups_exclude_by_name_through_the_shim():
 
 def test_max_lr_is_the_original_name_of_lr():
     assert lars.Config(max_lr=0.2).lr == 0.2
-    assert optorch.build({"name": "lars", "max_lr": 0.2}, [torch.zeros(2, requires_grad=True)]).param_groups[0]["lr"] == 0.2
+    assert (
+        optorch.build({"name": "lars", "max_lr": 0.2}, [torch.zeros(2, requires_grad=True)]).param_groups[0]["lr"]
+        == 0.2
+    )
     with pytest.raises(pydantic.ValidationError, match="not both"):
         lars.Config(lr=0.1, max_lr=0.2)
 
@@ -296,7 +332,11 @@ def _recurrence(config: lars.Config, steps: int = 100) -> list[dict[str, torch.T
                 u = d
             else:
                 w_norm, d_norm = p.norm(), d.norm()
-                ratio = config.trust_coefficient * w_norm / (d_norm + config.weight_decay * w_norm + config.eps) if w_norm > 0 and d_norm > 0 else 1.0
+                ratio = (
+                    config.trust_coefficient * w_norm / (d_norm + config.weight_decay * w_norm + config.eps)
+                    if w_norm > 0 and d_norm > 0
+                    else 1.0
+                )
                 u = ratio * (d + config.weight_decay * p)
             if config.momentum:
                 buffers[key] = u if key not in buffers else config.momentum * buffers[key] + (1 - config.dampening) * u
@@ -307,12 +347,22 @@ def _recurrence(config: lars.Config, steps: int = 100) -> list[dict[str, torch.T
     return trajectory
 
 
-@pytest.mark.parametrize("flags", [{}, {"dampening": 0.3, "weight_decay": 0.01}, {"nesterov": True, "weight_decay": 0.01, "maximize": True},
-                                   {"exclude_1d": True, "dampening": 0.5, "weight_decay": 0.01}], ids=str)
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {},
+        {"dampening": 0.3, "weight_decay": 0.01},
+        {"nesterov": True, "weight_decay": 0.01, "maximize": True},
+        {"exclude_1d": True, "dampening": 0.5, "weight_decay": 0.01},
+    ],
+    ids=str,
+)
 def test_defaults_follow_the_recurrence_over_100_steps(flags):
     config = lars.Config(**flags)
     assert config.eps > 0 and config.momentum > 0 and config.trust_coefficient == 1e-3  # the defaults under test
     ours, expected = run_ours(config), _recurrence(config)
     assert max_diff(ours, expected) <= 1e-12
     assert max_diff(ours, [_initial()] * len(ours)) > 1e-2  # it moved
-    assert max_diff(_recurrence(config.replace(eps=10 * config.eps)), expected) > 1e3 * 1e-12  # an eps 10x off would show
+    assert (
+        max_diff(_recurrence(config.replace(eps=10 * config.eps)), expected) > 1e3 * 1e-12
+    )  # an eps 10x off would show

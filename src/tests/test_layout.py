@@ -39,7 +39,9 @@ class Model(nn.Module):
     def __init__(self, dtype=torch.float64):
         super().__init__()
         generator = torch.Generator().manual_seed(0)
-        self.weights = nn.ParameterList([nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype)) for shape in SHAPES])
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype)) for shape in SHAPES]
+        )
 
 
 def _grads(step: int, model: Model) -> list[torch.Tensor]:
@@ -57,7 +59,11 @@ def _backward(model: Model, grads: list[torch.Tensor], *, in_place: bool) -> Non
 
 def _tolerance(config: dict) -> float:
     algorithm = registry.get(config["name"])
-    return 1e-10 if not algorithm.is_elementwise(algorithm.as_config({k: v for k, v in config.items() if k != "name"})) else 1e-12
+    return (
+        1e-10
+        if not algorithm.is_elementwise(algorithm.as_config({k: v for k, v in config.items() if k != "name"}))
+        else 1e-12
+    )
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -175,8 +181,10 @@ def _new_values(param: torch.Tensor, seed: int) -> torch.Tensor:
 
 BREAKS = {
     # a param in the middle of the buffer gets memory of its own, another new values and memory
-    "p.data replaced": lambda model: [setattr(model.weights[1], "data", model.weights[1].data.clone()),
-                                      setattr(model.weights[5], "data", _new_values(model.weights[5], 5))],
+    "p.data replaced": lambda model: [
+        setattr(model.weights[1], "data", model.weights[1].data.clone()),
+        setattr(model.weights[5], "data", _new_values(model.weights[5], 5)),
+    ],
     # every param leaves the buffer, as a conversion of the model does
     "every p.data copied": lambda model: [setattr(p, "data", p.data.clone()) for p in model.parameters()],
     # the grads leave theirs (zero_grad(set_to_none=True), then backward assigns new tensors)
@@ -188,7 +196,7 @@ BREAKS = {
 
 def _into_new_buffer(a: torch.Tensor, b: torch.Tensor) -> None:
     buffer = torch.cat([a.data.reshape(-1), b.data.reshape(-1)])
-    a.data, b.data = buffer[:a.numel()].view(a.shape), buffer[a.numel():].view(b.shape)
+    a.data, b.data = buffer[: a.numel()].view(a.shape), buffer[a.numel() :].view(b.shape)
 
 
 @pytest.mark.parametrize("name", ["adam", "adopt", "dag", "lars", "autosgm-numerator-1"])

@@ -31,13 +31,32 @@ CONFIGS = {
         }
     ),
     "adamw": st.fixed_dictionaries(
-        {"lr": small, "betas": st.tuples(unit, unit), "eps": st.floats(1e-10, 1e-2), "weight_decay": small, "amsgrad": flag}
+        {
+            "lr": small,
+            "betas": st.tuples(unit, unit),
+            "eps": st.floats(1e-10, 1e-2),
+            "weight_decay": small,
+            "amsgrad": flag,
+        }
     ),
     "rmsprop": st.fixed_dictionaries(
-        {"lr": small, "alpha": unit, "eps": st.floats(1e-10, 1e-2), "weight_decay": small, "momentum": unit, "centered": flag}
+        {
+            "lr": small,
+            "alpha": unit,
+            "eps": st.floats(1e-10, 1e-2),
+            "weight_decay": small,
+            "momentum": unit,
+            "centered": flag,
+        }
     ),
     "adagrad": st.fixed_dictionaries(
-        {"lr": small, "lr_decay": small, "weight_decay": small, "initial_accumulator_value": small, "eps": st.floats(1e-10, 1e-2)}
+        {
+            "lr": small,
+            "lr_decay": small,
+            "weight_decay": small,
+            "initial_accumulator_value": small,
+            "eps": st.floats(1e-10, 1e-2),
+        }
     ),
     "nadam": st.fixed_dictionaries(
         {
@@ -51,13 +70,32 @@ CONFIGS = {
         }
     ),
     "radam": st.fixed_dictionaries(
-        {"lr": small, "betas": st.tuples(unit, unit), "eps": st.floats(1e-10, 1e-2), "weight_decay": small, "decoupled_weight_decay": flag, "maximize": flag}
+        {
+            "lr": small,
+            "betas": st.tuples(unit, unit),
+            "eps": st.floats(1e-10, 1e-2),
+            "weight_decay": small,
+            "decoupled_weight_decay": flag,
+            "maximize": flag,
+        }
     ),
     "adamax": st.fixed_dictionaries(
-        {"lr": small, "betas": st.tuples(unit, unit), "eps": st.floats(1e-10, 1e-2), "weight_decay": small, "maximize": flag}
+        {
+            "lr": small,
+            "betas": st.tuples(unit, unit),
+            "eps": st.floats(1e-10, 1e-2),
+            "weight_decay": small,
+            "maximize": flag,
+        }
     ),
     "adadelta": st.fixed_dictionaries(
-        {"lr": st.floats(0.0, 2.0), "rho": st.floats(0.0, 1.0), "eps": st.floats(1e-10, 1e-2), "weight_decay": small, "maximize": flag}
+        {
+            "lr": st.floats(0.0, 2.0),
+            "rho": st.floats(0.0, 1.0),
+            "eps": st.floats(1e-10, 1e-2),
+            "weight_decay": small,
+            "maximize": flag,
+        }
     ),
     "rprop": st.fixed_dictionaries(
         {
@@ -68,7 +106,14 @@ CONFIGS = {
         }
     ),
     "asgd": st.fixed_dictionaries(
-        {"lr": small, "lambd": st.floats(0.0, 0.1), "alpha": st.floats(0.0, 1.0), "t0": st.floats(0.0, 10.0), "weight_decay": small, "maximize": flag}
+        {
+            "lr": small,
+            "lambd": st.floats(0.0, 0.1),
+            "alpha": st.floats(0.0, 1.0),
+            "t0": st.floats(0.0, 10.0),
+            "weight_decay": small,
+            "maximize": flag,
+        }
     ),
     "adafactor": st.fixed_dictionaries(
         {
@@ -94,7 +139,10 @@ def test_random_configs_match_torch(name, data):
     values = data.draw(CONFIGS[name])
     algorithm = optorch.ALGORITHMS[name]
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    init = [torch.randn(5, 3, dtype=torch.float64, generator=generator), torch.randn(3, dtype=torch.float64, generator=generator)]
+    init = [
+        torch.randn(5, 3, dtype=torch.float64, generator=generator),
+        torch.randn(3, dtype=torch.float64, generator=generator),
+    ]
     reference = [torch.nn.Parameter(p.clone()) for p in init]
     torch_opt = algorithm.torch_optimizer(reference, **values)
     config = algorithm.config(**values)
@@ -117,7 +165,9 @@ def test_negative_lr_is_refused_by_name(name, value):
         optorch.ALGORITHMS[name].config(lr=value)
 
 
-@given(beta=st.one_of(st.floats(min_value=1.0, allow_infinity=False), st.floats(max_value=-1e-12, allow_infinity=False)))
+@given(
+    beta=st.one_of(st.floats(min_value=1.0, allow_infinity=False), st.floats(max_value=-1e-12, allow_infinity=False))
+)
 def test_betas_outside_unit_interval_are_refused(beta):
     with pytest.raises(pydantic.ValidationError, match="betas"):
         optorch.adam.Config(betas=(beta, 0.9))

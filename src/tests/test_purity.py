@@ -22,7 +22,9 @@ def _configs(name: str) -> list[pytest.param]:
     configs = [pytest.param(name, algorithm.config(), id=f"{name}[defaults]")]
     if name in verify.grid_algorithms():
         flags = {k: v for k, v in verify.most_flags(name).items() if k != "name"}
-        configs.append(pytest.param(name, algorithm.config(**flags), id=f"{name}[{verify.describe({'name': name, **flags})}]"))
+        configs.append(
+            pytest.param(name, algorithm.config(**flags), id=f"{name}[{verify.describe({'name': name, **flags})}]")
+        )
     return configs
 
 
@@ -30,7 +32,11 @@ CONFIGS = [case for name in registry.names() for case in _configs(name)]
 
 
 def _params(kind: str) -> object:
-    w, b, s = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64), torch.randn((), dtype=torch.float64)
+    w, b, s = (
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.randn(3, dtype=torch.float64),
+        torch.randn((), dtype=torch.float64),
+    )
     return {
         "dict": {"w": w, "b": b, "scale": s},
         "list": [w, b, s],

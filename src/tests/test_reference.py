@@ -30,7 +30,9 @@ def test_autosgm_without_the_nudge_is_off_by_eps_scale_only(case_id):
     assert diff <= AUTOSGM_EPS_SCALE * _autosgm_eps(case), diff
 
 
-@pytest.mark.parametrize("case_id", [c["id"] for c in recorded.cases("autosgm") if recorded.config(c).get("adaptive", True)])
+@pytest.mark.parametrize(
+    "case_id", [c["id"] for c in recorded.cases("autosgm") if recorded.config(c).get("adaptive", True)]
+)
 def test_an_eps_ten_times_too_large_is_caught_in_autosgm(case_id):
     """eps enters AutoSGM's adaptive learning rate (the cases with ``adaptive=False`` have none): ten
     times too large, it moves the replay by 2e-8 to 5e-8 (1.8e-6 at eps 1e-8), far above either check."""

@@ -163,7 +163,14 @@ def make_torch(name: str, flags: dict, model: nn.Sequential, engine: str) -> tor
     return torch_class(param_groups(name, flags, model), **flags, **torch_flags(name, engine))
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, start: int = 0, drop: Callable | None = None, set_to_none: bool = True) -> None:
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    start: int = 0,
+    drop: Callable | None = None,
+    set_to_none: bool = True,
+) -> None:
     """``steps`` steps on batches ``start, start+1, ...``; ``drop(i)`` names params whose grad is None at step i."""
     for i in range(start, start + steps):
         optimizer.zero_grad(set_to_none=set_to_none)
@@ -227,8 +234,11 @@ def _loader_changes_dtypes(name: str, checkpoint: dict, model: nn.Sequential) ->
     if registry.get(name).torch_optimizer is None:
         return False
     dtype = next(model.parameters()).dtype
-    return any(isinstance(v, torch.Tensor) and k != "step" and v.is_floating_point() and v.dtype != dtype
-               for leaf in checkpoint["state"].values() for k, v in leaf.items())
+    return any(
+        isinstance(v, torch.Tensor) and k != "step" and v.is_floating_point() and v.dtype != dtype
+        for leaf in checkpoint["state"].values()
+        for k, v in leaf.items()
+    )
 
 
 def assert_same(a, b, path: str = "state_dict") -> None:
@@ -424,7 +434,11 @@ def test_state_dict_has_torch_layout(name, flags, engine):
     assert all(isinstance(index, int) for index in ours["state"])
     assert set(ours["state"]) <= set(range(6))
     assert set(ours["state"]) == set(theirs["state"])
-    assert [g["params"] for g in ours["param_groups"]] == [g["params"] for g in theirs["param_groups"]] == [[0, 1], [2, 3, 4, 5]]
+    assert (
+        [g["params"] for g in ours["param_groups"]]
+        == [g["params"] for g in theirs["param_groups"]]
+        == [[0, 1], [2, 3, 4, 5]]
+    )
     for ours_group, theirs_group in zip(ours["param_groups"], theirs["param_groups"]):
         for field in registry.get(name).config.model_fields:
             assert ours_group[field] == theirs_group[field], field
@@ -462,7 +476,11 @@ def _wrong_group_count():
 
 
 def _wrong_group_size():
-    return _checkpoint("adam", CASES["adam"][0], lambda m: [{"params": [*m[0].parameters(), *m[2].parameters()]}, {"params": list(m[4].parameters())}])
+    return _checkpoint(
+        "adam",
+        CASES["adam"][0],
+        lambda m: [{"params": [*m[0].parameters(), *m[2].parameters()]}, {"params": list(m[4].parameters())}],
+    )
 
 
 def _from_sgd():
@@ -558,7 +576,9 @@ def _cosine(optimizer):
 
 
 def _one_cycle(optimizer):
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[0.05, 0.02], total_steps=40, cycle_momentum=True, base_momentum=0.8, max_momentum=0.95)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[0.05, 0.02], total_steps=40, cycle_momentum=True, base_momentum=0.8, max_momentum=0.95
+    )
 
 
 SCHEDULERS = {"steplr": _step_lr, "cosine": _cosine, "onecycle": _one_cycle}
@@ -591,7 +611,9 @@ def test_lr_scheduler_matches_torch(name, flags, engine, scheduler):
             values.add(shim.param_groups[0].get(key))
     assert len(seen["lr"]) > 2, "the schedule should have changed the lr"
     if scheduler == "onecycle":
-        assert len(seen["momentum" if name == "sgd" else "betas"]) > 10, "OneCycleLR cycles the momentum (sgd) or beta1 (adam)"
+        assert len(seen["momentum" if name == "sgd" else "betas"]) > 10, (
+            "OneCycleLR cycles the momentum (sgd) or beta1 (adam)"
+        )
     assert schedule_s.get_last_lr() == schedule_t.get_last_lr()
     assert_tensors(params_of(model_s), params_of(model_t), exact=engine == "torch")
     assert_state_like_torch(shim, reference, exact=engine == "torch")
@@ -789,7 +811,9 @@ def test_load_state_dict_post_hook_can_edit_the_loaded_state(engine):
     runs = []
     for kind in ("shim", "torch"):
         model = copy.deepcopy(model_a)
-        optimizer = make_shim("adam", flags, model, engine) if kind == "shim" else make_torch("adam", flags, model, engine)
+        optimizer = (
+            make_shim("adam", flags, model, engine) if kind == "shim" else make_torch("adam", flags, model, engine)
+        )
         optimizer.register_load_state_dict_post_hook(reset_first_moment)
         optimizer.load_state_dict(copy.deepcopy(checkpoint))
         if kind == "torch":  # torch takes the checkpoint's execution flags; the shim keeps its kernel
@@ -834,7 +858,8 @@ def test_load_state_dict_pre_hook_can_migrate_a_checkpoint(engine):
 
 
 @pytest.mark.parametrize(
-    "name, flags, engine, layout", cases(ALGORITHMS, ("torch", "eager"), first_only=True, extra=("one-group", "two-groups"))
+    "name, flags, engine, layout",
+    cases(ALGORITHMS, ("torch", "eager"), first_only=True, extra=("one-group", "two-groups")),
 )
 def test_sparse_gradients_are_rejected_and_change_nothing(name, flags, engine, layout):
     torch.manual_seed(0)
@@ -932,7 +957,9 @@ def test_grad_scaler(name, flags, engine):
             scaler.step(optimizer)
             scaler.update()
             # A step taken moves the params or, where a first step only fills state (ADOPT), the state.
-            changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())) or differs(optimizer.state_dict(), state_before)
+            changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())) or differs(
+                optimizer.state_dict(), state_before
+            )
             history.append((changed, scaler.get_scale()))
             if i == inf_step:
                 assert not changed, "a step with an inf grad must be skipped"
@@ -941,7 +968,7 @@ def test_grad_scaler(name, flags, engine):
     (model_s, history_s), *rest = runs
     assert [changed for changed, _ in history_s] == [i != inf_step for i in range(5)]
     if rest:
-        (model_t, history_t), = rest
+        ((model_t, history_t),) = rest
         assert history_s == history_t
         assert_tensors(params_of(model_s), params_of(model_t), exact=engine == "torch")
 
@@ -1088,7 +1115,10 @@ def test_auto_engine_picks_torch_only_where_its_kernel_is_verified(name, dtype):
 def test_auto_engine_runs_sgd_with_dampening_on_optorch_s_own_update():
     # torch marks an unstarted momentum buffer by its absence; with dampening that differs from zeros
     assert optorch.build({"name": "sgd", "momentum": 0.9}, make_model().parameters()).engine == "torch"
-    assert optorch.build({"name": "sgd", "momentum": 0.9, "dampening": 0.1}, make_model().parameters()).engine == "compiled"
+    assert (
+        optorch.build({"name": "sgd", "momentum": 0.9, "dampening": 0.1}, make_model().parameters()).engine
+        == "compiled"
+    )
 
 
 @pytest.mark.parametrize("name", TORCH_ALGORITHMS)

@@ -80,12 +80,24 @@ def _factored(param: torch.Tensor) -> bool:
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
     if param.is_complex():
-        raise RuntimeError(f"adafactor does not support complex parameters (got a {param.dtype} parameter), as torch.optim.Adafactor does not")
+        raise RuntimeError(
+            f"adafactor does not support complex parameters (got a {param.dtype} parameter), as torch.optim.Adafactor does not"
+        )
     empty = param.new_zeros(0)
     if _factored(param):
         # a sharded param's factors are sharded as it is along the dims they keep (no communication to update them)
-        return {"step": ops.new_step(param), "row_var": zeros_reduced(param, -1), "col_var": zeros_reduced(param, -2), "variance": empty}
-    return {"step": ops.new_step(param), "row_var": empty, "col_var": empty.clone(), "variance": torch.zeros_like(param)}
+        return {
+            "step": ops.new_step(param),
+            "row_var": zeros_reduced(param, -1),
+            "col_var": zeros_reduced(param, -2),
+            "variance": empty,
+        }
+    return {
+        "step": ops.new_step(param),
+        "row_var": empty,
+        "col_var": empty.clone(),
+        "variance": torch.zeros_like(param),
+    }
 
 
 # A norm read as a host number where that is free (as torch.optim reads it with .item()), else kept as
@@ -174,5 +186,7 @@ GRID = Grid(
     },
     float32=False,
 )
-algorithm = Algorithm("adafactor", Config, init_leaf, update, torch.optim.Adafactor, from_torch, to_torch, grid=GRID, elementwise=False)
+algorithm = Algorithm(
+    "adafactor", Config, init_leaf, update, torch.optim.Adafactor, from_torch, to_torch, grid=GRID, elementwise=False
+)
 init, step = algorithm.init, algorithm.step

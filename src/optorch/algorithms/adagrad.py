@@ -56,7 +56,12 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
 
 GRID = Grid(
     fixed={"lr": 0.05, "eps": 1e-8},
-    axes={"lr_decay": (0.0, 0.01), "initial_accumulator_value": (0.0, 0.1), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
+    axes={
+        "lr_decay": (0.0, 0.01),
+        "initial_accumulator_value": (0.0, 0.1),
+        "weight_decay": (0.0, 0.1),
+        "maximize": (False, True),
+    },
 )
 algorithm = Algorithm("adagrad", Config, init_leaf, update, torch.optim.Adagrad, grid=GRID)
 init, step = algorithm.init, algorithm.step

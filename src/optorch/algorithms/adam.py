@@ -62,14 +62,21 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         exp_avg_sq = new_state["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
     # Bias corrections in double precision, then rounded to the param's dtype, as torch.optim's are.
     t = ops.step_count(step, param)
-    step_size, bias_correction2_sqrt = ops.once(ops.like(lr / (1 - beta1**t), param), ops.like((1 - beta2**t) ** 0.5, param))
+    step_size, bias_correction2_sqrt = ops.once(
+        ops.like(lr / (1 - beta1**t), param), ops.like((1 - beta2**t) ** 0.5, param)
+    )
     denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + config.eps
     return ops.addcdiv(param, exp_avg, denom, -step_size), new_state
 
 
 GRID = Grid(
     fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
-    axes={"amsgrad": (False, True), "weight_decay": (0.0, 0.1), "maximize": (False, True), "decoupled_weight_decay": (False, True)},
+    axes={
+        "amsgrad": (False, True),
+        "weight_decay": (0.0, 0.1),
+        "maximize": (False, True),
+        "decoupled_weight_decay": (False, True),
+    },
 )
 algorithm = Algorithm("adam", Config, init_leaf, update, torch.optim.Adam, grid=GRID)
 init, step = algorithm.init, algorithm.step

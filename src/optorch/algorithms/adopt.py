@@ -72,7 +72,11 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     new_step = state["step"] + 1
     if isinstance(k, numbers.Number) and k == 0:
         # The first call only initialises v (no decay, no move); a number k can branch for free.
-        return param.clone(), {"step": new_step, "exp_avg": exp_avg.clone(), "exp_avg_sq": ops.addcmul(exp_avg_sq, g, g)}
+        return param.clone(), {
+            "step": new_step,
+            "exp_avg": exp_avg.clone(),
+            "exp_avg_sq": ops.addcmul(exp_avg_sq, g, g),
+        }
 
     theta = param
     if not is_zero(wd) and config.decouple:
@@ -128,8 +132,18 @@ def reference() -> type[torch.optim.Optimizer] | None:
         ):
             clip_lambda = None if clip_exponent is None else functools.partial(_power, exponent=clip_exponent)
             super().__init__(
-                params, lr, betas, eps, clip_lambda, weight_decay, decouple,
-                foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable, fused=fused,
+                params,
+                lr,
+                betas,
+                eps,
+                clip_lambda,
+                weight_decay,
+                decouple,
+                foreach=foreach,
+                maximize=maximize,
+                capturable=capturable,
+                differentiable=differentiable,
+                fused=fused,
             )
 
     return ReferenceADOPT
@@ -144,7 +158,12 @@ def _power(step, exponent):
 # roundings of the same math, e.g. the compiled engine's, grow to 1e-12 by step 100, 5e-4 in float32).
 GRID = Grid(
     fixed={"lr": 0.01, "betas": (0.8, 0.999), "eps": 1e-4},
-    axes={"weight_decay": (0.0, 0.1), "decouple": (False, True), "maximize": (False, True), "clip_exponent": (0.25, 0.5, None)},
+    axes={
+        "weight_decay": (0.0, 0.1),
+        "decouple": (False, True),
+        "maximize": (False, True),
+        "clip_exponent": (0.25, 0.5, None),
+    },
 )
 algorithm = Algorithm("adopt", Config, init_leaf, update, grid=GRID, reference=reference)
 init, step = algorithm.init, algorithm.step

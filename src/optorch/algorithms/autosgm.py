@@ -66,7 +66,19 @@ from ..core.distributed import full
 from ..schedules import window as _window_schedule
 from ..schedules.window import window
 
-__all__ = ["Config", "Reduction", "REDUCTIONS", "TUPLES", "algorithm", "init", "init_leaf", "lowpass", "step", "update", "window"]
+__all__ = [
+    "Config",
+    "Reduction",
+    "REDUCTIONS",
+    "TUPLES",
+    "algorithm",
+    "init",
+    "init_leaf",
+    "lowpass",
+    "step",
+    "update",
+    "window",
+]
 
 
 # The original's tuple arguments and the named fields their positions fill, in order.
@@ -74,8 +86,15 @@ TUPLES: dict[str, tuple[str, ...]] = {
     "lr_cfg": ("adaptive", "lr", "numerator"),
     "beta_cfg": ("beta_n", "beta_a", "beta_i", "gamma_i", "eta_i", "debias"),
     "rc_cfg": (
-        "window", "window_sequence", "window_floor", "window_order", "window_full",
-        "window_epochs", "window_steps_per_epoch", "window_unit", "window_flat_top",
+        "window",
+        "window_sequence",
+        "window_floor",
+        "window_order",
+        "window_full",
+        "window_epochs",
+        "window_steps_per_epoch",
+        "window_unit",
+        "window_flat_top",
     ),
     "wd_cfg": ("weight_decay", "decoupled_weight_decay"),
     "eps_cfg": ("eps",),
@@ -162,7 +181,9 @@ class Config(_Config):
                 raise ValueError("dbg=True (diagnostics history) is not supported; leave dbg out or False")
             if key == "mix_cfg":
                 if not isinstance(value, (tuple, list)) or len(value) != size:
-                    raise ValueError(f"mix_cfg must have {size} entries (mix2d, avg, lr0_2d, pole_2d, zero_2d), got {value!r}")
+                    raise ValueError(
+                        f"mix_cfg must have {size} entries (mix2d, avg, lr0_2d, pole_2d, zero_2d), got {value!r}"
+                    )
                 if value[0] is not False:
                     raise ValueError("mix_cfg: the 2D mode (mix2d=True) is not implemented; set mix_cfg[0] to False")
         for key, names in TUPLES.items():
@@ -173,7 +194,9 @@ class Config(_Config):
                 raise ValueError(f"{key} must have {len(names)} entries ({', '.join(names)}), got {value!r}")
             both = [name for name in names if name in values]
             if both:
-                raise ValueError(f"{key} and {', '.join(both)} are both given; use the tuple or the named fields, not both")
+                raise ValueError(
+                    f"{key} and {', '.join(both)} are both given; use the tuple or the named fields, not both"
+                )
             expanded = dict(zip(names, value))
             if key == "rc_cfg":  # m: 0 is a full window, anything else a half one
                 expanded["window_full"] = _int_flag("rc_cfg m", expanded["window_full"]) == 0
@@ -195,14 +218,20 @@ class Config(_Config):
     @field_validator("window")
     @classmethod
     def _window(cls, value):
-        return _kind(value, 7, "0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic")
+        return _kind(
+            value, 7, "0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic"
+        )
 
     @field_validator("window_sequence")
     @classmethod
     def _sequence(cls, value):
         _kind(value, 2, "0 uniform, 1 Kronecker")
         if value == 1:
-            warnings.warn("autosgm: window_sequence (inseq) = 1 is ignored, as in the original: the uniform sequence is used", UserWarning, stacklevel=2)
+            warnings.warn(
+                "autosgm: window_sequence (inseq) = 1 is ignored, as in the original: the uniform sequence is used",
+                UserWarning,
+                stacklevel=2,
+            )
         return value
 
     @field_validator("window_epochs", "window_steps_per_epoch")
@@ -216,13 +245,17 @@ class Config(_Config):
     @classmethod
     def _unit(cls, value):
         if value < 0:
-            raise ValueError(f"must be >= 0 (0 epochs, 1 steps, 2 steps restarting each epoch, >= 3 steps in that many stairs), got {value}")
+            raise ValueError(
+                f"must be >= 0 (0 epochs, 1 steps, 2 steps restarting each epoch, >= 3 steps in that many stairs), got {value}"
+            )
         return value
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.window_epochs * self.window_steps_per_epoch < 2:
-            raise ValueError(f"window_epochs * window_steps_per_epoch (tau * spe) must be >= 2, got {self.window_epochs} * {self.window_steps_per_epoch}")
+            raise ValueError(
+                f"window_epochs * window_steps_per_epoch (tau * spe) must be >= 2, got {self.window_epochs} * {self.window_steps_per_epoch}"
+            )
         if self.window_unit == 0 and self.window_epochs <= 1:
             raise ValueError("window_unit 0 (frames counted in epochs) needs window_epochs (tau) > 1")
         if self.window == 3 and not isinstance(self.window_order, Tensor) and self.window_order == 1:
@@ -231,11 +264,15 @@ class Config(_Config):
             stairs = self.window_unit if self.window_unit >= 3 else 1
             power = 2 * stairs * self.window_order if self.window == 5 else self.window_order
             if power >= 1024:  # the logistic computes 2 ** power, which overflows float64 from 1024 on
-                raise ValueError(f"window {self.window} (logistic) raises 2 to {'2 * stairs * window_order' if self.window == 5 else 'window_order'}, "
-                                 f"which must be below 1024 (2 ** 1024 overflows float64), got {power:g}")
+                raise ValueError(
+                    f"window {self.window} (logistic) raises 2 to {'2 * stairs * window_order' if self.window == 5 else 'window_order'}, "
+                    f"which must be below 1024 (2 ** 1024 overflows float64), got {power:g}"
+                )
         gamma, beta = self.gamma_i, self.beta_i
         if not isinstance(gamma, Tensor) and not isinstance(beta, Tensor) and not (gamma < beta or gamma == 0):
-            raise ValueError(f"gamma_i (the filter's zero) must be below beta_i (its pole) or 0, got gamma_i={gamma}, beta_i={beta}")
+            raise ValueError(
+                f"gamma_i (the filter's zero) must be below beta_i (its pole) or 0, got gamma_i={gamma}, beta_i={beta}"
+            )
         return self
 
 
@@ -256,7 +293,9 @@ def _where(cond: Any, a: Any, b: Any) -> Any:
     return torch.where(cond, a, b)
 
 
-def lowpass(state: Tensor, x: Tensor, t: Any, beta: Any, gamma: Any = 0.0, eta: Any = 0.0, debias: bool = False) -> tuple[Tensor, Tensor]:
+def lowpass(
+    state: Tensor, x: Tensor, t: Any, beta: Any, gamma: Any = 0.0, eta: Any = 0.0, debias: bool = False
+) -> tuple[Tensor, Tensor]:
     """One step of the first-order filter LPF(beta, gamma, eta, debias): ``(output, new_state)``.
 
     ``t`` is the 1-based step (a number or a tensor); ``eta = 0`` stands for ``1 - beta``.
@@ -321,7 +360,9 @@ def update(param: Tensor, grad: Tensor, state: LeafState, config: Config):
     return ops.add(param, v, -ops.like(alpha, param)), new_state
 
 
-def _numerator(w: Tensor, g: Tensor, d: Tensor, v: Tensor, state: LeafState, new_state: LeafState, t: Any, c: Config) -> Tensor:
+def _numerator(
+    w: Tensor, g: Tensor, d: Tensor, v: Tensor, state: LeafState, new_state: LeafState, t: Any, c: Config
+) -> Tensor:
     """The per-tensor learning-rate numerator of numerators 1-3 (a 0-dim tensor); fills its state."""
     lr = c.lr
     if c.numerator == 3:
@@ -360,29 +401,101 @@ def _lambda(factor: Callable[[int], float]) -> Callable[[torch.optim.Optimizer],
 REDUCTIONS: tuple[Reduction, ...] = (
     Reduction("sgd", _PLAIN, "SGD", {"lr": _LR}),
     Reduction("sgd-l2", {**_PLAIN, "weight_decay": 0.0625}, "SGD", {"lr": _LR, "weight_decay": 0.0625}),
-    Reduction("heavy-ball", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False}, "SGD", {"lr": _LR, "momentum": _MU}),
-    Reduction("heavy-ball-l2-maximize", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False, "weight_decay": 0.0625, "maximize": True},
-              "SGD", {"lr": _LR, "momentum": _MU, "weight_decay": 0.0625, "maximize": True}),
-    Reduction("heavy-ball-eta", {**_PLAIN, "beta_i": _MU, "debias": False}, "SGD", {"lr": _LR * (1 - _MU), "momentum": _MU}),
-    Reduction("heavy-ball-debiased", {**_PLAIN, "beta_i": _MU}, "SGD", {"lr": _LR, "momentum": _MU},
-              _lambda(lambda s: (1 - _MU) / (1 - _MU ** (s + 1)))),
-    Reduction("nesterov", {**_PLAIN, "beta_i": _MU, "gamma_i": _MU / (1 + _MU), "eta_i": 1.0, "debias": False},
-              "SGD", {"lr": _LR, "momentum": _MU, "nesterov": True}, _lambda(lambda s: 1 / (1 + _MU) if s == 0 else 1.0)),
+    Reduction(
+        "heavy-ball", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False}, "SGD", {"lr": _LR, "momentum": _MU}
+    ),
+    Reduction(
+        "heavy-ball-l2-maximize",
+        {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False, "weight_decay": 0.0625, "maximize": True},
+        "SGD",
+        {"lr": _LR, "momentum": _MU, "weight_decay": 0.0625, "maximize": True},
+    ),
+    Reduction(
+        "heavy-ball-eta", {**_PLAIN, "beta_i": _MU, "debias": False}, "SGD", {"lr": _LR * (1 - _MU), "momentum": _MU}
+    ),
+    Reduction(
+        "heavy-ball-debiased",
+        {**_PLAIN, "beta_i": _MU},
+        "SGD",
+        {"lr": _LR, "momentum": _MU},
+        _lambda(lambda s: (1 - _MU) / (1 - _MU ** (s + 1))),
+    ),
+    Reduction(
+        "nesterov",
+        {**_PLAIN, "beta_i": _MU, "gamma_i": _MU / (1 + _MU), "eta_i": 1.0, "debias": False},
+        "SGD",
+        {"lr": _LR, "momentum": _MU, "nesterov": True},
+        _lambda(lambda s: 1 / (1 + _MU) if s == 0 else 1.0),
+    ),
     Reduction("adam", _ADAM, "Adam", _ADAM_TORCH),
-    Reduction("adam-l2-maximize", {**_ADAM, "weight_decay": 0.0625, "maximize": True}, "Adam", {**_ADAM_TORCH, "weight_decay": 0.0625, "maximize": True}),
-    Reduction("adamw", {**_ADAM, "weight_decay": 0.25 * (1 - 0.0) / (1 - 0.9), "decoupled_weight_decay": True}, "AdamW", {**_ADAM_TORCH, "weight_decay": 0.25}),
+    Reduction(
+        "adam-l2-maximize",
+        {**_ADAM, "weight_decay": 0.0625, "maximize": True},
+        "Adam",
+        {**_ADAM_TORCH, "weight_decay": 0.0625, "maximize": True},
+    ),
+    Reduction(
+        "adamw",
+        {**_ADAM, "weight_decay": 0.25 * (1 - 0.0) / (1 - 0.9), "decoupled_weight_decay": True},
+        "AdamW",
+        {**_ADAM_TORCH, "weight_decay": 0.25},
+    ),
     Reduction("adam-beta1-0", {**_ADAM, "beta_i": 0.0}, "Adam", {**_ADAM_TORCH, "betas": (0.0, 0.999)}),
-    Reduction("rmsprop", {**_ADAM, "beta_a": 0.99, "beta_i": 0.0, "debias": False}, "RMSprop", {"lr": 2.0**-7, "alpha": 0.99, "eps": 1e-30}),
-    Reduction("sgd-cosine-frame", {**_PLAIN, "window": 1, "window_order": 2.0, "window_floor": 0.125, "window_epochs": 1, "window_steps_per_epoch": 150},
-              "SGD", {"lr": _LR}, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=150, eta_min=0.125 * _LR)),
-    Reduction("adam-cosine-restarts", {**_ADAM, "window": 1, "window_order": 2.0, "window_floor": 0.125, "window_epochs": 5, "window_steps_per_epoch": 6},
-              "Adam", _ADAM_TORCH, lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=30, eta_min=0.125 * 2.0**-7)),
-    Reduction("sgd-linear-frame", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False, "window": 2, "window_order": 1.0, "window_floor": 0.25,
-                                   "window_epochs": 1, "window_steps_per_epoch": 150},
-              "SGD", {"lr": _LR, "momentum": _MU}, lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.25, total_iters=150)),
+    Reduction(
+        "rmsprop",
+        {**_ADAM, "beta_a": 0.99, "beta_i": 0.0, "debias": False},
+        "RMSprop",
+        {"lr": 2.0**-7, "alpha": 0.99, "eps": 1e-30},
+    ),
+    Reduction(
+        "sgd-cosine-frame",
+        {
+            **_PLAIN,
+            "window": 1,
+            "window_order": 2.0,
+            "window_floor": 0.125,
+            "window_epochs": 1,
+            "window_steps_per_epoch": 150,
+        },
+        "SGD",
+        {"lr": _LR},
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=150, eta_min=0.125 * _LR),
+    ),
+    Reduction(
+        "adam-cosine-restarts",
+        {
+            **_ADAM,
+            "window": 1,
+            "window_order": 2.0,
+            "window_floor": 0.125,
+            "window_epochs": 5,
+            "window_steps_per_epoch": 6,
+        },
+        "Adam",
+        _ADAM_TORCH,
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=30, eta_min=0.125 * 2.0**-7),
+    ),
+    Reduction(
+        "sgd-linear-frame",
+        {
+            **_PLAIN,
+            "beta_i": _MU,
+            "eta_i": 1.0,
+            "debias": False,
+            "window": 2,
+            "window_order": 1.0,
+            "window_floor": 0.25,
+            "window_epochs": 1,
+            "window_steps_per_epoch": 150,
+        },
+        "SGD",
+        {"lr": _LR, "momentum": _MU},
+        lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.25, total_iters=150),
+    ),
 )
 """Spec section 7: each AutoSGM config and the torch.optim optimizer (and scheduler) it reduces to
 exactly, up to float64 rounding (eps 1e-30 stands for 0: the original's (g + eps)^2 is g^2 then)."""
+
 
 def _elementwise(config: Config) -> bool:
     return not (config.adaptive and config.numerator in (1, 2, 3))  # those numerators are per-tensor means

@@ -64,18 +64,38 @@ from ..core.scalars import is_zero
 from ..core.errors import shown
 from ..core.distributed import full
 
-__all__ = ["Config", "Hyper", "ShrinkSettings", "CosineSchedule", "init", "step", "algorithm", "init_leaf", "update", "kappa"]
+__all__ = [
+    "Config",
+    "Hyper",
+    "ShrinkSettings",
+    "CosineSchedule",
+    "init",
+    "step",
+    "algorithm",
+    "init_leaf",
+    "update",
+    "kappa",
+]
 
 
 def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or (isinstance(value, float) and not math.isfinite(value))
+        or value != int(value)
+    ):
         raise ValueError(f"expected a whole number, got {shown(value)}")
     return check_count(int(value))
 
 
 def _every(value: Any) -> int:
     # The original coerces its cadences with max(1, int(x)); kept, so its calls migrate unchanged.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and not math.isfinite(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
         raise ValueError(f"expected a finite number of steps, got {type(value).__name__} {shown(value)}")
     return check_count(max(1, int(value)))
 
@@ -101,7 +121,9 @@ class _Settings(BaseModel):
             raise ValueError(f"expected a dict of settings, got {type(values).__name__}")
         unknown = sorted(set(values) - set(cls.model_fields))
         if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(cls.model_fields)}")
+            raise ValueError(
+                f"unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(cls.model_fields)}"
+            )
         return values
 
 
@@ -145,7 +167,9 @@ class Hyper(_Settings):
         # alpha and the per-tensor scalars are kept in float32 for float32 (and lower) params
         for name in ("alpha_max", "eps"):
             if not representable(getattr(self, name), torch.float32):
-                raise ValueError(f"{name} must be finite and non-zero in float32, where alpha is kept for float32 params, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be finite and non-zero in float32, where alpha is kept for float32 params, got {getattr(self, name)}"
+                )
         if self.kappa is None:  # computed once, as the original's constructor does
             object.__setattr__(self, "kappa", kappa(self.tau, self.p_star))
         return self
@@ -225,7 +249,15 @@ class Config(_Config):
     sat_every: Every = 10
     """recompute the saturation statistics every this many steps; global"""
 
-    global_keys: ClassVar[tuple[str, ...]] = ("k_val", "k_sched", "hyper", "shrink", "use_exact_sigma", "sigma_every", "sat_every")
+    global_keys: ClassVar[tuple[str, ...]] = (
+        "k_val",
+        "k_sched",
+        "hyper",
+        "shrink",
+        "use_exact_sigma",
+        "sigma_every",
+        "sat_every",
+    )
     accepted_keys: ClassVar[tuple[str, ...]] = ("lambda_rms", "s_min")
     """The README's quick-start passes these two shrink settings at the top level (a TypeError in the
     original); accepted, and folded into ``shrink``, overriding its values."""
@@ -281,7 +313,11 @@ def _scalar_dtype(param: torch.Tensor) -> torch.dtype:
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
     scalar = {"dtype": _scalar_dtype(param), "device": param.device}
-    state = {"alpha": torch.ones((), **scalar), "sat_ratio": torch.zeros((), **scalar), "sigma": torch.ones((), **scalar)}
+    state = {
+        "alpha": torch.ones((), **scalar),
+        "sat_ratio": torch.zeros((), **scalar),
+        "sigma": torch.ones((), **scalar),
+    }
     if not is_zero(config.momentum):
         state["momentum_buffer"] = torch.zeros_like(param)  # zeros, not a copy of u: the first buf is (1 - dampening) u
     return state
@@ -319,16 +355,22 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         exact = full(torch.std(grad.to(dtype), correction=0))  # of a sharded param: all-gathers it (DTensor's std)
         sigma = torch.where(torch.remainder(step, config.sigma_every) == 0, exact, state["sigma"])
     alpha_hat = (
-        _setting(h, "kappa") * (norm + eps) / (sigma + eps)
+        _setting(h, "kappa")
+        * (norm + eps)
+        / (sigma + eps)
         * (d / d_total) ** _setting(h, "beta")
         * (_setting(h, "p_star") / (state["sat_ratio"] + eps)) ** _setting(h, "eta")
         * s
     )
     rho = _setting(h, "rho")
-    alpha = torch.clamp((1 - rho) * state["alpha"] + rho * alpha_hat, _setting(h, "alpha_min"), _setting(h, "alpha_max"))
+    alpha = torch.clamp(
+        (1 - rho) * state["alpha"] + rho * alpha_hat, _setting(h, "alpha_min"), _setting(h, "alpha_max")
+    )
 
     # Once per step, not per element: compiled, these would be recomputed in the element-wise loop.
-    inverse_norm, gain, amplitude = ops.once(*(v.to(grad.dtype) for v in (torch.reciprocal(norm + eps), alpha / s, k * s)))
+    inverse_norm, gain, amplitude = ops.once(
+        *(v.to(grad.dtype) for v in (torch.reciprocal(norm + eps), alpha / s, k * s))
+    )
     x = grad * inverse_norm * gain
     u = ops.tanh(x) * amplitude
     # Measured on x (so with the /s), used by the next step's alpha; float32 like the original's mean
@@ -348,11 +390,16 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
         buf = ops.add(state["momentum_buffer"] * config.momentum, u, 1 - config.dampening)
         new_state["momentum_buffer"] = buf
         u = ops.add(u, buf, config.momentum) if config.nesterov else buf
-    contributions = {"sum_u2": (u * u).sum(dtype=ops.sum_dtype(u)).to(shared["s_t"].dtype), "numel": torch.full_like(shared["s_t"], d)}
+    contributions = {
+        "sum_u2": (u * u).sum(dtype=ops.sum_dtype(u)).to(shared["s_t"].dtype),
+        "numel": torch.full_like(shared["s_t"], d),
+    }
     return ops.add(param, u, -config.lr), new_state, contributions
 
 
-def finish(shared: dict[str, torch.Tensor], totals: dict[str, torch.Tensor] | None, config: Config) -> dict[str, torch.Tensor]:
+def finish(
+    shared: dict[str, torch.Tensor], totals: dict[str, torch.Tensor] | None, config: Config
+) -> dict[str, torch.Tensor]:
     """The global RMS shrink (only when some tensor stepped), then ``global_step + 1`` (always)."""
     step = shared["global_step"]
     new = {key: value.clone() for key, value in shared.items()}

@@ -37,7 +37,9 @@ class Config(adam.Config):
     initial_lr: NonNegative | None = None
     """The schedule's base learning rate; ``None`` means ``lr`` (a constant schedule)."""
     decoupled_weight_decay: ClassVar[bool] = True
-    field_descriptions: ClassVar[dict[str, str]] = {"weight_decay": "fraction of the parameter removed per step at the schedule's peak"}
+    field_descriptions: ClassVar[dict[str, str]] = {
+        "weight_decay": "fraction of the parameter removed per step at the schedule's peak"
+    }
     linked_defaults: ClassVar[dict[str, str]] = {"initial_lr": "lr"}
 
     @model_validator(mode="before")
@@ -49,7 +51,11 @@ class Config(adam.Config):
 
     @model_validator(mode="after")
     def _initial_lr_positive(self) -> "Config":
-        if not isinstance(self.initial_lr, torch.Tensor) and is_zero(self.initial_lr) and not is_zero(self.weight_decay):
+        if (
+            not isinstance(self.initial_lr, torch.Tensor)
+            and is_zero(self.initial_lr)
+            and not is_zero(self.weight_decay)
+        ):
             raise ValueError("initial_lr must be > 0 when weight_decay is set: the decay follows lr / initial_lr")
         return self
 
@@ -62,8 +68,12 @@ class Config(adam.Config):
 _COMMON = {"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6}
 REDUCTIONS = (
     Reduction("adamw", {**_COMMON, "weight_decay": 0.01}, "AdamW", {**_COMMON, "weight_decay": 0.5}),
-    Reduction("adamw-amsgrad-maximize", {**_COMMON, "weight_decay": 0.01, "amsgrad": True, "maximize": True},
-              "AdamW", {**_COMMON, "weight_decay": 0.5, "amsgrad": True, "maximize": True}),
+    Reduction(
+        "adamw-amsgrad-maximize",
+        {**_COMMON, "weight_decay": 0.01, "amsgrad": True, "maximize": True},
+        "AdamW",
+        {**_COMMON, "weight_decay": 0.5, "amsgrad": True, "maximize": True},
+    ),
 )
 """At a constant lr (= initial_lr), torch.optim.AdamW with weight_decay / lr: ``optorch verify`` checks both."""
 

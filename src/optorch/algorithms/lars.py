@@ -136,7 +136,9 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     return sgd.update(param, d, state, _Momentum(config.lr, config.momentum, config.dampening, config.nesterov))
 
 
-def param_groups(named_parameters: Iterable[tuple[str, torch.Tensor]], pattern: str = r"bias|norm|bn", **options: Any) -> list[dict[str, Any]]:
+def param_groups(
+    named_parameters: Iterable[tuple[str, torch.Tensor]], pattern: str = r"bias|norm|bn", **options: Any
+) -> list[dict[str, Any]]:
     """Split ``model.named_parameters()`` into ``[{"params": adapted}, {"params": excluded, "exclude": True}]``,
     excluding the params whose name matches ``pattern`` (``re.search``); ``options`` go to both groups.
     Empty groups are left out. Pass the result to ``optorch.build``."""
@@ -159,7 +161,9 @@ def _reference():
 
         def __init__(self, params, eps=1e-8, exclude_1d=False, exclude=False, **kwargs):
             if eps != 0 or not exclude_1d or exclude or kwargs.get("dampening", 0.0) != 0:
-                raise ValueError("pytorch_optimizer's LARS matches optorch's only with eps=0, exclude_1d=True, exclude=False, dampening=0")
+                raise ValueError(
+                    "pytorch_optimizer's LARS matches optorch's only with eps=0, exclude_1d=True, exclude=False, dampening=0"
+                )
             super().__init__(params, **kwargs)
 
     return Reference
@@ -170,6 +174,14 @@ GRID = Grid(
     axes={"momentum": (0.0, 0.9), "nesterov": (False, True), "weight_decay": (0.0, 0.01), "maximize": (False, True)},
 )
 algorithm = Algorithm(
-    "lars", Config, init_leaf, update, from_torch=sgd.from_torch, to_torch=sgd.to_torch, grid=GRID, elementwise=False, reference=_reference
+    "lars",
+    Config,
+    init_leaf,
+    update,
+    from_torch=sgd.from_torch,
+    to_torch=sgd.to_torch,
+    grid=GRID,
+    elementwise=False,
+    reference=_reference,
 )
 init, step = algorithm.init, algorithm.step

@@ -44,7 +44,12 @@ class Config(_Config):
 
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
     mu_product = torch.ones((), dtype=ops.torch_scalar_dtype(), device=param.device)
-    return {"step": ops.new_step(param), "mu_product": mu_product, "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+    return {
+        "step": ops.new_step(param),
+        "mu_product": mu_product,
+        "exp_avg": torch.zeros_like(param),
+        "exp_avg_sq": torch.zeros_like(param),
+    }
 
 
 def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Config):

@@ -6,7 +6,25 @@ Adding an algorithm is one module plus one line in ``_BUILTIN`` below; the build
 
 from __future__ import annotations
 
-from . import adadelta, adafactor, adagrad, adam, adamax, adamw, adopt, asgd, autosgm, dag, decoupled_adam, lars, nadam, radam, rmsprop, rprop, sgd
+from . import (
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    adopt,
+    asgd,
+    autosgm,
+    dag,
+    decoupled_adam,
+    lars,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    sgd,
+)
 from ..core.algorithm import Algorithm
 from ..core.errors import closest
 
@@ -15,6 +33,7 @@ __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "f
 
 class UnknownOptimizerError(ValueError):
     """No algorithm is registered under the requested name."""
+
 
 _BUILTIN = (
     sgd.algorithm,
@@ -61,7 +80,9 @@ def get(name: str) -> Algorithm:
     except KeyError:
         close = closest(name.lower(), names())
         hint = f" Did you mean {close!r}?" if close is not None else ""
-        raise UnknownOptimizerError(f"unknown optimizer {name!r}.{hint} Known optimizers: {', '.join(names())}") from None
+        raise UnknownOptimizerError(
+            f"unknown optimizer {name!r}.{hint} Known optimizers: {', '.join(names())}"
+        ) from None
 
 
 def for_config(config: object) -> Algorithm:

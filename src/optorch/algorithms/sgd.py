@@ -83,7 +83,13 @@ def to_torch(state: LeafState) -> LeafState:
 
 GRID = Grid(
     fixed={"lr": 0.05},
-    axes={"momentum": (0.0, 0.9), "dampening": (0.0, 0.3), "nesterov": (False, True), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
+    axes={
+        "momentum": (0.0, 0.9),
+        "dampening": (0.0, 0.3),
+        "nesterov": (False, True),
+        "weight_decay": (0.0, 0.1),
+        "maximize": (False, True),
+    },
 )
 algorithm = Algorithm("sgd", Config, init_leaf, update, torch.optim.SGD, from_torch, to_torch, grid=GRID)
 init, step = algorithm.init, algorithm.step

@@ -5,7 +5,18 @@ one frozen :class:`Parsed`, ``make`` builds the shim (``build``) or the pure ste
 from ..core.errors import ConfigError
 from .files import load_config
 from .make import assemble, build, build_stepper, split_param_groups
-from .spec import ADAPTIVE_KEY, ENTRY_KEYS, SCHEDULE_KEY, Parsed, explain, parse, parse_adaptive, parse_combinators, parse_config, parse_schedules
+from .spec import (
+    ADAPTIVE_KEY,
+    ENTRY_KEYS,
+    SCHEDULE_KEY,
+    Parsed,
+    explain,
+    parse,
+    parse_adaptive,
+    parse_combinators,
+    parse_config,
+    parse_schedules,
+)
 
 __all__ = [
     "ADAPTIVE_KEY",

@@ -22,9 +22,23 @@ from ..shim.optimizer import Optimizer
 from .make import build
 
 NAMES = {
-    "sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "decoupled_adam": "DecoupledAdam", "rmsprop": "RMSprop", "adagrad": "Adagrad",
-    "nadam": "NAdam", "radam": "RAdam", "adamax": "Adamax", "adadelta": "Adadelta", "rprop": "Rprop", "asgd": "ASGD", "dag": "DAG",
-    "autosgm": "AutoSGM", "lars": "LARS", "adopt": "ADOPT", "adafactor": "Adafactor",
+    "sgd": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "decoupled_adam": "DecoupledAdam",
+    "rmsprop": "RMSprop",
+    "adagrad": "Adagrad",
+    "nadam": "NAdam",
+    "radam": "RAdam",
+    "adamax": "Adamax",
+    "adadelta": "Adadelta",
+    "rprop": "Rprop",
+    "asgd": "ASGD",
+    "dag": "DAG",
+    "autosgm": "AutoSGM",
+    "lars": "LARS",
+    "adopt": "ADOPT",
+    "adafactor": "Adafactor",
 }
 """Registered name -> class name (the registry's own names, for the built-in algorithms)."""
 
@@ -33,17 +47,23 @@ class _Named(Optimizer):
     algorithm_name: str = ""
 
     def __init__(self, params: Iterable[Any], *, engine: str = "auto", partition_group: Any = None, **config: Any):
-        build({"name": self.algorithm_name, **config}, params, engine=engine, partition_group=partition_group, into=self)
+        build(
+            {"name": self.algorithm_name, **config}, params, engine=engine, partition_group=partition_group, into=self
+        )
 
 
 def _class(name: str) -> type[Optimizer]:
     algorithm = registry.get(name)
-    return type(NAMES[name], (_Named,), {
-        "algorithm_name": name,
-        "__module__": "optorch.optim",  # the public path (an alias of this module)
-        "__doc__": f"optorch's {name} as a torch.optim-style class: ``{NAMES[name]}(params, **config)`` is "
-                   f"``optorch.build({{'name': {name!r}, **config}}, params)``; keys: {', '.join(algorithm.config.model_fields)}.",
-    })
+    return type(
+        NAMES[name],
+        (_Named,),
+        {
+            "algorithm_name": name,
+            "__module__": "optorch.optim",  # the public path (an alias of this module)
+            "__doc__": f"optorch's {name} as a torch.optim-style class: ``{NAMES[name]}(params, **config)`` is "
+            f"``optorch.build({{'name': {name!r}, **config}}, params)``; keys: {', '.join(algorithm.config.model_fields)}.",
+        },
+    )
 
 
 for _name in NAMES:

@@ -154,7 +154,9 @@ class _Loader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} deep", self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} deep", self.peek_event().start_mark
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -167,23 +169,31 @@ class _Loader(yaml.SafeLoader):
         first: dict[str, int] = {}
         for key, _ in node.value:
             if not (isinstance(key, ScalarNode) and key.tag == "tag:yaml.org,2002:str"):
-                raise yaml.constructor.ConstructorError(None, None, f"keys must be names (strings), got {shown(key.value)}", key.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"keys must be names (strings), got {shown(key.value)}", key.start_mark
+                )
             line = key.start_mark.line + 1
             if key.value in first:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key.value)} (first on line {first[key.value]})", key.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shown(key.value)} (first on line {first[key.value]})", key.start_mark
+                )
             first[key.value] = line
         return super().construct_mapping(node, deep)
 
     def construct_yaml_bool(self, node: ScalarNode) -> bool:
         value = self.construct_scalar(node)
         if value not in _BOOLS:
-            raise yaml.constructor.ConstructorError(None, None, f"{shown(value)} is not a YAML 1.2 boolean (true or false)", node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown(value)} is not a YAML 1.2 boolean (true or false)", node.start_mark
+            )
         return _BOOLS[value]
 
     def construct_yaml_int(self, node: ScalarNode) -> int:
         value = self.construct_scalar(node)
         if not _INT.fullmatch(value):
-            raise yaml.constructor.ConstructorError(None, None, f"{shown(value)} is not a YAML 1.2 integer", node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown(value)} is not a YAML 1.2 integer", node.start_mark
+            )
         for prefix, base in (("0o", 8), ("0x", 16)):
             if value.startswith(prefix):
                 return int(value[2:], base)
@@ -192,7 +202,9 @@ class _Loader(yaml.SafeLoader):
     def construct_yaml_float(self, node: ScalarNode) -> float:
         value = self.construct_scalar(node)
         if not _FLOAT.fullmatch(value):
-            raise yaml.constructor.ConstructorError(None, None, f"{shown(value)} is not a YAML 1.2 number", node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown(value)} is not a YAML 1.2 number", node.start_mark
+            )
         special = value.lstrip("+-").lower()
         if special in (".inf", ".nan"):
             return float(value.replace(".", "", 1))
@@ -220,16 +232,28 @@ def _count_values(node: Node, sizes: dict[int, int | None]) -> int:
     linear in the file); raises past :data:`MAX_VALUES` or on an alias inside itself."""
     known = sizes.get(id(node), 0)
     if known is None:
-        raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it (a recursive alias)", node.start_mark)
+        raise yaml.composer.ComposerError(
+            None, None, "an alias refers to a value that contains it (a recursive alias)", node.start_mark
+        )
     if known:
         return known
     sizes[id(node)] = None
-    children = [n for pair in node.value for n in pair] if isinstance(node, MappingNode) else node.value if isinstance(node, SequenceNode) else []
+    children = (
+        [n for pair in node.value for n in pair]
+        if isinstance(node, MappingNode)
+        else node.value
+        if isinstance(node, SequenceNode)
+        else []
+    )
     total = 1
     for child in children:
         total += _count_values(child, sizes)
         if total > MAX_VALUES:
-            raise yaml.composer.ComposerError(None, None, f"expands to more than {MAX_VALUES} values (aliases of aliases?); "
-                                              "a config is a few dozen", node.start_mark)
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"expands to more than {MAX_VALUES} values (aliases of aliases?); a config is a few dozen",
+                node.start_mark,
+            )
     sizes[id(node)] = total
     return total

@@ -24,8 +24,14 @@ from .spec import ENTRY_KEYS, _naming_the_file, parse
 __all__ = ["assemble", "build", "build_stepper", "split_param_groups"]
 
 
-def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterable[Any], *, engine: str = "auto", partition_group: Any = None,
-          into: Any = None):
+def build(
+    config: Mapping[str, Any] | Config | str | os.PathLike,
+    params: Iterable[Any],
+    *,
+    engine: str = "auto",
+    partition_group: Any = None,
+    into: Any = None,
+):
     """A :class:`optorch.Optimizer` (a ``torch.optim.Optimizer``) for ``params``.
 
     ``params`` is what torch.optim accepts: an iterable of tensors, or of param-group dicts whose keys
@@ -38,8 +44,17 @@ def build(config: Mapping[str, Any] | Config | str | os.PathLike, params: Iterab
     """
     parsed = parse(config)
     with _naming_the_file(config, values=False):  # a param_groups pattern that matches none of the params' names
-        return assemble(params, parsed.algorithm, parsed.config, engine=engine, schedules=parsed.schedules, settings=parsed.settings, rules=parsed.rules,
-                        partition_group=partition_group, into=into)
+        return assemble(
+            params,
+            parsed.algorithm,
+            parsed.config,
+            engine=engine,
+            schedules=parsed.schedules,
+            settings=parsed.settings,
+            rules=parsed.rules,
+            partition_group=partition_group,
+            into=into,
+        )
 
 
 def build_stepper(config: Mapping[str, Any] | Config | str | os.PathLike, params: Any = None) -> Stepper:
@@ -59,7 +74,9 @@ def build_stepper(config: Mapping[str, Any] | Config | str | os.PathLike, params
     stepper: Stepper = core({})
     if settings.param_groups:
         if params is None:
-            raise ValueError("param_groups: build_stepper needs the params (a dict pytree) to match the patterns to names")
+            raise ValueError(
+                "param_groups: build_stepper needs the params (a dict pytree) to match the patterns to names"
+            )
         labels = settings.labels(param_names(params))
         steppers = {f"param_groups.{i}": core(rule.overrides) for i, rule in enumerate(settings.param_groups)}
         if "default" in labels:
@@ -68,27 +85,49 @@ def build_stepper(config: Mapping[str, Any] | Config | str | os.PathLike, params
     return settings.wrap(stepper)
 
 
-def assemble(params: Iterable[Any], algorithm: Algorithm, config: Config, *, engine: str = "auto", schedules: Mapping[str, Schedule] | None = None,
-             settings: Combinators | None = None, rules: AdaptiveConfig | None = None, partition_group: Any = None,
-             into: Any = None):
+def assemble(
+    params: Iterable[Any],
+    algorithm: Algorithm,
+    config: Config,
+    *,
+    engine: str = "auto",
+    schedules: Mapping[str, Schedule] | None = None,
+    settings: Combinators | None = None,
+    rules: AdaptiveConfig | None = None,
+    partition_group: Any = None,
+    into: Any = None,
+):
     """The optimizer for the parsed parts of a config (:func:`build` after parsing): ``settings`` are
     its combinator entries, ``rules`` its ``adapt`` entry."""
     if rules is not None and distributed.zero_owner() is not None:
         # ZeRO copies its own param groups into this optimizer's before each step: knobs written here would be undone
-        raise ConfigError("an 'adapt' entry inside ZeroRedundancyOptimizer would adapt this rank's optimizer, whose param groups "
-                          "ZeRO overwrites with its own before every step; build without 'adapt' and adapt ZeRO's: "
-                          "optorch.AdaptiveOpt(zero_optimizer, config=optorch.builder.parse_adaptive(config))")
+        raise ConfigError(
+            "an 'adapt' entry inside ZeroRedundancyOptimizer would adapt this rank's optimizer, whose param groups "
+            "ZeRO overwrites with its own before every step; build without 'adapt' and adapt ZeRO's: "
+            "optorch.AdaptiveOpt(zero_optimizer, config=optorch.builder.parse_adaptive(config))"
+        )
     try:
         params = torch_param_groups(params, settings)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     entries = sorted({key for group in params if isinstance(group, Mapping) for key in group if key in ENTRY_KEYS})
     if entries:  # a group key is an override: a scheduled lr set in every group would never be scheduled
-        raise ConfigError(f"param groups set {', '.join(map(repr, entries))}: builder entries apply to the whole optimizer, not to a "
-                          "group. (ZeroRedundancyOptimizer copies its keyword arguments into every param group: give entries to "
-                          "functools.partial(optorch.optim.<Name>, ...) or functools.partial(optorch.build, config) instead.)")
+        raise ConfigError(
+            f"param groups set {', '.join(map(repr, entries))}: builder entries apply to the whole optimizer, not to a "
+            "group. (ZeroRedundancyOptimizer copies its keyword arguments into every param group: give entries to "
+            "functools.partial(optorch.optim.<Name>, ...) or functools.partial(optorch.build, config) instead.)"
+        )
     optimizer = into if into is not None else Optimizer.__new__(Optimizer)
-    Optimizer.__init__(optimizer, params, algorithm, config, engine=engine, schedules=schedules, combinators=settings, partition_group=partition_group)
+    Optimizer.__init__(
+        optimizer,
+        params,
+        algorithm,
+        config,
+        engine=engine,
+        schedules=schedules,
+        combinators=settings,
+        partition_group=partition_group,
+    )
     if rules is not None:
         optimizer.adaptive = AdaptiveOpt(optimizer, config=rules)  # its state rides in optimizer.state_dict()
     return optimizer

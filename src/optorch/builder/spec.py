@@ -36,7 +36,16 @@ from ..functional.settings import Combinators
 from ..schedules import Schedule
 from .files import load_config, where
 
-__all__ = ["ENTRY_KEYS", "Parsed", "explain", "parse", "parse_adaptive", "parse_combinators", "parse_config", "parse_schedules"]
+__all__ = [
+    "ENTRY_KEYS",
+    "Parsed",
+    "explain",
+    "parse",
+    "parse_adaptive",
+    "parse_combinators",
+    "parse_config",
+    "parse_schedules",
+]
 
 SCHEDULE_KEY = "schedule"
 ADAPTIVE_KEY = "adapt"
@@ -67,7 +76,9 @@ def parse(config: Mapping[str, Any] | Config | str | os.PathLike) -> Parsed:
     with _naming_the_file(config):
         raw = _as_dict(config)
         algorithm, values = _algorithm(raw)
-        return Parsed(algorithm, values, _schedules(raw, values), _combinators(raw, algorithm, values), _adaptive(raw, values))
+        return Parsed(
+            algorithm, values, _schedules(raw, values), _combinators(raw, algorithm, values), _adaptive(raw, values)
+        )
 
 
 def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tuple[Algorithm, Config]:
@@ -77,23 +88,29 @@ def parse_config(config: Mapping[str, Any] | Config | str | os.PathLike) -> tupl
     return parsed.algorithm, parsed.config
 
 
-def parse_schedules(config: Mapping[str, Any] | Config | str | os.PathLike, parsed: Config | None = None) -> dict[str, Schedule]:
+def parse_schedules(
+    config: Mapping[str, Any] | Config | str | os.PathLike, parsed: Config | None = None
+) -> dict[str, Schedule]:
     """The config's ``schedule`` entry, ``{hyperparameter: schedule config}``, as validated schedules::
 
-        {"name": "adam", "lr": 3e-4, "schedule": {"lr": {"name": "cosine", "init_value": 3e-4,
-                                                          "warmup_steps": 500, "decay_steps": 10000}}}
+    {"name": "adam", "lr": 3e-4, "schedule": {"lr": {"name": "cosine", "init_value": 3e-4,
+                                                      "warmup_steps": 500, "decay_steps": 10000}}}
     """
     return _one_entry(config, parsed, _schedules, "schedules")
 
 
-def parse_combinators(config: Mapping[str, Any] | Config | str | os.PathLike, parsed: tuple[Algorithm, Config] | None = None) -> Combinators | None:
+def parse_combinators(
+    config: Mapping[str, Any] | Config | str | os.PathLike, parsed: tuple[Algorithm, Config] | None = None
+) -> Combinators | None:
     """The config's ``clip_grad_norm``, ``skip_nonfinite``, ``accumulate_steps``, ``ema``, ``amp`` and
     ``param_groups`` entries, validated (:class:`optorch.functional.settings.Combinators`); None if it
     has none."""
     return _one_entry(config, parsed, lambda raw, given: _combinators(raw, *given), "settings")
 
 
-def parse_adaptive(config: Mapping[str, Any] | Config | str | os.PathLike, parsed: Config | None = None) -> adaptive.AdaptiveConfig | None:
+def parse_adaptive(
+    config: Mapping[str, Any] | Config | str | os.PathLike, parsed: Config | None = None
+) -> adaptive.AdaptiveConfig | None:
     """The config's ``adapt`` entry (a mapping of :class:`optorch.AdaptiveConfig` keys) validated, or
     None::
 
@@ -127,33 +144,45 @@ def _algorithm(raw: Mapping[str, Any]) -> tuple[Algorithm, Config]:
     unknown = [key for key in values if key not in valid]
     if unknown:
         hints = [f"{shown(key)}{suggest(key, [*valid, *ENTRY_KEYS])}" for key in unknown]
-        raise ConfigError(f"unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: name, {', '.join(valid)}; "
-                          f"top-level entries: {', '.join(ENTRY_KEYS)}", key=(unknown[0],))
+        raise ConfigError(
+            f"unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: name, {', '.join(valid)}; "
+            f"top-level entries: {', '.join(ENTRY_KEYS)}",
+            key=(unknown[0],),
+        )
     return algorithm, algorithm.config(**values)
 
 
 def _schedules(raw: Mapping[str, Any], parsed: Config) -> dict[str, Schedule]:
     entry = raw.get(SCHEDULE_KEY) or {}
     if not isinstance(entry, Mapping):
-        raise ConfigError(f"'{SCHEDULE_KEY}' must map hyperparameter names to schedule configs, got {type(entry).__name__}", key=(SCHEDULE_KEY,))
+        raise ConfigError(
+            f"'{SCHEDULE_KEY}' must map hyperparameter names to schedule configs, got {type(entry).__name__}",
+            key=(SCHEDULE_KEY,),
+        )
     values = parsed.hyperparameters()
     for name in entry:
         if name not in values or isinstance(values[name], bool) or not isinstance(values[name], (int, float)):
             scalars = [k for k, v in values.items() if isinstance(v, float)]
-            raise ConfigError(f"'{SCHEDULE_KEY}': {shown(name)} is not a scalar hyperparameter of this optimizer; schedulable: {', '.join(scalars)}",
-                              key=(SCHEDULE_KEY, name))
+            raise ConfigError(
+                f"'{SCHEDULE_KEY}': {shown(name)} is not a scalar hyperparameter of this optimizer; schedulable: {', '.join(scalars)}",
+                key=(SCHEDULE_KEY, name),
+            )
     result = {}
     for name, schedule in entry.items():
         try:
             result[name] = schedules.from_config(schedule)
         except pydantic.ValidationError as error:
-            raise ConfigError(f"'{SCHEDULE_KEY}.{name}': {problems(error)}", key=(SCHEDULE_KEY, name, *first_location(error))) from None
+            raise ConfigError(
+                f"'{SCHEDULE_KEY}.{name}': {problems(error)}", key=(SCHEDULE_KEY, name, *first_location(error))
+            ) from None
         except (ValueError, TypeError) as error:
             raise ConfigError(f"'{SCHEDULE_KEY}.{name}': {error}", key=(SCHEDULE_KEY, name)) from None
         try:  # its first value, now; a later one out of range fails the step that would use it
             parsed.replace(**{name: result[name](0)})
         except pydantic.ValidationError as error:
-            raise ConfigError(f"'{SCHEDULE_KEY}.{name}': its value at step 0 is refused: {problems(error)}", key=(SCHEDULE_KEY, name)) from None
+            raise ConfigError(
+                f"'{SCHEDULE_KEY}.{name}': its value at step 0 is refused: {problems(error)}", key=(SCHEDULE_KEY, name)
+            ) from None
     return result
 
 
@@ -171,7 +200,10 @@ def _adaptive(raw: Mapping[str, Any], parsed: Config) -> adaptive.AdaptiveConfig
     if entry is None:
         return None
     if not isinstance(entry, (Mapping, adaptive.AdaptiveConfig)):
-        raise ConfigError(f"'{ADAPTIVE_KEY}' must map AdaptiveOpt keys (lr_rule, momentum_rule, ...) to values, got {shown(entry)}", key=(ADAPTIVE_KEY,))
+        raise ConfigError(
+            f"'{ADAPTIVE_KEY}' must map AdaptiveOpt keys (lr_rule, momentum_rule, ...) to values, got {shown(entry)}",
+            key=(ADAPTIVE_KEY,),
+        )
     try:
         rules = adaptive.parse_entry(entry)
     except pydantic.ValidationError as error:
@@ -182,10 +214,15 @@ def _adaptive(raw: Mapping[str, Any], parsed: Config) -> adaptive.AdaptiveConfig
     scheduled = raw.get(SCHEDULE_KEY) or {}
     for knob in rules.rules():
         if knob not in places:
-            raise ConfigError(f"'{ADAPTIVE_KEY}': a rule for {knob}, which this optimizer does not have (it has {', '.join(places) or 'none'})",
-                              key=(ADAPTIVE_KEY,))
+            raise ConfigError(
+                f"'{ADAPTIVE_KEY}': a rule for {knob}, which this optimizer does not have (it has {', '.join(places) or 'none'})",
+                key=(ADAPTIVE_KEY,),
+            )
         if places[knob][0] in scheduled:
-            raise ConfigError(f"'{ADAPTIVE_KEY}': a rule for {knob}, which '{SCHEDULE_KEY}' also sets; use one of them", key=(ADAPTIVE_KEY,))
+            raise ConfigError(
+                f"'{ADAPTIVE_KEY}': a rule for {knob}, which '{SCHEDULE_KEY}' also sets; use one of them",
+                key=(ADAPTIVE_KEY,),
+            )
     return rules
 
 
@@ -225,4 +262,6 @@ def _naming_the_file(config: Any, values: bool = True) -> Iterator[None]:
         if str(error).startswith(str(config)):
             raise
         key = getattr(error, "key", ("name",))
-        raise type(error)(f"{where(config, key)}: {error}", **({"key": key} if isinstance(error, ConfigError) else {})) from None
+        raise type(error)(
+            f"{where(config, key)}: {error}", **({"key": key} if isinstance(error, ConfigError) else {})
+        ) from None

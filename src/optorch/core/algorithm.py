@@ -72,7 +72,9 @@ def apply_update(update: Update, param: Tensor, grad: Tensor, leaf_state: LeafSt
         new_state = {k: ops.like(v, leaf_state[k]) for k, v in new_state.items()}
         return (ops.like(new_param, param), new_state, *contributions)
     real_state = {k: _as_real(v) for k, v in leaf_state.items()}
-    new_param, new_state, *contributions = update(torch.view_as_real(param), _as_real(grad), real_state, config, *shared)
+    new_param, new_state, *contributions = update(
+        torch.view_as_real(param), _as_real(grad), real_state, config, *shared
+    )
     to_complex = {k: torch.view_as_complex(v) if leaf_state[k].is_complex() else v for k, v in new_state.items()}
     return (torch.view_as_complex(new_param), to_complex, *contributions)
 
@@ -191,7 +193,6 @@ class Algorithm:
         """The per-parameter state keys under ``config`` (they can depend on flags, e.g. amsgrad)."""
         return tuple(self.init_leaf(torch.zeros(1), config))
 
-
     def init(self, params: Any, config: Config) -> State:
         """Fresh state for a pytree of params. Pure: ``params`` is only read."""
         config = self.as_config(config)
@@ -212,7 +213,9 @@ class Algorithm:
         path_leaves, spec = pytree.tree_flatten_with_path(params)
         grad_leaves, grad_spec = pytree.tree_flatten(grads, is_leaf=_is_none)
         if grad_spec != spec:
-            raise ValueError(f"{self.name}: grads must have the structure of params.\n params: {spec}\n grads: {grad_spec}")
+            raise ValueError(
+                f"{self.name}: grads must have the structure of params.\n params: {spec}\n grads: {grad_spec}"
+            )
         keys = self.state_keys(config)
         expected = set(keys) | ({SHARED_KEY} if self.shared is not None else set())
         if not isinstance(state, Mapping) or set(state) != expected:

@@ -22,11 +22,33 @@ from typing import Annotated, Any, Callable, ClassVar
 import torch
 from .errors import shown
 from .scalars import is_real
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+)
 
-__all__ = ["SHARED_DESCRIPTIONS", "Config", "Count", "Flag", "Number", "Scalar", "NonNegative", "Probability", "UnitInterval", "check_count", "check_tensor_hyperparameter",
-           "describe", "representable"]
-
+__all__ = [
+    "SHARED_DESCRIPTIONS",
+    "Config",
+    "Count",
+    "Flag",
+    "Number",
+    "Scalar",
+    "NonNegative",
+    "Probability",
+    "UnitInterval",
+    "check_count",
+    "check_tensor_hyperparameter",
+    "describe",
+    "representable",
+]
 
 
 def check_tensor_hyperparameter(value: torch.Tensor) -> torch.Tensor:
@@ -34,7 +56,9 @@ def check_tensor_hyperparameter(value: torch.Tensor) -> torch.Tensor:
     traced or batched), but a shape would broadcast the params it touches and an integer lr would
     truncate."""
     if value.dim() != 0:
-        raise ValueError(f"a tensor hyperparameter must be 0-dim, got shape {tuple(value.shape)} (use tensor.reshape(()) for one value)")
+        raise ValueError(
+            f"a tensor hyperparameter must be 0-dim, got shape {tuple(value.shape)} (use tensor.reshape(()) for one value)"
+        )
     if not value.is_floating_point():
         raise ValueError(f"a tensor hyperparameter must be a floating-point tensor, got {value.dtype}")
     return value
@@ -73,6 +97,8 @@ Scalar = Annotated[Any, BeforeValidator(_coerce_scalar), PlainSerializer(_serial
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A finite real number (an int or a float; never a bool or a string): the settings' numbers."""
+
+
 def check_count(value: int) -> int:
     """A count of steps, at most 2**53: beyond, it is no longer exact in float64, where step counters
     are compared with it (and soon overflows int64)."""
@@ -157,7 +183,9 @@ class Config(BaseModel):
     def _no_tensor_for_a_tuple(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic would unpack a tensor of shape (2,) into the tuple, each part a view of it
         if isinstance(value, torch.Tensor) and isinstance(cls.model_fields[info.field_name].default, tuple):
-            raise ValueError(f"expected a tuple (of numbers or 0-dim tensors), got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"expected a tuple (of numbers or 0-dim tensors), got a tensor of shape {tuple(value.shape)}"
+            )
         return value
 
     def replace(self, **changes: Any) -> "Config":
@@ -174,7 +202,9 @@ class Config(BaseModel):
         for name, value in values.items():
             parts = value if isinstance(value, tuple) else (value,)
             if not all(isinstance(part, torch.Tensor) for part in parts):
-                raise TypeError(f"with_tensors: {name!r} must be a field of {type(self).__name__} given as a tensor or a tuple of tensors")
+                raise TypeError(
+                    f"with_tensors: {name!r} must be a field of {type(self).__name__} given as a tensor or a tuple of tensors"
+                )
             try:
                 for part in parts:
                     check_tensor_hyperparameter(part)

@@ -28,8 +28,18 @@ from torch import Tensor
 
 from .compat import in_backward
 
-__all__ = ["Partition", "check_layout", "check_partition", "finite_everywhere", "full", "in_backward", "is_dtensor", "local_shards", "meta_like",
-           "zeros_reduced"]
+__all__ = [
+    "Partition",
+    "check_layout",
+    "check_partition",
+    "finite_everywhere",
+    "full",
+    "in_backward",
+    "is_dtensor",
+    "local_shards",
+    "meta_like",
+    "zeros_reduced",
+]
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -149,8 +159,10 @@ class Partition:
         return self  # a process group is a handle on the running job, shared by every copy
 
     def __reduce__(self):
-        raise TypeError("an optimizer built with partition_group holds a process group, which cannot be pickled; "
-                        "save its state_dict() instead")
+        raise TypeError(
+            "an optimizer built with partition_group holds a process group, which cannot be pickled; "
+            "save its state_dict() instead"
+        )
 
     def reduce(self, values: Tensor, op: str = "sum") -> Tensor:
         """``values`` (any shape) reduced over the group: ``"sum"``, ``"max"`` or ``"min"``, in float64
@@ -170,11 +182,15 @@ class Partition:
     def any(self, flag: Tensor | bool) -> bool:
         return bool(self.reduce(torch.as_tensor(flag, dtype=torch.float64), "max"))
 
-    def totals(self, local: dict[str, Tensor] | None, keys: Sequence[str], device: torch.device) -> dict[str, Tensor] | None:
+    def totals(
+        self, local: dict[str, Tensor] | None, keys: Sequence[str], device: torch.device
+    ) -> dict[str, Tensor] | None:
         """The sums over every rank of the contributions to shared state (``local``: this rank's sums,
         None when none of its params stepped), None when no rank's did; one all-reduce."""
         if not keys:
-            raise ValueError("this algorithm's Shared declares no contribution keys, which a partition needs to reduce them")
+            raise ValueError(
+                "this algorithm's Shared declares no contribution keys, which a partition needs to reduce them"
+            )
         dtype = next(iter(local.values())).dtype if local else torch.float64
         values = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
         if local is not None:
@@ -192,8 +208,10 @@ class Partition:
 
         ours, theirs = dist.get_process_group_ranks(self.group), dist.get_process_group_ranks(zero.process_group)
         if ours != theirs:
-            raise ValueError(f"partition_group spans ranks {ours}, but ZeroRedundancyOptimizer partitions the params over ranks {theirs}: "
-                             "pass it the same process group")
+            raise ValueError(
+                f"partition_group spans ranks {ours}, but ZeroRedundancyOptimizer partitions the params over ranks {theirs}: "
+                "pass it the same process group"
+            )
 
 
 def zero_owner() -> Any:

@@ -86,14 +86,18 @@ def _parse_rule(value: Any, where: str) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ValueError(f"the rule for {where} must be a string such as 'trend+cosine' (or None), got {type(value).__name__} {value!r}")
+        raise ValueError(
+            f"the rule for {where} must be a string such as 'trend+cosine' (or None), got {type(value).__name__} {value!r}"
+        )
     if value.strip().lower() in ("", "none"):
         return None
     terms = [term.strip() for term in value.lower().split("+")]
     seen = []
     for term in terms:
         if term not in TERMS:
-            raise ValueError(f"unknown term {term!r} in the rule {value!r} for {where}{suggest(term, TERMS)}; terms: {', '.join(TERMS)}")
+            raise ValueError(
+                f"unknown term {term!r} in the rule {value!r} for {where}{suggest(term, TERMS)}; terms: {', '.join(TERMS)}"
+            )
         if term in seen:
             raise ValueError(f"term {term!r} appears twice in the rule {value!r} for {where}")
         seen.append(term)
@@ -166,7 +170,12 @@ class AdaptiveConfig(BaseModel):
     @field_validator("lr_rule", "momentum_rule", "alpha_rule", "wd_rule", mode="before")
     @classmethod
     def _rule(cls, value: Any, info) -> Optional[str]:
-        return _parse_rule(value, {"lr_rule": "lr", "momentum_rule": "momentum", "alpha_rule": "alpha", "wd_rule": "weight_decay"}[info.field_name])
+        return _parse_rule(
+            value,
+            {"lr_rule": "lr", "momentum_rule": "momentum", "alpha_rule": "alpha", "wd_rule": "weight_decay"}[
+                info.field_name
+            ],
+        )
 
     @field_validator("betas_rule", mode="before")
     @classmethod
@@ -182,7 +191,9 @@ class AdaptiveConfig(BaseModel):
     def _around_one(cls, value: tuple[float, float], info) -> tuple[float, float]:
         low, high = value
         if not (0.0 <= low <= 1.0 <= high < math.inf) or (info.field_name == "factor_bounds" and low == 0.0):
-            raise ValueError(f"must be (low, high) with {'0 <' if info.field_name == 'factor_bounds' else '0 <='} low <= 1 <= high, finite; got {value!r}")
+            raise ValueError(
+                f"must be (low, high) with {'0 <' if info.field_name == 'factor_bounds' else '0 <='} low <= 1 <= high, finite; got {value!r}"
+            )
         return value
 
     @field_validator("momentum_bounds", "beta2_bounds")
@@ -203,13 +214,21 @@ class AdaptiveConfig(BaseModel):
     @model_validator(mode="after")
     def _positive_relative(self) -> "AdaptiveConfig":
         if self.relative_gain * self.relative_clip >= 1.0:
-            raise ValueError(f"relative_gain * relative_clip must be below 1 (so a worsening step keeps the factor positive), got {self.relative_gain} * {self.relative_clip}")
+            raise ValueError(
+                f"relative_gain * relative_clip must be below 1 (so a worsening step keeps the factor positive), got {self.relative_gain} * {self.relative_clip}"
+            )
         return self
 
     def rules(self) -> dict[str, tuple[str, ...]]:
         """``{knob: (term, ...)}`` for every knob that has a rule."""
-        rules = {"lr": self.lr_rule, "momentum": self.momentum_rule, "beta1": self.betas_rule[0], "beta2": self.betas_rule[1],
-                 "alpha": self.alpha_rule, "weight_decay": self.wd_rule}
+        rules = {
+            "lr": self.lr_rule,
+            "momentum": self.momentum_rule,
+            "beta1": self.betas_rule[0],
+            "beta2": self.betas_rule[1],
+            "alpha": self.alpha_rule,
+            "weight_decay": self.wd_rule,
+        }
         return {knob: tuple(rule.split("+")) for knob, rule in rules.items() if rule}
 
     def replace(self, **changes: Any) -> "AdaptiveConfig":
@@ -222,7 +241,9 @@ def parse_entry(entry: Any) -> AdaptiveConfig:
     if isinstance(entry, AdaptiveConfig):
         return entry
     if not isinstance(entry, Mapping):
-        raise ValueError(f"must map AdaptiveOpt keys (lr_rule, momentum_rule, ...) to values, got {type(entry).__name__}")
+        raise ValueError(
+            f"must map AdaptiveOpt keys (lr_rule, momentum_rule, ...) to values, got {type(entry).__name__}"
+        )
     unknown = [key for key in entry if key not in AdaptiveConfig.model_fields]
     if unknown:
         valid = list(AdaptiveConfig.model_fields)
@@ -234,7 +255,9 @@ def parse_entry(entry: Any) -> AdaptiveConfig:
 # --- the rules as pure functions ---------------------------------------------------------------
 
 
-def init(config: AdaptiveConfig, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+def init(
+    config: AdaptiveConfig, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64
+) -> dict[str, Any]:
     """The rule state before any loss: statistics, each (knob, term)'s state, and the last factors.
 
     ``{"t", "fast", "slow", "ref", "window", "terms": {knob: {term: {...}}}, "factors": {knob: f}}``,
@@ -282,15 +305,29 @@ def _statistics(state: Mapping[str, Any], loss: Tensor, config: AdaptiveConfig) 
         drop = state["fast"] - fast
         improving = (drop > config.ema_step_tol) & ~first
         worsening = (drop < -config.ema_step_tol) & ~first
-    return {"t": t, "fast": fast, "slow": slow, "ref": ref, "window": window, "cv": cv, "r": r, "improving": improving, "worsening": worsening}
+    return {
+        "t": t,
+        "fast": fast,
+        "slow": slow,
+        "ref": ref,
+        "window": window,
+        "cv": cv,
+        "r": r,
+        "improving": improving,
+        "worsening": worsening,
+    }
 
 
-def _term(term: str, knob: str, state: Mapping[str, Tensor] | None, s: Mapping[str, Tensor], config: AdaptiveConfig) -> tuple[dict[str, Tensor], Tensor]:
+def _term(
+    term: str, knob: str, state: Mapping[str, Tensor] | None, s: Mapping[str, Tensor], config: AdaptiveConfig
+) -> tuple[dict[str, Tensor], Tensor]:
     """One (knob, term): ``(its new state, its factor)``."""
     low, high = config.factor_bounds
     if term == "trend":
         full = lambda number: torch.full_like(state["value"], number)  # noqa: E731
-        change = torch.where(s["improving"], full(config.trend_up), torch.where(s["worsening"], full(config.trend_down), full(1.0)))
+        change = torch.where(
+            s["improving"], full(config.trend_up), torch.where(s["worsening"], full(config.trend_down), full(1.0))
+        )
         value = torch.clamp(state["value"] * change, low, high)
         return {"value": value}, (1.0 / value if knob == "weight_decay" else value)
     if term == "variance":
@@ -347,7 +384,15 @@ def update(state: Mapping[str, Any], loss: Any, config: AdaptiveConfig) -> tuple
                 terms[knob][term] = term_state
             factor = factor * term_factor
         factors[knob] = factor
-    new = {"t": state["t"] + 1, "fast": s["fast"], "slow": s["slow"], "ref": s["ref"], "window": s["window"], "terms": terms, "factors": factors}
+    new = {
+        "t": state["t"] + 1,
+        "fast": s["fast"],
+        "slow": s["slow"],
+        "ref": s["ref"],
+        "window": s["window"],
+        "terms": terms,
+        "factors": factors,
+    }
     new = pytree.tree_map(lambda fresh, old: torch.where(accepted, fresh, old), new, dict(state))
     return new, dict(new["factors"])
 
@@ -359,7 +404,9 @@ def knob_value(knob: str, base: Any, factor: Any, config: AdaptiveConfig) -> Ten
     """
     factor = factor if isinstance(factor, Tensor) else torch.tensor(factor, dtype=torch.float64)
     factor = factor if factor.is_floating_point() else factor.to(torch.float64)
-    base = (base if isinstance(base, Tensor) else torch.tensor(base, dtype=torch.float64)).to(device=factor.device, dtype=factor.dtype)
+    base = (base if isinstance(base, Tensor) else torch.tensor(base, dtype=torch.float64)).to(
+        device=factor.device, dtype=factor.dtype
+    )
     if knob == "lr":
         low, high = config.lr_bounds
         value = torch.minimum(torch.maximum(base * factor, low * base), high * base)

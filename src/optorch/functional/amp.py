@@ -86,8 +86,10 @@ class ScalerConfig(BaseModel):
     @classmethod
     def _usable_in_float32(cls, value: float) -> float:
         if not (MIN_SCALE <= value and representable(value, torch.float32)):
-            raise ValueError(f"must be in [2**-126, {torch.finfo(torch.float32).max:.4g}], where it and its reciprocal are finite "
-                             f"in float32, got {value}")
+            raise ValueError(
+                f"must be in [2**-126, {torch.finfo(torch.float32).max:.4g}], where it and its reciprocal are finite "
+                f"in float32, got {value}"
+            )
         return value
 
 
@@ -125,8 +127,10 @@ def unscale(grads: Any, state: ScalerState, *, allow_fp16: bool = False) -> tupl
         if not isinstance(g, Tensor):
             raise TypeError(f"gradients must be tensors or None, got {type(g).__name__}")
         if g.dtype == torch.float16 and not allow_fp16:
-            raise ValueError("Attempting to unscale FP16 gradients (fp16 parameters have no float32 master "
-                             "weights); pass allow_fp16=True to unscale them anyway.")
+            raise ValueError(
+                "Attempting to unscale FP16 gradients (fp16 parameters have no float32 master "
+                "weights); pass allow_fp16=True to unscale them anyway."
+            )
     scale = state.scale
     if not tensors:
         return grads, torch.zeros((), dtype=torch.float32, device=scale.device)
@@ -181,8 +185,11 @@ class Scaled:
     def init(self, params: Any) -> dict[str, Any]:
         leaves = [p for p in pytree.tree_leaves(params) if isinstance(p, Tensor)]
         device = leaves[0].device if leaves else None
-        return {"scaler": init(self.config, device), "inner": self.inner.init(params),
-                "skipped": torch.zeros((), dtype=torch.int64, device=device)}
+        return {
+            "scaler": init(self.config, device),
+            "inner": self.inner.init(params),
+            "skipped": torch.zeros((), dtype=torch.int64, device=device),
+        }
 
     def step(self, params: Any, grads: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         if not self.config.enabled:  # as a disabled GradScaler: step on the grads as they are
@@ -198,6 +205,7 @@ class Scaled:
             "skipped": state["skipped"] + found.to(state["skipped"].device, torch.int64),
         }
 
+
 def scaled(stepper: Any, config: ScalerConfig | dict[str, Any] | None = None, *, allow_fp16: bool = False) -> Scaled:
     """``stepper`` behind a loss scaler (see :class:`Scaled`); ``config`` is a :class:`ScalerConfig`
     or its dict."""
@@ -206,5 +214,7 @@ def scaled(stepper: Any, config: ScalerConfig | dict[str, Any] | None = None, *,
     elif not isinstance(config, ScalerConfig):
         config = ScalerConfig.model_validate(config)
     if not (callable(getattr(stepper, "init", None)) and callable(getattr(stepper, "step", None))):
-        raise TypeError(f"scaled() needs a stepper with init(params) and step(params, grads, state), got {type(stepper).__name__}")
+        raise TypeError(
+            f"scaled() needs a stepper with init(params) and step(params, grads, state), got {type(stepper).__name__}"
+        )
     return Scaled(stepper, config, allow_fp16)

@@ -87,7 +87,9 @@ def global_norm(grads: Sequence[Tensor]) -> Tensor:
     ``torch.nn.utils.get_total_norm`` computes it (of sharded DTensors: over the whole tensors)."""
     if not grads:
         return torch.zeros(())
-    return distributed.full(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device) for g in grads])))
+    return distributed.full(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device) for g in grads]))
+    )
 
 
 def clip_coefficient(total_norm: Tensor, max_norm: Any) -> Tensor:
@@ -95,7 +97,9 @@ def clip_coefficient(total_norm: Tensor, max_norm: Any) -> Tensor:
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
-def finite_counters(finite: Tensor, counters: Mapping[str, Tensor], max_consecutive_errors: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+def finite_counters(
+    finite: Tensor, counters: Mapping[str, Tensor], max_consecutive_errors: int | None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Whether to apply a step, and the updated skip counters (optax's ``apply_if_finite``)::
 
         notfinite_count  consecutive non-finite steps (0 after a finite one)
@@ -105,7 +109,11 @@ def finite_counters(finite: Tensor, counters: Mapping[str, Tensor], max_consecut
     A non-finite step is applied anyway once ``notfinite_count`` exceeds ``max_consecutive_errors``."""
     count = torch.where(finite, torch.zeros_like(counters["notfinite_count"]), counters["notfinite_count"] + 1)
     apply = finite if max_consecutive_errors is None else finite | (count > max_consecutive_errors)
-    return apply, {"notfinite_count": count, "total_notfinite": counters["total_notfinite"] + (~finite).to(count.dtype), "last_finite": finite}
+    return apply, {
+        "notfinite_count": count,
+        "total_notfinite": counters["total_notfinite"] + (~finite).to(count.dtype),
+        "last_finite": finite,
+    }
 
 
 def ema_decay(decay: Any, count: Tensor, warmup: bool) -> Any:
@@ -222,10 +230,17 @@ class ApplyIfFinite:
 
     def init(self, params: Any) -> dict[str, Any]:
         zero = _counter(params)
-        return {"notfinite_count": zero, "total_notfinite": zero.clone(), "last_finite": torch.ones_like(zero, dtype=torch.bool), "inner": self.inner.init(params)}
+        return {
+            "notfinite_count": zero,
+            "total_notfinite": zero.clone(),
+            "last_finite": torch.ones_like(zero, dtype=torch.bool),
+            "inner": self.inner.init(params),
+        }
 
     def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-        apply, counters = finite_counters(ops.all_finite(_grad_leaves(grads)).to(state["notfinite_count"].device), state, self.max_consecutive_errors)
+        apply, counters = finite_counters(
+            ops.all_finite(_grad_leaves(grads)).to(state["notfinite_count"].device), state, self.max_consecutive_errors
+        )
         new_params, inner = self.inner.step(params, grads, state["inner"])
         return ops.select(apply, new_params, params), {**counters, "inner": ops.select(apply, inner, state["inner"])}
 
@@ -233,8 +248,14 @@ class ApplyIfFinite:
 def apply_if_finite(stepper: Stepper, max_consecutive_errors: int | None = None) -> ApplyIfFinite:
     """``stepper``, skipping any step whose gradients hold a NaN or an inf; with
     ``max_consecutive_errors=n``, the (n+1)-th non-finite step in a row is applied anyway."""
-    if max_consecutive_errors is not None and (isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) or max_consecutive_errors < 0):
-        raise ValueError(f"apply_if_finite: max_consecutive_errors must be None or an int >= 0, got {max_consecutive_errors!r}")
+    if max_consecutive_errors is not None and (
+        isinstance(max_consecutive_errors, bool)
+        or not isinstance(max_consecutive_errors, int)
+        or max_consecutive_errors < 0
+    ):
+        raise ValueError(
+            f"apply_if_finite: max_consecutive_errors must be None or an int >= 0, got {max_consecutive_errors!r}"
+        )
     return ApplyIfFinite(stepper, max_consecutive_errors)
 
 
@@ -250,13 +271,19 @@ class MultiSteps:
     every_k: int
 
     def init(self, params: Any) -> dict[str, Any]:
-        return {"mini_step": _counter(params), "grad_acc": pytree.tree_map(torch.zeros_like, params), "inner": self.inner.init(params)}
+        return {
+            "mini_step": _counter(params),
+            "grad_acc": pytree.tree_map(torch.zeros_like, params),
+            "inner": self.inner.init(params),
+        }
 
     def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         acc, spec = pytree.tree_flatten(state["grad_acc"])
         grad_leaves, grad_spec = pytree.tree_flatten(grads, is_leaf=_is_none)
         if grad_spec != spec:
-            raise ValueError(f"multi_steps: grads must have the structure of params.\n params: {spec}\n grads: {grad_spec}")
+            raise ValueError(
+                f"multi_steps: grads must have the structure of params.\n params: {spec}\n grads: {grad_spec}"
+            )
         acc = [a if g is None else a + g for a, g in zip(acc, grad_leaves)]
         final = state["mini_step"] == self.every_k - 1
         mean = pytree.tree_unflatten([a / self.every_k for a in acc], spec)
@@ -293,10 +320,14 @@ class Partition:
         path_leaves, spec = pytree.tree_flatten_with_path(params)
         label_leaves, label_spec = pytree.tree_flatten(labels)
         if label_spec != spec:
-            raise ValueError(f"partition: labels must have the structure of params.\n params: {spec}\n labels: {label_spec}")
+            raise ValueError(
+                f"partition: labels must have the structure of params.\n params: {spec}\n labels: {label_spec}"
+            )
         missing = sorted({label for label in label_leaves if label not in self.steppers})
         if missing:
-            raise ValueError(f"partition: no stepper for label(s) {', '.join(map(repr, missing))}; steppers are given for {', '.join(map(repr, self.steppers))}")
+            raise ValueError(
+                f"partition: no stepper for label(s) {', '.join(map(repr, missing))}; steppers are given for {', '.join(map(repr, self.steppers))}"
+            )
         return [_path_name(path) for path, _ in path_leaves], label_leaves, spec
 
     @staticmethod
@@ -306,17 +337,25 @@ class Partition:
     def init(self, params: Any) -> dict[str, Any]:
         names, labels, _ = self._split(params)
         leaves = pytree.tree_leaves(params)
-        return {label: self.steppers[label].init(self._subset(names, labels, leaves, label)) for label in dict.fromkeys(labels)}
+        return {
+            label: self.steppers[label].init(self._subset(names, labels, leaves, label))
+            for label in dict.fromkeys(labels)
+        }
 
     def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         names, labels, spec = self._split(params)
         leaves = pytree.tree_leaves(params)
         grad_leaves, grad_spec = pytree.tree_flatten(grads, is_leaf=_is_none)
         if grad_spec != spec:
-            raise ValueError(f"partition: grads must have the structure of params.\n params: {spec}\n grads: {grad_spec}")
+            raise ValueError(
+                f"partition: grads must have the structure of params.\n params: {spec}\n grads: {grad_spec}"
+            )
         new_leaves, new_state = dict(zip(names, leaves)), {}
         for label in dict.fromkeys(labels):
-            subset, subset_grads = self._subset(names, labels, leaves, label), self._subset(names, labels, grad_leaves, label)
+            subset, subset_grads = (
+                self._subset(names, labels, leaves, label),
+                self._subset(names, labels, grad_leaves, label),
+            )
             stepped, new_state[label] = self.steppers[label].step(subset, subset_grads, state[label])
             new_leaves.update(stepped)
         return pytree.tree_unflatten([new_leaves[name] for name in names], spec), new_state
@@ -342,18 +381,27 @@ def labels_from_patterns(params: Any, patterns: Mapping[str, str | Sequence[str]
     return pytree.tree_unflatten(labels, pytree.tree_flatten(params)[1])
 
 
-def _match(names: Sequence[str], rules: Mapping[str, Sequence[str]], default: str, where: Callable[[str], str]) -> list[str]:
+def _match(
+    names: Sequence[str], rules: Mapping[str, Sequence[str]], default: str, where: Callable[[str], str]
+) -> list[str]:
     """Each name's label: the first rule's (in order) with a pattern that matches it, else ``default``.
     A pattern that matches no name, or a rule whose names were all taken by earlier rules, is an
     error (``where(label)`` says which rule)."""
     for label, globs in rules.items():
         for glob in globs:
             if not any(fnmatch.fnmatchcase(name, glob) for name in names):
-                raise ValueError(f"{where(label)}pattern {glob!r} matches no parameter; names are: {_shown(list(names))}")
-    labels = [next((label for label, globs in rules.items() if any(fnmatch.fnmatchcase(name, g) for g in globs)), default) for name in names]
+                raise ValueError(
+                    f"{where(label)}pattern {glob!r} matches no parameter; names are: {_shown(list(names))}"
+                )
+    labels = [
+        next((label for label, globs in rules.items() if any(fnmatch.fnmatchcase(name, g) for g in globs)), default)
+        for name in names
+    ]
     for label in rules:
         if label not in labels:
-            raise ValueError(f"{where(label)}every parameter it matches was taken by an earlier entry (the first match wins)")
+            raise ValueError(
+                f"{where(label)}every parameter it matches was taken by an earlier entry (the first match wins)"
+            )
     return labels
 
 
@@ -373,7 +421,11 @@ class Ema:
     warmup: bool = False
 
     def init(self, params: Any) -> dict[str, Any]:
-        return {"count": _counter(params), "ema_params": pytree.tree_map(lambda p: p.detach().clone(), params), "inner": self.inner.init(params)}
+        return {
+            "count": _counter(params),
+            "ema_params": pytree.tree_map(lambda p: p.detach().clone(), params),
+            "inner": self.inner.init(params),
+        }
 
     def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         params, inner = self.inner.step(params, grads, state["inner"])

@@ -61,7 +61,11 @@ class InjectedHyperparams:
         hyperparams = self._scheduled(hyperparams, count)
         # The state keys a config implies may depend on its values (SGD keeps a momentum buffer
         # unless momentum is the number 0): init with the tensor config the steps will use.
-        return {"count": count, "hyperparams": hyperparams, "inner": self.algorithm.init(params, self.config.with_tensors(**hyperparams))}
+        return {
+            "count": count,
+            "hyperparams": hyperparams,
+            "inner": self.algorithm.init(params, self.config.with_tensors(**hyperparams)),
+        }
 
     def step(self, params: Any, grads: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         hyperparams = self._scheduled(state["hyperparams"], state["count"])
@@ -80,7 +84,9 @@ class InjectedHyperparams:
         return values
 
 
-def inject_hyperparams(algorithm: Algorithm, config: Config | Mapping[str, Any] | None = None, **schedules: Any) -> InjectedHyperparams:
+def inject_hyperparams(
+    algorithm: Algorithm, config: Config | Mapping[str, Any] | None = None, **schedules: Any
+) -> InjectedHyperparams:
     """``algorithm`` with its real-valued hyperparameters held in the state; ``schedules`` maps field
     names to ``step -> value`` callables (e.g. :mod:`optorch.schedules`), called with the step count
     (a 0-dim int64 tensor) before each step."""
@@ -90,12 +96,22 @@ def inject_hyperparams(algorithm: Algorithm, config: Config | Mapping[str, Any] 
         if name not in values:
             raise ValueError(f"{algorithm.name} has no hyperparameter {name!r}; it has {', '.join(values)}")
         if not _is_real(values[name]):
-            raise ValueError(f"{algorithm.name}'s {name!r} is not a real-valued hyperparameter, so it cannot be scheduled")
+            raise ValueError(
+                f"{algorithm.name}'s {name!r} is not a real-valued hyperparameter, so it cannot be scheduled"
+            )
         if isinstance(values[name], tuple):
-            if not isinstance(schedule, tuple) or len(schedule) != len(values[name]) or not all(s is None or callable(s) for s in schedule):
-                raise ValueError(f"{name!r} is a tuple of {len(values[name])}: give a tuple of as many schedules (None keeps one fixed)")
+            if (
+                not isinstance(schedule, tuple)
+                or len(schedule) != len(values[name])
+                or not all(s is None or callable(s) for s in schedule)
+            ):
+                raise ValueError(
+                    f"{name!r} is a tuple of {len(values[name])}: give a tuple of as many schedules (None keeps one fixed)"
+                )
         elif not callable(schedule):
-            raise ValueError(f"the schedule for {name!r} must be callable (step -> value), got {type(schedule).__name__}")
+            raise ValueError(
+                f"the schedule for {name!r} must be callable (step -> value), got {type(schedule).__name__}"
+            )
     return InjectedHyperparams(algorithm, config, dict(schedules))
 
 

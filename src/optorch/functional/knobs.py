@@ -11,20 +11,30 @@ import torch
 from torch import Tensor
 
 
-
 from ..core.scalars import is_scalar
 from .adaptive import AdaptiveConfig, knob_value
 
 __all__ = ["BASE_PREFIX", "PREFIX", "bases", "flatten_state", "locations", "read_knob", "write_hyperparams"]
 
-_TORCH_KEYS = {"lr": ("lr", None), "momentum": ("momentum", None), "alpha": ("alpha", None), "beta1": ("betas", 0),
-               "beta2": ("betas", 1), "weight_decay": ("weight_decay", None)}
+_TORCH_KEYS = {
+    "lr": ("lr", None),
+    "momentum": ("momentum", None),
+    "alpha": ("alpha", None),
+    "beta1": ("betas", 0),
+    "beta2": ("betas", 1),
+    "weight_decay": ("weight_decay", None),
+}
 # bitsandbytes' 8-bit optimizers keep every decay in `betas`, by their optimizer_name (spec §7). Its
 # `alpha` key is never touched: in bitsandbytes >= 0.44 it may be AdEMAMix's mixing coefficient.
 _BNB_KEYS = {
     "adam": {"lr": ("lr", None), "beta1": ("betas", 0), "beta2": ("betas", 1), "weight_decay": ("weight_decay", None)},
     "momentum": {"lr": ("lr", None), "momentum": ("betas", 0), "weight_decay": ("weight_decay", None)},
-    "rmsprop": {"lr": ("lr", None), "alpha": ("betas", 0), "momentum": ("betas", 1), "weight_decay": ("weight_decay", None)},
+    "rmsprop": {
+        "lr": ("lr", None),
+        "alpha": ("betas", 0),
+        "momentum": ("betas", 1),
+        "weight_decay": ("weight_decay", None),
+    },
     "adagrad": {"lr": ("lr", None), "weight_decay": ("weight_decay", None)},
 }
 _BNB_OTHER = {"lr": ("lr", None), "weight_decay": ("weight_decay", None)}
@@ -61,11 +71,19 @@ def read_knob(container: Mapping[str, Any], location: tuple[str, int | None]) ->
 def bases(hyperparams: Mapping[str, Any], config: AdaptiveConfig) -> dict[str, Tensor]:
     """The base value of every adapted knob a stepper's ``state["hyperparams"]`` has (copies)."""
     places = locations(hyperparams)
-    return {knob: torch.as_tensor(read_knob(hyperparams, places[knob])).detach().clone() for knob in config.rules() if knob in places}
+    return {
+        knob: torch.as_tensor(read_knob(hyperparams, places[knob])).detach().clone()
+        for knob in config.rules()
+        if knob in places
+    }
 
 
-def write_hyperparams(stepper_state: Mapping[str, Any], knob_bases: Mapping[str, Tensor], factors: Mapping[str, Tensor],
-                      config: AdaptiveConfig) -> dict[str, Any]:
+def write_hyperparams(
+    stepper_state: Mapping[str, Any],
+    knob_bases: Mapping[str, Tensor],
+    factors: Mapping[str, Tensor],
+    config: AdaptiveConfig,
+) -> dict[str, Any]:
     """A new stepper state whose ``hyperparams`` hold the knobs' bounded values (pure).
 
     ``stepper_state`` is an :func:`optorch.inject_hyperparams` state, ``knob_bases`` from
@@ -80,7 +98,9 @@ def write_hyperparams(stepper_state: Mapping[str, Any], knob_bases: Mapping[str,
         key, index = places[knob]
         current = read_knob(hyperparams, (key, index))
         value = knob_value(knob, base, factors[knob], config).to(device=current.device, dtype=current.dtype)
-        hyperparams[key] = value if index is None else (*hyperparams[key][:index], value, *hyperparams[key][index + 1 :])
+        hyperparams[key] = (
+            value if index is None else (*hyperparams[key][:index], value, *hyperparams[key][index + 1 :])
+        )
     return {**stepper_state, "hyperparams": hyperparams}
 
 

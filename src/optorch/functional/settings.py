@@ -101,12 +101,16 @@ class Combinators(_Settings):
             unknown = [key for key in rule.overrides if key not in fields]
             if unknown:
                 hints = [f"{shown(key)}{suggest(key, fields)}" for key in unknown]
-                raise ConfigError(f"param_groups[{i}]: unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: match, {', '.join(fields)}",
-                                  key=("param_groups", i, unknown[0]))
+                raise ConfigError(
+                    f"param_groups[{i}]: unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: match, {', '.join(fields)}",
+                    key=("param_groups", i, unknown[0]),
+                )
             try:
                 config.replace(**rule.overrides)
             except pydantic.ValidationError as error:
-                raise ConfigError(f"param_groups[{i}]: {problems(error)}", key=("param_groups", i, *first_location(error))) from None
+                raise ConfigError(
+                    f"param_groups[{i}]: {problems(error)}", key=("param_groups", i, *first_location(error))
+                ) from None
             except ValueError as error:
                 raise ConfigError(f"param_groups[{i}]: {error}", key=("param_groups", i)) from None
         return settings
@@ -119,7 +123,9 @@ class Combinators(_Settings):
 
     def is_set(self, entry: str) -> bool:
         """Whether the combinator of ``entry`` (a name of :data:`AROUND_STEP`) runs around the step."""
-        return {"accumulate_steps": self.accumulate_steps > 1, "skip_nonfinite": self.skip_nonfinite}.get(entry, getattr(self, entry, None) is not None)
+        return {"accumulate_steps": self.accumulate_steps > 1, "skip_nonfinite": self.skip_nonfinite}.get(
+            entry, getattr(self, entry, None) is not None
+        )
 
     def wrap(self, stepper: Stepper) -> Stepper:
         """``stepper`` inside this config's combinators, nested in :data:`AROUND_STEP`'s order:
@@ -138,7 +144,9 @@ class Combinators(_Settings):
 
     def state_keys(self) -> frozenset[str]:
         """The per-parameter state keys the shim's runtime keeps besides the algorithm's."""
-        return frozenset(key for key, on in (("grad_acc", self.accumulate_steps > 1), ("ema", self.ema is not None)) if on)
+        return frozenset(
+            key for key, on in (("grad_acc", self.accumulate_steps > 1), ("ema", self.ema is not None)) if on
+        )
 
 
 KEYS = tuple(Combinators.model_fields)
@@ -151,8 +159,10 @@ def ordered_params(params: Any) -> list[Any]:
     if isinstance(params, Tensor):
         return [params]
     if isinstance(params, (set, frozenset)):
-        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of tensors in sets "
-                        "will change between runs. Please use a list instead.")
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but the ordering of tensors in sets "
+            "will change between runs. Please use a list instead."
+        )
     return list(params)
 
 
@@ -163,16 +173,23 @@ def torch_param_groups(params: Any, settings: Combinators | None) -> Any:
     if isinstance(params, torch.nn.Module):
         params = params.named_parameters()
     params = ordered_params(params)
-    named = bool(params) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Tensor) for p in params)
+    named = bool(params) and all(
+        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Tensor) for p in params
+    )
     rules = settings.param_groups if settings is not None else []
     if not rules:
         return [p for _, p in params] if named else params
     if not named:
         got = "param-group dicts" if any(isinstance(p, Mapping) for p in params) else "unnamed tensors"
-        raise ValueError(f"param_groups matches parameters by name: pass the model or model.named_parameters(), not {got} "
-                         "(to a wrapper that hands param groups to each rank's optimizer, such as ZeroRedundancyOptimizer, "
-                         "give the groups of optorch.distributed.split_param_groups(config, model))")
+        raise ValueError(
+            f"param_groups matches parameters by name: pass the model or model.named_parameters(), not {got} "
+            "(to a wrapper that hands param groups to each rank's optimizer, such as ZeroRedundancyOptimizer, "
+            "give the groups of optorch.distributed.split_param_groups(config, model))"
+        )
     labels = settings.labels([name for name, _ in params])
     groups = [{"params": [p for (_, p), label in zip(params, labels) if label == "default"]}]
-    groups += [{"params": [p for (_, p), label in zip(params, labels) if label == f"param_groups.{i}"], **rule.overrides} for i, rule in enumerate(rules)]
+    groups += [
+        {"params": [p for (_, p), label in zip(params, labels) if label == f"param_groups.{i}"], **rule.overrides}
+        for i, rule in enumerate(rules)
+    ]
     return [group for group in groups if group["params"]]

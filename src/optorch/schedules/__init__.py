@@ -20,7 +20,6 @@ Notation: :math:`s` is the step, :math:`v` ``init_value`` (the peak), :math:`e` 
 The formulas of every schedule are in docs/schedules.md and in each class's docstring.
 """
 
-
 from .base import Constant, Cosine, Linear, Schedule, WarmupStableDecay
 from .catalog import (
     SCHEDULES,

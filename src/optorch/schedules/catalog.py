@@ -18,7 +18,29 @@ from ..core.config import Count, Flag, Number
 from ..core.errors import shown, suggest
 
 from . import window as window_math
-from .base import Constant, Cosine, Linear, Schedule, Value, WarmupStableDecay, _Warmup, _WarmupThenDecay, _clip, _cos, _floor, _log, _ones, _ramp, _sqrt, _where, _with_warmup, Factor, NonNegativeValue, PositiveSteps, Steps
+from .base import (
+    Constant,
+    Cosine,
+    Linear,
+    Schedule,
+    Value,
+    WarmupStableDecay,
+    _Warmup,
+    _WarmupThenDecay,
+    _clip,
+    _cos,
+    _floor,
+    _log,
+    _ones,
+    _ramp,
+    _sqrt,
+    _where,
+    _with_warmup,
+    Factor,
+    NonNegativeValue,
+    PositiveSteps,
+    Steps,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -37,6 +59,7 @@ __all__ = [
     "from_config",
     "names",
 ]
+
 
 class Exponential(Schedule):
     r"""Exponential decay (optax ``exponential_decay``; torch ``ExponentialLR`` with
@@ -298,7 +321,9 @@ class AutosgmWindow(Schedule):
         try:
             window_math.check_keys(self.model_dump(exclude={"name", "init_value"}))
         except ValidationError as error:  # re-raised as a ValueError so that pydantic names this class
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors()
+            )
             raise ValueError(f"invalid AutoSGM window: {problems}") from None
         return self
 
@@ -312,8 +337,20 @@ class AutosgmWindow(Schedule):
 
 AnySchedule = Annotated[
     Union[
-        Constant, Linear, Cosine, WarmupStableDecay, Exponential, Polynomial, Step, MultiStep,
-        CosineWarmRestarts, OneCycle, Join, Rsqrt, LinearWarmdown, AutosgmWindow,
+        Constant,
+        Linear,
+        Cosine,
+        WarmupStableDecay,
+        Exponential,
+        Polynomial,
+        Step,
+        MultiStep,
+        CosineWarmRestarts,
+        OneCycle,
+        Join,
+        Rsqrt,
+        LinearWarmdown,
+        AutosgmWindow,
     ],
     Field(discriminator="name"),
 ]
@@ -323,10 +360,25 @@ Join.model_rebuild()
 
 SCHEDULES: dict[str, type[Schedule]] = {
     cls.model_fields["name"].default: cls
-    for cls in (Constant, Linear, Cosine, WarmupStableDecay, Exponential, Polynomial, Step, MultiStep,
-                CosineWarmRestarts, OneCycle, Join, Rsqrt, LinearWarmdown, AutosgmWindow)
+    for cls in (
+        Constant,
+        Linear,
+        Cosine,
+        WarmupStableDecay,
+        Exponential,
+        Polynomial,
+        Step,
+        MultiStep,
+        CosineWarmRestarts,
+        OneCycle,
+        Join,
+        Rsqrt,
+        LinearWarmdown,
+        AutosgmWindow,
+    )
 }
 """Schedule name to class."""
+
 
 class UnknownScheduleError(ValueError):
     """A config names no known schedule."""

@@ -52,7 +52,9 @@ class AdaptiveOpt:
         if link is not None:  # an optorch shim: the rule state rides in its param groups (adapt.*)
             flat = flatten_state(self.state)
             link(flat)
-            self.state = pytree.tree_unflatten([optimizer.linked(key) for key in flat], pytree.tree_flatten(self.state)[1])
+            self.state = pytree.tree_unflatten(
+                [optimizer.linked(key) for key in flat], pytree.tree_flatten(self.state)[1]
+            )
         self._capture_groups()
         self.last_factors: dict[str, float] = {}
         self.history: dict[str, list[float]] = {"loss": []}
@@ -85,8 +87,14 @@ class AdaptiveOpt:
     @property
     def bases(self) -> list[dict[str, float]]:
         """Each param group's base value of every adapted knob it has."""
-        return [{key[len(BASE_PREFIX):]: value for key, value in self._base_store(i).items() if isinstance(key, str) and key.startswith(BASE_PREFIX)}
-                for i in range(len(self.optimizer.param_groups))]
+        return [
+            {
+                key[len(BASE_PREFIX) :]: value
+                for key, value in self._base_store(i).items()
+                if isinstance(key, str) and key.startswith(BASE_PREFIX)
+            }
+            for i in range(len(self.optimizer.param_groups))
+        ]
 
     @torch.no_grad()
     def step_loss(self, loss: Any) -> None:
@@ -96,18 +104,25 @@ class AdaptiveOpt:
         self._capture_groups()
         if math.isfinite(value):
             new, factors = update(self.state, torch.tensor(value, dtype=torch.float64), self.config)
-            pytree.tree_map(lambda old, fresh: old.copy_(fresh), self.state, new)  # in place: the shim's groups hold these
+            pytree.tree_map(
+                lambda old, fresh: old.copy_(fresh), self.state, new
+            )  # in place: the shim's groups hold these
             self.last_factors = {knob: float(f) for knob, f in factors.items()}
             self._write(factors)
         self._record(value)
 
     def _write(self, factors: Mapping[str, Tensor]) -> None:
         for knob, factor in factors.items():
-            targets = [(group, base[knob]) for group, base in zip(self.optimizer.param_groups, self.bases)
-                       if knob in base and adaptable(knob, base[knob])]
+            targets = [
+                (group, base[knob])
+                for group, base in zip(self.optimizer.param_groups, self.bases)
+                if knob in base and adaptable(knob, base[knob])
+            ]
             if not targets:
                 continue
-            values = knob_value(knob, torch.tensor([b for _, b in targets], dtype=torch.float64), factor, self.config).tolist()
+            values = knob_value(
+                knob, torch.tensor([b for _, b in targets], dtype=torch.float64), factor, self.config
+            ).tolist()
             for (group, _), value in zip(targets, values):
                 _write(group, self._locations(group)[knob], value)
 
@@ -155,7 +170,11 @@ class AdaptiveOpt:
     def state_dict(self) -> dict[str, Any]:
         """The rule state (statistics, window, each rule's state, t) and the per-group bases. The
         history is not saved (it grows with the run)."""
-        return {"state": pytree.tree_map(lambda x: x.clone(), self.state), "bases": [dict(b) for b in self.bases], "rules": self._rule_strings()}
+        return {
+            "state": pytree.tree_map(lambda x: x.clone(), self.state),
+            "bases": [dict(b) for b in self.bases],
+            "rules": self._rule_strings(),
+        }
 
     def _rule_strings(self) -> dict[str, str]:
         return {knob: "+".join(terms) for knob, terms in self.rules.items()}
@@ -165,33 +184,45 @@ class AdaptiveOpt:
         if not isinstance(state_dict, Mapping) or set(state_dict) != {"state", "bases", "rules"}:
             raise ValueError("an AdaptiveOpt state_dict is a dict with 'state', 'bases' and 'rules'")
         if state_dict["rules"] != self._rule_strings():
-            raise ValueError(f"AdaptiveOpt: the checkpoint's rules {state_dict['rules']} are not these rules {self._rule_strings()}")
+            raise ValueError(
+                f"AdaptiveOpt: the checkpoint's rules {state_dict['rules']} are not these rules {self._rule_strings()}"
+            )
         expected_leaves, expected_spec = pytree.tree_flatten(self.state)
         try:
             leaves, spec = pytree.tree_flatten(state_dict["state"])
         except Exception as error:  # noqa: BLE001 - any malformed container
             raise ValueError(f"AdaptiveOpt: unreadable state: {error}") from error
         if spec != expected_spec:
-            raise ValueError(f"AdaptiveOpt: the saved rule state has another layout (other rules or var_window?): "
-                             f"saved {pytree.tree_unflatten([0] * len(leaves), spec)}, expected {pytree.tree_unflatten([0] * len(expected_leaves), expected_spec)}")
+            raise ValueError(
+                f"AdaptiveOpt: the saved rule state has another layout (other rules or var_window?): "
+                f"saved {pytree.tree_unflatten([0] * len(leaves), spec)}, expected {pytree.tree_unflatten([0] * len(expected_leaves), expected_spec)}"
+            )
         for saved, expected in zip(leaves, expected_leaves):
             if not isinstance(saved, Tensor) or saved.shape != expected.shape:
                 shape = tuple(saved.shape) if isinstance(saved, Tensor) else type(saved).__name__
-                raise ValueError(f"AdaptiveOpt: the saved rule state has another layout (another var_window?): an entry of shape {shape}, expected {tuple(expected.shape)}")
+                raise ValueError(
+                    f"AdaptiveOpt: the saved rule state has another layout (another var_window?): an entry of shape {shape}, expected {tuple(expected.shape)}"
+                )
         bases_ = state_dict["bases"]
         if not isinstance(bases_, list) or len(bases_) > len(self.optimizer.param_groups):
             raise ValueError(f"AdaptiveOpt: 'bases' must list at most {len(self.optimizer.param_groups)} param groups")
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.check_state_dict(state_dict)
-        pytree.tree_map(lambda own, saved: own.copy_(saved.detach().to(device=own.device, dtype=own.dtype)), self.state, dict(state_dict["state"]))
+        pytree.tree_map(
+            lambda own, saved: own.copy_(saved.detach().to(device=own.device, dtype=own.dtype)),
+            self.state,
+            dict(state_dict["state"]),
+        )
         for index, bases_ in enumerate(state_dict["bases"]):
             store = self._base_store(index)
             for key in [key for key in store if isinstance(key, str) and key.startswith(BASE_PREFIX)]:
                 del store[key]
             store.update({BASE_PREFIX + knob: float(v) for knob, v in bases_.items()})
         self._capture_groups()
-        self.last_factors = {knob: float(f) for knob, f in self.state["factors"].items()} if int(self.state["t"]) else {}
+        self.last_factors = (
+            {knob: float(f) for knob, f in self.state["factors"].items()} if int(self.state["t"]) else {}
+        )
 
     # -- plotting -----------------------------------------------------------------------------
 

@@ -63,7 +63,9 @@ class Batch:
             size = sum(t.numel() for t in tensors)
             scratch = self._scratch.get(key)
             if scratch is None or scratch.numel() < size:
-                scratch = self._scratch[key] = torch.empty(max(size, GATHER_CHUNK), dtype=tensors[0].dtype, device=tensors[0].device)
+                scratch = self._scratch[key] = torch.empty(
+                    max(size, GATHER_CHUNK), dtype=tensors[0].dtype, device=tensors[0].device
+                )
             if self.flat:
                 joined = scratch[:size]
                 views = list(unflatten_dense_tensors(joined, tensors))
@@ -90,10 +92,16 @@ def _batchable(param: Tensor, grad: Tensor) -> bool:
 
 
 def all_contiguous(param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> bool:
-    return param.is_contiguous() and grad.is_contiguous() and all(v.dim() == 0 or (v.is_contiguous() and v.shape == param.shape) for v in state.values())
+    return (
+        param.is_contiguous()
+        and grad.is_contiguous()
+        and all(v.dim() == 0 or (v.is_contiguous() and v.shape == param.shape) for v in state.values())
+    )
 
 
-def plan_batches(item: Work, elementwise: bool, scratch: dict[tuple, Tensor]) -> tuple[list[Batch], list[int], list[int]]:
+def plan_batches(
+    item: Work, elementwise: bool, scratch: dict[tuple, Tensor]
+) -> tuple[list[Batch], list[int], list[int]]:
     """Which params of ``item`` step together: ``(batches, alone, eager)``.
 
     A batch holds params of one kind (device, dtype, state layout; and shape unless element-wise):
@@ -106,14 +114,18 @@ def plan_batches(item: Work, elementwise: bool, scratch: dict[tuple, Tensor]) ->
         state = item.states[i]
         if distributed.is_dtensor(param):  # sharded: DTensor's own ops (whole-parameter reductions)
             eager.append(i)
-        elif not _batchable(param, grad) or (elementwise and any(v.dim() > 0 and v.shape != param.shape for v in state.values())):
+        elif not _batchable(param, grad) or (
+            elementwise and any(v.dim() > 0 and v.shape != param.shape for v in state.values())
+        ):
             alone.append(i)
         else:
             layout = tuple((key, value.dtype, value.device, value.dim() > 0) for key, value in state.items())
             by_kind.setdefault((param.device, param.dtype, layout, None if elementwise else param.shape), []).append(i)
     batches = []
     for members in by_kind.values():
-        scalar_keys = tuple(key for key, value in item.states[members[0]].items() if value.dim() == 0) if elementwise else ()
+        scalar_keys = (
+            tuple(key for key, value in item.states[members[0]].items() if value.dim() == 0) if elementwise else ()
+        )
         for group in _equal_scalars(item, members, scalar_keys):
             small = []
             for run in _runs_in_memory(item.params, group):

@@ -38,17 +38,29 @@ def migrate(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     state_dict = dict(state_dict)
     if not any(key in state_dict for key in _FORMAT_1_KEYS):
         return state_dict
-    groups = [_dict(group, f"param_groups[{i}]") for i, group in enumerate(_list(state_dict.get("param_groups"), "param_groups"))]
+    groups = [
+        _dict(group, f"param_groups[{i}]")
+        for i, group in enumerate(_list(state_dict.get("param_groups"), "param_groups"))
+    ]
     state = {index: _dict(leaf, f"state[{index!r}]") for index, leaf in _dict(state_dict.get("state"), "state").items()}
     linked: dict[str, Any] = {}
     for key, value in _dict(state_dict.pop("shared", {}), "shared").items():
         linked[SHARED_PREFIX + key] = value
     combinators = _dict(state_dict.pop("combinators", {}) or {}, "combinators")
-    renamed = {"micro_step": "accumulate.micro_step", "notfinite_count": "skip.notfinite_count", "total_notfinite": "skip.total_notfinite",
-               "last_finite": "skip.last_finite", "scale": "amp.scale", "growth_tracker": "amp.growth_tracker", "overflows": "amp.overflows",
-               "ema_count": "ema.count"}
+    renamed = {
+        "micro_step": "accumulate.micro_step",
+        "notfinite_count": "skip.notfinite_count",
+        "total_notfinite": "skip.total_notfinite",
+        "last_finite": "skip.last_finite",
+        "scale": "amp.scale",
+        "growth_tracker": "amp.growth_tracker",
+        "overflows": "amp.overflows",
+        "ema_count": "ema.count",
+    }
     linked.update({new: combinators[old] for old, new in renamed.items() if old in combinators})
-    order = [index for i, group in enumerate(groups) for index in _list(group.get("params", []), f"param_groups[{i}].params")]
+    order = [
+        index for i, group in enumerate(groups) for index in _list(group.get("params", []), f"param_groups[{i}].params")
+    ]
     for position, acc in _dict(combinators.get("accumulated", {}), "accumulated").items():
         state.setdefault(_at(order, position, "combinators.accumulated"), {})["grad_acc"] = acc
     if "micro_step" in combinators:  # format 1 kept sums only for params seen in the window: zeros elsewhere
@@ -81,23 +93,34 @@ def check_and_load(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     plan.load()
 
 
-def complete(optimizer: Optimizer, state_dict: Mapping[str, Any], *, schedule_step: int | None = None) -> dict[str, Any]:
+def complete(
+    optimizer: Optimizer, state_dict: Mapping[str, Any], *, schedule_step: int | None = None
+) -> dict[str, Any]:
     """``state_dict`` with what ``optimizer``'s config needs and it lacks, filled in: each group's
     ``schedule_step`` (given: where the schedule continues), a combinator's per-parameter ``ema`` (the
     params' current values) and ``grad_acc`` (zeros), and the counters and loss scale at their
     initial values. Meant for a torch.optim checkpoint loaded into a shim with such entries; the
     algorithm's own state and its shared state cannot be invented and are not filled."""
-    if schedule_step is not None and (isinstance(schedule_step, bool) or not isinstance(schedule_step, int) or schedule_step < 0):
+    if schedule_step is not None and (
+        isinstance(schedule_step, bool) or not isinstance(schedule_step, int) or schedule_step < 0
+    ):
         raise ValueError(f"schedule_step must be a whole number of steps >= 0, got {shown(schedule_step)}")
     state_dict = migrate(_dict(state_dict, "state_dict"))
-    groups = [_dict(group, f"param_groups[{i}]") for i, group in enumerate(_list(state_dict.get("param_groups"), "param_groups"))]
+    groups = [
+        _dict(group, f"param_groups[{i}]")
+        for i, group in enumerate(_list(state_dict.get("param_groups"), "param_groups"))
+    ]
     if len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"the state_dict has {len(groups)} param groups, this optimizer has {len(optimizer.param_groups)}")
+        raise ValueError(
+            f"the state_dict has {len(groups)} param groups, this optimizer has {len(optimizer.param_groups)}"
+        )
     fresh = {key: value for key, value in optimizer._fresh_linked().items() if not key.startswith(SHARED_PREFIX)}
     for group, own in zip(groups, optimizer.param_groups):
         if optimizer.schedules and SCHEDULE_KEY not in group:
             if schedule_step is None:
-                raise ValueError("the checkpoint has no schedule position: pass schedule_step= (the number of steps already taken)")
+                raise ValueError(
+                    "the checkpoint has no schedule position: pass schedule_step= (the number of steps already taken)"
+                )
             group[SCHEDULE_KEY] = schedule_step
         for key, value in fresh.items():
             group.setdefault(key, value.clone())
@@ -121,7 +144,9 @@ def complete(optimizer: Optimizer, state_dict: Mapping[str, Any], *, schedule_st
 def _at(order: list[Any], position: Any, where: str) -> Any:
     """The parameter at ``position`` of a format-1 checkpoint's param groups."""
     if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < len(order):
-        raise ValueError(f"a format-1 checkpoint's {where!r} names position {shown(position)}, but its param groups list {len(order)} params")
+        raise ValueError(
+            f"a format-1 checkpoint's {where!r} names position {shown(position)}, but its param groups list {len(order)} params"
+        )
     return order[position]
 
 

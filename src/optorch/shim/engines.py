@@ -31,12 +31,22 @@ from .protocol import Engine, Work
 from .torch_engine import TORCH_KERNELS, TorchEngine
 from .update_engine import UpdateEngine
 
-__all__ = ["ENGINES", "GATHER_BELOW", "GATHER_CHUNK", "TORCH_KERNELS", "Engine", "TorchEngine", "UpdateEngine", "Work", "compiler_available",
-           "make_engine", "resolve_engine", "torch_kernel_verified"]
+__all__ = [
+    "ENGINES",
+    "GATHER_BELOW",
+    "GATHER_CHUNK",
+    "TORCH_KERNELS",
+    "Engine",
+    "TorchEngine",
+    "UpdateEngine",
+    "Work",
+    "compiler_available",
+    "make_engine",
+    "resolve_engine",
+    "torch_kernel_verified",
+]
 
 ENGINES = ("auto", "torch", "compiled", "eager")
-
-
 
 
 def resolve_engine(engine: str, algorithm: Algorithm, params: Sequence[Tensor], configs: Sequence[Config]) -> str:
@@ -74,11 +84,15 @@ def compiler_available() -> bool:
 _COMPILER: bool | None = None
 
 
-def make_engine(name: str, algorithm: Algorithm, param_groups: list[dict[str, Any]], defaults: dict[str, Any], extras: frozenset[str]) -> Engine:
+def make_engine(
+    name: str,
+    algorithm: Algorithm,
+    param_groups: list[dict[str, Any]],
+    defaults: dict[str, Any],
+    extras: frozenset[str],
+) -> Engine:
     """The engine ``name`` (resolved already); ``extras`` are the per-parameter state keys that are not
     the algorithm's (a combinator's ``ema``, ``grad_acc``)."""
     if name == "torch":
         return TorchEngine(algorithm, param_groups, defaults, extras)
     return UpdateEngine(algorithm, compiled=name == "compiled")
-
-

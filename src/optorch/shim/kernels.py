@@ -16,8 +16,15 @@ from ..core.config import Config
 __all__ = ["run_stacked", "run_update"]
 
 
-def run_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, *shared: Any,
-               mask: Tensor | None = None):
+def run_update(
+    update: Callable[..., Any],
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    config: Config,
+    *shared: Any,
+    mask: Tensor | None = None,
+):
     """One tensor's step in place: the pure ``update``'s results copied into ``param`` and ``state``
     (only where ``mask`` holds, when one is given: a skip decided inside a compiled graph).
     Returns the tensor's contribution to the shared state (None without one)."""
@@ -29,7 +36,9 @@ def run_update(update: Callable[..., Any], param: Tensor, grad: Tensor, state: d
     return contribution[0] if contribution else None
 
 
-def run_stacked(update: Callable[..., Any], param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, *shared: Any):
+def run_stacked(
+    update: Callable[..., Any], param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, *shared: Any
+):
     """:func:`run_update` over same-shaped tensors stacked along dimension 0 (their per-tensor scalars
     stacked too), each reducing over its own slice: one call steps them all. Returns the sum of their
     contributions to the shared state (None without one)."""

@@ -63,7 +63,7 @@ def _move(params: list[Tensor], read, write) -> Tensor:
     buffer = torch.zeros(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
     offset = 0
     for param in params:
-        view = buffer[offset:offset + param.numel()].view(param.shape)
+        view = buffer[offset : offset + param.numel()].view(param.shape)
         old = read(param)
         if old is not None:
             view.copy_(old)

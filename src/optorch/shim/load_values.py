@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..functional.amp import MIN_SCALE
 from ..core.errors import shown
+
 if TYPE_CHECKING:  # named for the annotations only
     from .load_plan import Plan
 
@@ -29,7 +30,9 @@ class Range(NamedTuple):
 
     def holds(self, values: Tensor) -> bool:
         above = values > self.low if self.low_open else values >= self.low
-        return bool((above & (values <= self.high)).all()) and (not self.whole or bool((values == values.round()).all()))
+        return bool((above & (values <= self.high)).all()) and (
+            not self.whole or bool((values == values.round()).all())
+        )
 
     def __str__(self) -> str:
         kind = "whole numbers" if self.whole else "values"
@@ -44,8 +47,28 @@ _POSITIVE = Range(0.0, low_open=True)
 RANGES: dict[str, Range] = {
     # per parameter (the algorithms' own names; a complex tensor's real and imaginary parts each)
     "step": _COUNT,
-    **dict.fromkeys(("exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum", "exp_inf", "row_var", "col_var", "variance",
-                     "step_size", "eta", "g_var", "wsq", "pcx", "lr_num", "sigma", "alpha"), _NON_NEGATIVE),  # second moments, sizes
+    **dict.fromkeys(
+        (
+            "exp_avg_sq",
+            "max_exp_avg_sq",
+            "square_avg",
+            "acc_delta",
+            "sum",
+            "exp_inf",
+            "row_var",
+            "col_var",
+            "variance",
+            "step_size",
+            "eta",
+            "g_var",
+            "wsq",
+            "pcx",
+            "lr_num",
+            "sigma",
+            "alpha",
+        ),
+        _NON_NEGATIVE,
+    ),  # second moments, sizes
     "mu": Range(0.0, 1.0, low_open=True),  # ASGD's averaging weight 1 / max(1, t - t0)
     "mu_product": Range(0.0, 1.0),  # NAdam's product of momentum factors
     "sat_ratio": Range(0.0, 1.0),  # DAG's saturated fraction
@@ -76,7 +99,9 @@ scale of 0 or a negative second moment gives inf or NaN at the next step)."""
 
 
 def range_of(key: str) -> Range | None:
-    return RANGES.get(key) or next((r for pattern, r in RANGES.items() if "*" in pattern and fnmatch.fnmatchcase(key, pattern)), None)
+    return RANGES.get(key) or next(
+        (r for pattern, r in RANGES.items() if "*" in pattern and fnmatch.fnmatchcase(key, pattern)), None
+    )
 
 
 def own_copy(value: Tensor, saved: Any, live: Any) -> Tensor:
@@ -122,7 +147,9 @@ def check_value(plan: Plan, what: str, value: Any, canonical: Tensor, allowed: R
     if allowed is not None and not allowed.holds(values):
         plan.fail(f"{what} must hold {allowed}, got {listed}")
     stored = values.to(canonical.dtype).to(torch.float64)
-    lost = not bool(torch.isfinite(stored).all()) or bool(((stored == 0) != (values == 0)).any())  # overflow, underflow to 0
+    lost = not bool(torch.isfinite(stored).all()) or bool(
+        ((stored == 0) != (values == 0)).any()
+    )  # overflow, underflow to 0
     if lost or (not canonical.is_floating_point() and not torch.equal(stored, values)):  # a counter must stay exact
         plan.fail(f"{what} holds {listed}, which {canonical.dtype} cannot hold")
     return values
@@ -140,10 +167,14 @@ def check_values(plan: Plan, index: Any, key: str, value: Any) -> None:
     else:
         return
     if not bool(torch.isfinite(values).all()):
-        plan.fail(f"state {key!r} of parameter {index} holds values that are not finite (NaN or inf): every later step would give NaN")
+        plan.fail(
+            f"state {key!r} of parameter {index} holds values that are not finite (NaN or inf): every later step would give NaN"
+        )
     allowed = range_of(key)
     if allowed is not None and not allowed.holds(values):
-        plan.fail(f"state {key!r} of parameter {index} must hold {allowed}; it holds {shown(values.flatten()[:6].tolist())}...")
+        plan.fail(
+            f"state {key!r} of parameter {index} must hold {allowed}; it holds {shown(values.flatten()[:6].tolist())}..."
+        )
 
 
 def read_value(value: Any) -> Any:
@@ -164,7 +195,11 @@ def agree(a: Any, b: Any) -> bool:
 
 
 def castable(param: Tensor) -> set[torch.dtype]:
-    return {torch.float16, torch.bfloat16, torch.float32, torch.float64, param.dtype} if param.is_floating_point() else {param.dtype}
+    return (
+        {torch.float16, torch.bfloat16, torch.float32, torch.float64, param.dtype}
+        if param.is_floating_point()
+        else {param.dtype}
+    )
 
 
 def describe_value(value: Any) -> str:

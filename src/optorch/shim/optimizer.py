@@ -46,7 +46,20 @@ from .engines import ENGINES, Engine, TorchEngine, Work, make_engine, resolve_en
 from .persistence import Persistent
 from .runtime import attach
 from ..core.scalars import reads_zero
-from .state import FORMAT, FORMAT_KEY, NO_EMA, NO_SCALER, SCHEDULE_KEY, SHARED_PREFIX, StateDict, StateCheck, check_unique, assign, equal_values, same
+from .state import (
+    FORMAT,
+    FORMAT_KEY,
+    NO_EMA,
+    NO_SCALER,
+    SCHEDULE_KEY,
+    SHARED_PREFIX,
+    StateDict,
+    StateCheck,
+    check_unique,
+    assign,
+    equal_values,
+    same,
+)
 
 __all__ = ["ENGINES", "Optimizer"]
 
@@ -71,10 +84,21 @@ class Optimizer(Persistent, torch.optim.Optimizer):
             holds every parameter (whole or sharded).
     """
 
-    def __init__(self, params: Iterable[Any], algorithm: str | Algorithm, config: Config | None = None, *, engine: str = "auto",
-                 schedules: Mapping[str, Callable[[Any], Any]] | None = None, combinators: Any = None, partition_group: Any = None):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        algorithm: str | Algorithm,
+        config: Config | None = None,
+        *,
+        engine: str = "auto",
+        schedules: Mapping[str, Callable[[Any], Any]] | None = None,
+        combinators: Any = None,
+        partition_group: Any = None,
+    ):
         self.algorithm = registry.get(algorithm) if isinstance(algorithm, str) else algorithm
-        self._fields = tuple(self.algorithm.config.model_fields)  # read once: pydantic's class property breaks a compiled graph
+        self._fields = tuple(
+            self.algorithm.config.model_fields
+        )  # read once: pydantic's class property breaks a compiled graph
         config = self.algorithm.as_config(config)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -152,8 +176,10 @@ class Optimizer(Persistent, torch.optim.Optimizer):
         defaults = self.group_config(self.defaults)
         differing = [key for key in self.algorithm.config.global_keys if getattr(config, key) != getattr(defaults, key)]
         if differing:
-            raise ValueError(f"{self.algorithm.name}: {', '.join(map(repr, differing))} hold one value for all param groups; "
-                             "set them on the optimizer, not in a param group")
+            raise ValueError(
+                f"{self.algorithm.name}: {', '.join(map(repr, differing))} hold one value for all param groups; "
+                "set them on the optimizer, not in a param group"
+            )
         check_unique(candidate["params"], self.param_groups)
         if self._engine is not None:
             self._engine.add_group(candidate)
@@ -164,7 +190,11 @@ class Optimizer(Persistent, torch.optim.Optimizer):
         group[FORMAT_KEY] = FORMAT
         if self.schedules:
             first = self.param_groups[0].get(SCHEDULE_KEY)
-            group[SCHEDULE_KEY] = first.clone() if isinstance(first, Tensor) and len(self.param_groups) > 1 else torch.zeros((), dtype=torch.int64)
+            group[SCHEDULE_KEY] = (
+                first.clone()
+                if isinstance(first, Tensor) and len(self.param_groups) > 1
+                else torch.zeros((), dtype=torch.int64)
+            )
         group.update(self._linked)
         if self._engine is not None and self.algorithm.shared is not None:
             fresh = self._fresh_shared(self._configs[0][1])
@@ -190,8 +220,15 @@ class Optimizer(Persistent, torch.optim.Optimizer):
         reductions = [f"{self.algorithm.name}'s shared state"] if self.algorithm.shared is not None else []
         settings = self._settings
         if settings is not None:
-            reductions += [f"'{key}'" for key, on in (("clip_grad_norm", settings.clip_grad_norm is not None), ("skip_nonfinite", settings.skip_nonfinite),
-                                                        ("amp", settings.amp is not None and settings.amp.enabled)) if on]
+            reductions += [
+                f"'{key}'"
+                for key, on in (
+                    ("clip_grad_norm", settings.clip_grad_norm is not None),
+                    ("skip_nonfinite", settings.skip_nonfinite),
+                    ("amp", settings.amp is not None and settings.amp.enabled),
+                )
+                if on
+            ]
         return reductions
 
     def _link(self, values: Mapping[str, Tensor]) -> None:
@@ -208,7 +245,7 @@ class Optimizer(Persistent, torch.optim.Optimizer):
         return {key: value.clone() for key, value in self._initial.items()}
 
     def _linked_prefix(self, prefix: str) -> dict[str, Tensor]:
-        return {key[len(prefix):]: value for key, value in self._linked.items() if key.startswith(prefix)}
+        return {key[len(prefix) :]: value for key, value in self._linked.items() if key.startswith(prefix)}
 
     def linked(self, key: str) -> Tensor:
         """The value every group keeps under ``key`` (``"amp.scale"``, ``"shared.s_t"``, ...)."""
@@ -223,8 +260,12 @@ class Optimizer(Persistent, torch.optim.Optimizer):
                 continue
             values = [value for value in held if value is not canonical]
             first = values[0]
-            if any(not equal_values(first, value) for value in values) or (len(values) < len(held) and not equal_values(first, canonical)):
-                raise ValueError(f"{self.algorithm.name}: param groups disagree on {key!r}, which holds one value for all of them")
+            if any(not equal_values(first, value) for value in values) or (
+                len(values) < len(held) and not equal_values(first, canonical)
+            ):
+                raise ValueError(
+                    f"{self.algorithm.name}: param groups disagree on {key!r}, which holds one value for all of them"
+                )
             assign(canonical, first, key)
             for group in self.param_groups:
                 group[key] = canonical
@@ -319,7 +360,9 @@ class Optimizer(Persistent, torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise RuntimeError(f"{self.algorithm.name} does not support sparse gradients")
                 if grad.shape != param.shape:  # only `.grad.data = ...` gets one past autograd's own check
-                    raise RuntimeError(f"{self.algorithm.name}: a parameter of shape {tuple(param.shape)} has a gradient of shape {tuple(grad.shape)}")
+                    raise RuntimeError(
+                        f"{self.algorithm.name}: a parameter of shape {tuple(param.shape)} has a gradient of shape {tuple(grad.shape)}"
+                    )
                 params.append(param)
                 grads.append(grad)
                 leaves.append(check(param, states, config))
@@ -389,7 +432,11 @@ class Optimizer(Persistent, torch.optim.Optimizer):
                 expected = float(schedule(int(group[SCHEDULE_KEY])))
                 held = group[name]
                 # a compiled step leaves its value as a tensor, computed in float64 tensor ops
-                same = math.isclose(float(held), expected, rel_tol=1e-12, abs_tol=0.0) if isinstance(held, Tensor) else held == expected
+                same = (
+                    math.isclose(float(held), expected, rel_tol=1e-12, abs_tol=0.0)
+                    if isinstance(held, Tensor)
+                    else held == expected
+                )
                 if not same:
                     raise RuntimeError(
                         f"{self.algorithm.name}: {name!r} is set by this optimizer's 'schedule' entry ({expected!r} at step "
@@ -432,7 +479,11 @@ class Optimizer(Persistent, torch.optim.Optimizer):
     # -- copies -------------------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        return super().__repr__().replace(type(self).__name__, f"optorch.Optimizer[{self.algorithm.name}, engine={self.engine}]", 1)
+        return (
+            super()
+            .__repr__()
+            .replace(type(self).__name__, f"optorch.Optimizer[{self.algorithm.name}, engine={self.engine}]", 1)
+        )
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ from collections import OrderedDict
 from typing import Any
 
 
-
 from ..algorithms import registry
 from .engines import TorchEngine
 
@@ -22,7 +21,17 @@ class Persistent:
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's fields plus what rebuilds the rest; runtime objects (locks, compiled code) are remade.
-        keep = ("schedules", "adaptive", "_settings", "_overrides", "_configs", "_linked", "_initial", "engine", "partition")
+        keep = (
+            "schedules",
+            "adaptive",
+            "_settings",
+            "_overrides",
+            "_configs",
+            "_linked",
+            "_initial",
+            "engine",
+            "partition",
+        )
         state = {**super().__getstate__(), **{key: self.__dict__[key] for key in keep}}
         registered = registry.ALGORITHMS.get(self.algorithm.name)
         state["algorithm"] = self.algorithm.name if registered is self.algorithm else self.algorithm

@@ -30,7 +30,12 @@ class Engine(Protocol):
     def add_group(self, group: dict[str, Any]) -> None:
         """Prepare for a param group added after construction (raise if it cannot be stepped)."""
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...],
-             mask: Tensor | None = None) -> list[dict[str, Tensor]]:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        work: Sequence[Work],
+        shared: tuple[dict[str, Tensor], ...],
+        mask: Tensor | None = None,
+    ) -> list[dict[str, Tensor]]:
         """Step every param of ``work`` in place (where ``mask`` holds, if given: only inside
         torch.compile, for engines that can); returns the contributions to the shared state."""

@@ -66,10 +66,18 @@ class InPlace:
         if settings.accumulate_steps > 1:
             values["accumulate.micro_step"] = count()
         if settings.skip_nonfinite:
-            values.update({"skip.notfinite_count": count(), "skip.total_notfinite": count(), "skip.last_finite": torch.ones((), dtype=torch.bool)})
+            values.update(
+                {
+                    "skip.notfinite_count": count(),
+                    "skip.total_notfinite": count(),
+                    "skip.last_finite": torch.ones((), dtype=torch.bool),
+                }
+            )
         if settings.amp is not None:
             scaler = amp.init(settings.amp, device)
-            values.update({"amp.scale": scaler.scale, "amp.growth_tracker": scaler.growth_tracker, "amp.overflows": count()})
+            values.update(
+                {"amp.scale": scaler.scale, "amp.growth_tracker": scaler.growth_tracker, "amp.overflows": count()}
+            )
         if settings.ema is not None:
             values["ema.count"] = torch.zeros((), dtype=torch.int64, device=device)
         optimizer._link(values)  # kept where they are when the optimizer already has them (a copy)
@@ -195,7 +203,10 @@ class InPlace:
             finite = partition.reduce(finite, "min").bool()
         finite, new_counters = finite_counters(finite, counters, None)
         for name in names:  # counted only on steps amp let through, as apply_if_finite inside amp.scaled
-            ops.assign(counters[name], new_counters[name] if apply is True else torch.where(apply, new_counters[name], counters[name]))
+            ops.assign(
+                counters[name],
+                new_counters[name] if apply is True else torch.where(apply, new_counters[name], counters[name]),
+            )
         step.apply = finite if apply is True else apply & finite
 
     def _clip_grad_norm(self, step: _Pass) -> None:
@@ -214,7 +225,9 @@ class InPlace:
             if any(param is p for p in group["params"]):
                 item.params.append(param)
                 item.grads.append(param.grad)
-                item.states.append(self.optimizer._states.check(param, self.optimizer.state, item.config))  # eager only: a host read got us here
+                item.states.append(
+                    self.optimizer._states.check(param, self.optimizer.state, item.config)
+                )  # eager only: a host read got us here
                 return
 
     @torch.no_grad()

@@ -15,8 +15,20 @@ from ..core.algorithm import Algorithm
 from ..core.config import Config
 from .engines import Engine, TorchEngine
 
-__all__ = ["FORMAT", "FORMAT_KEY", "SCHEDULE_KEY", "SHARED_PREFIX", "STATE_PREFIXES", "StateCheck", "StateDict", "assign", "check_tensor", "check_unique",
-           "equal_values", "same"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_KEY",
+    "SCHEDULE_KEY",
+    "SHARED_PREFIX",
+    "STATE_PREFIXES",
+    "StateCheck",
+    "StateDict",
+    "assign",
+    "check_tensor",
+    "check_unique",
+    "equal_values",
+    "same",
+]
 
 FORMAT_KEY = "optorch_format"
 FORMAT = 2
@@ -112,7 +124,13 @@ class StateCheck:
             return None
         known = self._known.get(id(param))
         # A new data pointer means new data (p.data = ..., a dtype or device conversion): check again.
-        if known is not None and known[0] is state and not state.written and known[1] is config and known[2] == param.data_ptr():
+        if (
+            known is not None
+            and known[0] is state
+            and not state.written
+            and known[1] is config
+            and known[2] == param.data_ptr()
+        ):
             return known[3]
         self.full_checks += 1
         leaf = self._full_check(param, state, config)
@@ -123,7 +141,13 @@ class StateCheck:
             leaf = {key: state[key] for key in leaf}
         state.written = False
         stepped = state if self.torch_layout else leaf
-        self._known[id(param)] = (state, config, param.data_ptr(), stepped, param)  # the param kept: its id stays its own
+        self._known[id(param)] = (
+            state,
+            config,
+            param.data_ptr(),
+            stepped,
+            param,
+        )  # the param kept: its id stays its own
         return stepped
 
     def traced(self, param: Tensor, states: dict[Tensor, Any], config: Config) -> dict[str, Tensor] | None:
@@ -155,8 +179,14 @@ class StateCheck:
             value = own[key]
             if reference.dim() == 0 and not isinstance(value, Tensor):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"{name}: state {key!r} of a parameter must be a number or a 0-dim tensor, got {type(value).__name__}")
-                value = own[key] = torch.tensor(float(value), dtype=reference.dtype, device=param.device if reference.device.type == "meta" else reference.device)
+                    raise ValueError(
+                        f"{name}: state {key!r} of a parameter must be a number or a 0-dim tensor, got {type(value).__name__}"
+                    )
+                value = own[key] = torch.tensor(
+                    float(value),
+                    dtype=reference.dtype,
+                    device=param.device if reference.device.type == "meta" else reference.device,
+                )
             dtypes = {reference.dtype}
             if param.is_floating_point() or param.is_complex():
                 dtypes.add(param.dtype)
@@ -182,9 +212,13 @@ class StateCheck:
 
 def check_tensor(name: str, param: Tensor, key: str, value: Any, shape: torch.Size, dtypes: set, devices: set) -> None:
     if not isinstance(value, Tensor):
-        raise ValueError(f"{name}: state {key!r} of a parameter of shape {tuple(param.shape)} must be a tensor, got {type(value).__name__}")
+        raise ValueError(
+            f"{name}: state {key!r} of a parameter of shape {tuple(param.shape)} must be a tensor, got {type(value).__name__}"
+        )
     if value.shape != shape:
-        raise ValueError(f"{name}: state {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)} (its parameter has {tuple(param.shape)})")
+        raise ValueError(
+            f"{name}: state {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)} (its parameter has {tuple(param.shape)})"
+        )
     if value.dtype not in dtypes:
         raise ValueError(
             f"{name}: state {key!r} is {value.dtype}, its parameter {param.dtype}: was the model converted (.to(dtype), "
@@ -203,8 +237,10 @@ def check_unique(params: list[Any] | None, groups: list[dict[str, Any]]) -> None
         if not isinstance(param, Tensor):
             continue
         if id(param) in seen:
-            raise ValueError("a param group lists the same parameter twice: it would be stepped twice per step "
-                             "(torch.optim only warns); list each parameter once")
+            raise ValueError(
+                "a param group lists the same parameter twice: it would be stepped twice per step "
+                "(torch.optim only warns); list each parameter once"
+            )
         seen.add(id(param))
     existing = {id(p) for group in groups for p in group["params"]}
     if seen & existing:
@@ -230,7 +266,11 @@ def _same_value(x: Any, y: Any) -> bool:
 def equal_values(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         a_, b_ = torch.as_tensor(a), torch.as_tensor(b)
-        return a_.shape == b_.shape and bool((a_.to(torch.float64) == b_.to(a_.device, torch.float64)).all()) if a_.numel() else a_.shape == b_.shape
+        return (
+            a_.shape == b_.shape and bool((a_.to(torch.float64) == b_.to(a_.device, torch.float64)).all())
+            if a_.numel()
+            else a_.shape == b_.shape
+        )
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return a == b

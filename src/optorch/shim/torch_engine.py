@@ -48,7 +48,13 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, algorithm: Algorithm, param_groups: list[dict[str, Any]], defaults: dict[str, Any], extras: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        param_groups: list[dict[str, Any]],
+        defaults: dict[str, Any],
+        extras: frozenset[str] = frozenset(),
+    ):
         self.algorithm = algorithm
         self.extras = extras
         torch_class = algorithm.torch_optimizer
@@ -75,15 +81,26 @@ class TorchEngine:
 
     def _verified(self, params: Sequence[Tensor]) -> bool:
         # DTensors (FSDP2): torch's fused kernels have no sharding strategy; its default one runs them
-        return not any(map(distributed.is_dtensor, params)) and all(p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in params)
+        return not any(map(distributed.is_dtensor, params)) and all(
+            p.dtype in TORCH_KERNELS.get((self.algorithm.name, p.device.type), ()) for p in params
+        )
 
     def add_group(self, group: dict[str, Any]) -> None:
         if self.flags and not self._verified(group["params"]):
-            raise ValueError("these params cannot run torch's fused kernel like the rest; build with engine='eager' or 'compiled'")
+            raise ValueError(
+                "these params cannot run torch's fused kernel like the rest; build with engine='eager' or 'compiled'"
+            )
         self._complete(group)
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple = (), mask: None = None,
-             fresh: Callable[..., dict[str, Tensor]] | None = None, changed: bool = True) -> list:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        work: Sequence[Work],
+        shared: tuple = (),
+        mask: None = None,
+        fresh: Callable[..., dict[str, Tensor]] | None = None,
+        changed: bool = True,
+    ) -> list:
         """``changed``: whether a param or its state may have changed since the last step (the
         shim's checks saw new data, or a param steps for the first time): the fused kernel's
         dtype check is then run again."""
@@ -94,7 +111,11 @@ class TorchEngine:
         for item, group in zip(work, optimizer.param_groups):
             # torch's functional kernel on lists built from what the shim checked (the step of
             # torch's own optimizer would walk every param again to build them)
-            done = call is not None and self._fused_ok and call(item.params, item.grads, item.states, group, functools.partial(fresh, config=item.config))
+            done = (
+                call is not None
+                and self._fused_ok
+                and call(item.params, item.grads, item.states, group, functools.partial(fresh, config=item.config))
+            )
             if item.params and not done:
                 rest.append(group)
         if rest:
@@ -113,7 +134,11 @@ class TorchEngine:
             for param, state in optimizer.state.items():
                 view[param] = {key: value for key, value in state.items() if key not in self.extras}
         inner.state = view
-        unfused = [g for g in groups if g.get("fused") and (not self._verified(g["params"]) or self._starts_some_state(g, view))]
+        unfused = [
+            g
+            for g in groups
+            if g.get("fused") and (not self._verified(g["params"]) or self._starts_some_state(g, view))
+        ]
         for group in unfused:
             group["fused"] = False
         try:
@@ -153,9 +178,23 @@ def _fused_adam(params: list[Tensor], grads: list[Tensor], states: list[dict], g
         if group["amsgrad"]:
             maxima.append(state["max_exp_avg_sq"])
     beta1, beta2 = group["betas"]
-    torch_adam(params, grads, exp_avgs, exp_avg_sqs, maxima, steps, fused=True, decoupled_weight_decay=group["decoupled_weight_decay"],
-                  amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                  eps=group["eps"], maximize=group["maximize"])
+    torch_adam(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        maxima,
+        steps,
+        fused=True,
+        decoupled_weight_decay=group["decoupled_weight_decay"],
+        amsgrad=group["amsgrad"],
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=group["maximize"],
+    )
     return True
 
 
@@ -163,8 +202,18 @@ def _fused_sgd(params: list[Tensor], grads: list[Tensor], states: list[dict], gr
     buffers = [state.get("momentum_buffer") for state in states] if group["momentum"] != 0 else []
     if len({buffer is None for buffer in buffers}) == 2:
         return False  # some buffers start now, others run: only torch's default kernel can (a layer unfrozen later)
-    torch_sgd(params, grads, buffers, fused=True, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-              dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
+    torch_sgd(
+        params,
+        grads,
+        buffers,
+        fused=True,
+        weight_decay=group["weight_decay"],
+        momentum=group["momentum"],
+        lr=group["lr"],
+        dampening=group["dampening"],
+        nesterov=group["nesterov"],
+        maximize=group["maximize"],
+    )
     for state, buffer in zip(states, buffers):
         state["momentum_buffer"] = buffer
     return True
@@ -177,8 +226,18 @@ def _fused_adagrad(params: list[Tensor], grads: list[Tensor], states: list[dict]
             state.update(fresh(param))
         sums.append(state["sum"])
         steps.append(state["step"])
-    torch_adagrad(params, grads, sums, steps, fused=True, lr=group["lr"], weight_decay=group["weight_decay"],
-                  lr_decay=group["lr_decay"], eps=group["eps"], maximize=group["maximize"])
+    torch_adagrad(
+        params,
+        grads,
+        sums,
+        steps,
+        fused=True,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        lr_decay=group["lr_decay"],
+        eps=group["eps"],
+        maximize=group["maximize"],
+    )
     return True
 
 
@@ -187,10 +246,14 @@ FUSED_CALLS = {"adam": _fused_adam, "adamw": _fused_adam, "sgd": _fused_sgd, "ad
 torch's own ``step`` calls them; each returns False where it cannot run (then torch's ``step`` runs)."""
 
 
-def _bare(torch_class: type[torch.optim.Optimizer], defaults: dict[str, Any], flags: dict[str, Any]) -> torch.optim.Optimizer:
+def _bare(
+    torch_class: type[torch.optim.Optimizer], defaults: dict[str, Any], flags: dict[str, Any]
+) -> torch.optim.Optimizer:
     """A torch optimizer used only for its ``step``: built on a placeholder param, then emptied."""
     placeholder = torch.nn.Parameter(torch.zeros(1))
-    accepted = inspect.signature(torch_class.__init__).parameters  # (an unpickled defaults has torch's "differentiable")
+    accepted = inspect.signature(
+        torch_class.__init__
+    ).parameters  # (an unpickled defaults has torch's "differentiable")
     inner = torch_class([placeholder], **{k: v for k, v in defaults.items() if k in accepted}, **flags)
     inner.state.clear()
     return inner

@@ -61,16 +61,25 @@ class UpdateEngine:
     def add_group(self, group: dict[str, Any]) -> None:
         pass
 
-    def step(self, optimizer: torch.optim.Optimizer, work: Sequence[Work], shared: tuple[dict[str, Tensor], ...],
-             mask: Tensor | None = None) -> list[dict[str, Tensor]]:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        work: Sequence[Work],
+        shared: tuple[dict[str, Tensor], ...],
+        mask: Tensor | None = None,
+    ) -> list[dict[str, Tensor]]:
         contributions: list[dict[str, Tensor]] = []
         traced = torch.compiler.is_compiling()  # inside the user's torch.compile: plain per-tensor code
         for index, item in enumerate(work):
-            if self.algorithm.is_elementwise(item.config):  # each rank steps its shards: the same numbers, no communication
+            if self.algorithm.is_elementwise(
+                item.config
+            ):  # each rank steps its shards: the same numbers, no communication
                 item = Work(item.config, *distributed.local_shards(item.params, item.grads, item.states))
             if traced or not self.compiled:
                 for param, grad, state in zip(item.params, item.grads, item.states):
-                    contributions.append(run_update(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask))
+                    contributions.append(
+                        run_update(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask)
+                    )
             else:
                 contributions += self._compiled_step(optimizer, index, item, shared)
         return [c for c in contributions if c is not None]
@@ -89,7 +98,10 @@ class UpdateEngine:
             plan = plan_batches(item, elementwise, self._scratch)
             self._plans[index] = (key, plan)
         batches, alone, eager = plan
-        contributions = [run_update(self.algorithm.update, item.params[i], item.grads[i], item.states[i], item.config, *shared) for i in eager]
+        contributions = [
+            run_update(self.algorithm.update, item.params[i], item.grads[i], item.states[i], item.config, *shared)
+            for i in eager
+        ]
         contributions += [self._single(index, item, i, shared, elementwise) for i in alone]
         contributions += [self._batch(optimizer, index, item, batch, shared) for batch in batches]
         return contributions
@@ -97,7 +109,11 @@ class UpdateEngine:
     def _single(self, index: int, item: Work, i: int, shared: tuple, elementwise: bool):
         param, grad, state = item.params[i], item.grads[i], item.states[i]
         if elementwise and all_contiguous(param, grad, state):  # one 1-D graph serves every shape
-            param, grad, state = param.view(-1), grad.view(-1), {key: v if v.dim() == 0 else v.view(-1) for key, v in state.items()}
+            param, grad, state = (
+                param.view(-1),
+                grad.view(-1),
+                {key: v if v.dim() == 0 else v.view(-1) for key, v in state.items()},
+            )
         return self._call(run_update, index, param, grad, state, item.config, shared)
 
     def _batch(self, optimizer: torch.optim.Optimizer, index: int, item: Work, batch: "Batch", shared: tuple):
@@ -119,7 +135,16 @@ class UpdateEngine:
             batch.write_back([s[key] for s in states], key, value)
         return contribution
 
-    def _call(self, kernel: Callable[..., Any], index: int, param: Tensor, grad: Tensor, state: dict[str, Tensor], config: Config, shared: tuple):
+    def _call(
+        self,
+        kernel: Callable[..., Any],
+        index: int,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        config: Config,
+        shared: tuple,
+    ):
         if not self.compiled:  # compiling failed earlier in this step
             return kernel(self.algorithm.update, param, grad, state, config, *shared)
         # A kernel per dtype and rank, each with Dynamo's recompile budget of its own: sizes are
@@ -135,12 +160,18 @@ class UpdateEngine:
             for tensor in (param, grad, *state.values()):
                 mark_dynamic(tensor, 0)
         try:
-            return compiled(self.algorithm.update, param, grad, state, self._tensor_config(index, config, param), *shared)
+            return compiled(
+                self.algorithm.update, param, grad, state, self._tensor_config(index, config, param), *shared
+            )
         except Exception as error:  # noqa: BLE001 - no compiler, or an op Inductor cannot build
             if not _is_compile_failure(error):
                 raise
-            warnings.warn(f"optorch: torch.compile failed ({type(error).__name__}: {error}); "
-                          f"{self.algorithm.name} runs eagerly from now on", RuntimeWarning, stacklevel=5)
+            warnings.warn(
+                f"optorch: torch.compile failed ({type(error).__name__}: {error}); "
+                f"{self.algorithm.name} runs eagerly from now on",
+                RuntimeWarning,
+                stacklevel=5,
+            )
             self.compiled, self.name = False, "eager"
             return kernel(self.algorithm.update, param, grad, state, config, *shared)
 
@@ -164,7 +195,9 @@ class UpdateEngine:
         return tensor_config
 
 
-def _lay_out_state(optimizer: torch.optim.Optimizer, params: list[Tensor], states: list[dict[str, Tensor]], key: str, flat: bool) -> None:
+def _lay_out_state(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], states: list[dict[str, Tensor]], key: str, flat: bool
+) -> None:
     """Give state ``key`` of these params one buffer of its own (values kept), as views in
     ``optimizer.state``: flat, or a stack of same-shaped tensors."""
     tensors = [s[key] for s in states]
@@ -175,6 +208,7 @@ def _lay_out_state(optimizer: torch.optim.Optimizer, params: list[Tensor], state
     for param, state, chunk in zip(params, states, chunks):
         state[key] = chunk
         optimizer.state[param][key] = chunk
+
 
 def _as_tensors(value: Any, name: Any, tensors: dict[Any, Tensor], device: torch.device, dtype: torch.dtype) -> Any:
     # Integers select code paths and cadences (DAG's sat_every, AutoSGM's window kind): they stay
@@ -195,7 +229,9 @@ def _private_compile(function: Callable[..., Any], dynamic: bool = True) -> Call
     # Dynamo keeps its compile cache (and its recompile limit) per code object: a private copy of the
     # code gives each engine graphs of its own, however many optimizers a process has.
     code = function.__code__.replace()
-    copy = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__, function.__closure__)
+    copy = types.FunctionType(
+        code, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
     copy.__kwdefaults__ = function.__kwdefaults__
     return torch.compile(copy, fullgraph=True, dynamic=dynamic)
 

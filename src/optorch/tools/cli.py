@@ -54,18 +54,43 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_VERIFY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verify_parser.add_argument("--full", action="store_true", help="every flag combination on every path, the compiled engine included (long)")
-    verify_parser.add_argument("--algo", action="append", metavar="NAME", help="algorithm to check (repeatable; default: every registered algorithm)")
-    verify_parser.add_argument("--dtype", action="append", choices=verify.DTYPES, help="dtype to check (repeatable; default: all four)")
+    verify_parser.add_argument(
+        "--full", action="store_true", help="every flag combination on every path, the compiled engine included (long)"
+    )
+    verify_parser.add_argument(
+        "--algo",
+        action="append",
+        metavar="NAME",
+        help="algorithm to check (repeatable; default: every registered algorithm)",
+    )
+    verify_parser.add_argument(
+        "--dtype", action="append", choices=verify.DTYPES, help="dtype to check (repeatable; default: all four)"
+    )
     verify_parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all", help="default: all available")
-    verify_parser.add_argument("--engine", action="append", choices=verify.PATHS, help="path to check (repeatable; default: pure, torch, eager and compiled)")
+    verify_parser.add_argument(
+        "--engine",
+        action="append",
+        choices=verify.PATHS,
+        help="path to check (repeatable; default: pure, torch, eager and compiled)",
+    )
     verify_parser.add_argument("--no-compile", action="store_true", help="leave out the compiled engine")
-    verify_parser.add_argument("--steps", type=_positive_int, default=100, metavar="N", help="optimizer steps per check (default 100)")
-    verify_parser.add_argument("--jobs", type=_positive_int, default=verify.cores(), metavar="N", help="processes to run checks in (default: this machine's cores)")
+    verify_parser.add_argument(
+        "--steps", type=_positive_int, default=100, metavar="N", help="optimizer steps per check (default 100)"
+    )
+    verify_parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=verify.cores(),
+        metavar="N",
+        help="processes to run checks in (default: this machine's cores)",
+    )
     verify_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    verify_parser.add_argument("--distributed", action="store_true",
-                               help="instead: every algorithm under FSDP2, DDP, ZeRO and DCP against one process (its own options: "
-                                    "optorch verify --distributed --help)")
+    verify_parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="instead: every algorithm under FSDP2, DDP, ZeRO and DCP against one process (its own options: "
+        "optorch verify --distributed --help)",
+    )
     compare_parser = commands.add_parser(
         "compare",
         help="train a small model once per optimizer config and compare the runs",
@@ -74,14 +99,41 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    compare_parser.add_argument("configs", nargs="*", metavar="CONFIG", help="builder config files (.yaml, .yml, .json) or directories of them; default: the repo's configs/ plus the default Config of every registered algorithm they leave out")
-    compare_parser.add_argument("--out", default="optorch-compare", metavar="DIR", help="directory for table.txt, loss.png and knob-*.png (default ./optorch-compare)")
-    compare_parser.add_argument("--steps", type=_positive_int, default=1500, metavar="N", help="optimizer steps per run (default 1500)")
-    compare_parser.add_argument("--batch-size", type=_positive_int, default=64, metavar="B", help="mini-batch size (default 64)")
-    compare_parser.add_argument("--seed", type=int, default=0, help="seed of the init, the train/test split and the batch order (default 0)")
+    compare_parser.add_argument(
+        "configs",
+        nargs="*",
+        metavar="CONFIG",
+        help="builder config files (.yaml, .yml, .json) or directories of them; default: the repo's configs/ plus the default Config of every registered algorithm they leave out",
+    )
+    compare_parser.add_argument(
+        "--out",
+        default="optorch-compare",
+        metavar="DIR",
+        help="directory for table.txt, loss.png and knob-*.png (default ./optorch-compare)",
+    )
+    compare_parser.add_argument(
+        "--steps", type=_positive_int, default=1500, metavar="N", help="optimizer steps per run (default 1500)"
+    )
+    compare_parser.add_argument(
+        "--batch-size", type=_positive_int, default=64, metavar="B", help="mini-batch size (default 64)"
+    )
+    compare_parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the init, the train/test split and the batch order (default 0)"
+    )
     compare_parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    compare_parser.add_argument("--engine", choices=ENGINES, default="eager", help="the shim's engine (default eager: the same code path for every algorithm, no compile time)")
-    compare_parser.add_argument("--target", type=_finite_float, default=0.3, metavar="LOSS", help="training-set loss whose first step is reported (default 0.3)")
+    compare_parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="eager",
+        help="the shim's engine (default eager: the same code path for every algorithm, no compile time)",
+    )
+    compare_parser.add_argument(
+        "--target",
+        type=_finite_float,
+        default=0.3,
+        metavar="LOSS",
+        help="training-set loss whose first step is reported (default 0.3)",
+    )
     compare_parser.add_argument("--json", metavar="PATH", help="also write every run's results and curves as JSON")
     compare_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -149,18 +201,39 @@ def _verify(args: argparse.Namespace) -> int:
     paths = [p for p in dict.fromkeys(args.engine or verify.PATHS) if not (p == "compiled" and args.no_compile)]
     if not paths:
         raise _UsageError("nothing to check: --no-compile left no path")
-    plan = verify.plan(full=args.full, algorithms=args.algo, dtypes=args.dtype or verify.DTYPES, paths=paths, steps=args.steps,
-                       devices=None if args.device == "all" else [args.device])
+    plan = verify.plan(
+        full=args.full,
+        algorithms=args.algo,
+        dtypes=args.dtype or verify.DTYPES,
+        paths=paths,
+        steps=args.steps,
+        devices=None if args.device == "all" else [args.device],
+    )
     if not plan.checks:
         raise _UsageError("nothing to check here: " + "; ".join(plan.skipped))
     scope = "every flag combination" if args.full else "a representative subset, --full for every flag combination"
     print(f"optorch verify: torch {torch.__version__}, {len(plan.checks)} checks ({scope})")
-    print(f"float64: equal to the reference within {verify.FLOAT64_TOLERANCE:g}; below: error against the float64 truth within "
-          f"{verify.FACTOR:g} x the reference's own error + {verify.FLOOR_ULPS[torch.float32]:g} ulps\n")
+    print(
+        f"float64: equal to the reference within {verify.FLOAT64_TOLERANCE:g}; below: error against the float64 truth within "
+        f"{verify.FACTOR:g} x the reference's own error + {verify.FLOOR_ULPS[torch.float32]:g} ulps\n"
+    )
     flags_width = max(len(check.flags) for check in plan.checks)
-    columns = (("algorithm", 9), ("flags", flags_width), ("path", 12), ("device", 6), ("dtype", 8), ("steps", 5), ("error", 9),
-               ("ref. error", 10), ("tolerance", 9), ("result", 6))
-    row = "  ".join(f"{{:{'>' if title in ('steps', 'error', 'ref. error', 'tolerance') else '<'}{width}}}" for title, width in columns)
+    columns = (
+        ("algorithm", 9),
+        ("flags", flags_width),
+        ("path", 12),
+        ("device", 6),
+        ("dtype", 8),
+        ("steps", 5),
+        ("error", 9),
+        ("ref. error", 10),
+        ("tolerance", 9),
+        ("result", 6),
+    )
+    row = "  ".join(
+        f"{{:{'>' if title in ('steps', 'error', 'ref. error', 'tolerance') else '<'}{width}}}"
+        for title, width in columns
+    )
     print(row.format(*(title for title, _ in columns)).rstrip())
     print(row.format(*("-" * width for _, width in columns)))
 
@@ -171,13 +244,43 @@ def _verify(args: argparse.Namespace) -> int:
     for check, result in verify.run(plan.checks, jobs=args.jobs):
         progress.clear()
         if isinstance(result, verify.Crash):
-            print(row.format(check.algorithm, check.flags, check.shown_path, check.device, check.dtype, check.steps, "-", "-", "-", "ERROR").rstrip())
+            print(
+                row.format(
+                    check.algorithm,
+                    check.flags,
+                    check.shown_path,
+                    check.device,
+                    check.dtype,
+                    check.steps,
+                    "-",
+                    "-",
+                    "-",
+                    "ERROR",
+                ).rstrip()
+            )
             print(f"    {result.error}", flush=True)
             verdicts.setdefault("ERROR", []).append(check)
         else:
-            reference_error = "-" if result.reference_error is None else f"{'~' if result.basis == 'sensitivity' else ''}{result.reference_error:.2e}"
-            print(row.format(result.algorithm, result.flags, result.path, result.device, result.dtype, result.steps, f"{result.error:.2e}",
-                             reference_error, f"{result.tolerance:.1e}", result.verdict).rstrip(), flush=True)
+            reference_error = (
+                "-"
+                if result.reference_error is None
+                else f"{'~' if result.basis == 'sensitivity' else ''}{result.reference_error:.2e}"
+            )
+            print(
+                row.format(
+                    result.algorithm,
+                    result.flags,
+                    result.path,
+                    result.device,
+                    result.dtype,
+                    result.steps,
+                    f"{result.error:.2e}",
+                    reference_error,
+                    f"{result.tolerance:.1e}",
+                    result.verdict,
+                ).rstrip(),
+                flush=True,
+            )
             verdicts.setdefault(result.verdict, []).append(result)
         progress.show(f"{check.algorithm} {check.dtype} {check.shown_path}")
     progress.clear()
@@ -197,8 +300,14 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-_VERDICTS = {"PASS": "passed", "FAIL": "failed", "ERROR": "crashed", "XFAIL": "failed as expected", "XPASS": "passed though expected to fail",
-             "N/A": "not judged"}
+_VERDICTS = {
+    "PASS": "passed",
+    "FAIL": "failed",
+    "ERROR": "crashed",
+    "XFAIL": "failed as expected",
+    "XPASS": "passed though expected to fail",
+    "N/A": "not judged",
+}
 
 
 class _Progress:

@@ -157,7 +157,9 @@ def default_specs(config_dir: Path | None = None) -> list[Spec]:
     for name in registry.names():
         if name not in covered:
             algorithm = registry.get(name)
-            specs.append(Spec(f"{name} (defaults)", "defaults", Parsed(algorithm, default_config(algorithm), {}, None, None)))
+            specs.append(
+                Spec(f"{name} (defaults)", "defaults", Parsed(algorithm, default_config(algorithm), {}, None, None))
+            )
     return specs
 
 
@@ -216,7 +218,9 @@ def mlp(seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # named layers, and a norm, so that recipes with param_groups (no decay on "*norm*") apply
-        return nn.Sequential(OrderedDict(hidden=nn.Linear(64, 64), norm=nn.LayerNorm(64), act=nn.ReLU(), out=nn.Linear(64, 10)))
+        return nn.Sequential(
+            OrderedDict(hidden=nn.Linear(64, 64), norm=nn.LayerNorm(64), act=nn.ReLU(), out=nn.Linear(64, 10))
+        )
 
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> Tensor:
@@ -270,11 +274,15 @@ class Result:
     def changing_knobs(self) -> dict[str, list[float]]:
         """The knobs that change during the run, step counters (DAG's ``global_step``) and another
         group's copy of group 0's values (``g1.lr`` under a schedule for every group) left out."""
+
         def copy_of_group_0(name: str, values: list[float]) -> bool:
             return name.startswith("g") and "." in name and self.knobs.get(name.split(".", 1)[1]) == values
 
-        return {name: values for name, values in self.knobs.items()
-                if len(set(values)) > 1 and not _is_counter(values) and not copy_of_group_0(name, values)}
+        return {
+            name: values
+            for name, values in self.knobs.items()
+            if len(set(values)) > 1 and not _is_counter(values) and not copy_of_group_0(name, values)
+        }
 
 
 def _is_counter(values: list[float]) -> bool:
@@ -324,20 +332,37 @@ def _compare(specs, steps, seed, device, batch_size, engine, target, eval_every,
         scheduler = spec.scheduler(optimizer) if spec.scheduler is not None else None
         runs.append((spec, run_model, optimizer, scheduler))
     tqdm = require("tqdm", "tqdm").tqdm
-    results = [Result(spec.label, spec.source, spec.algorithm.name, jsonable(spec.config.hyperparameters()), 0) for spec in specs]
+    results = [
+        Result(spec.label, spec.source, spec.algorithm.name, jsonable(spec.config.hyperparameters()), 0)
+        for spec in specs
+    ]
     bars = [
-        tqdm(total=steps, desc=spec.label, unit="step", position=i, leave=True, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        tqdm(
+            total=steps,
+            desc=spec.label,
+            unit="step",
+            position=i,
+            leave=True,
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         for i, spec in enumerate(specs)
     ]
     try:
         # The runs take turns, eval_every steps at a time, so that a burst of load from other
         # processes slows all of them alike rather than the one that happens to be running.
-        active = [(result, _train(result, *run[1:], data, batches, eval_every, target, bar)) for result, run, bar in zip(results, runs, bars)]
+        active = [
+            (result, _train(result, *run[1:], data, batches, eval_every, target, bar))
+            for result, run, bar in zip(results, runs, bars)
+        ]
         while active:
             active = [(result, run) for result, run in active if _turn(result, run)]
     except KeyboardInterrupt:
         for result in results:
-            result.interrupted = result.error is None and math.isnan(result.test_accuracy)  # a run sets it as it finishes
+            result.interrupted = result.error is None and math.isnan(
+                result.test_accuracy
+            )  # a run sets it as it finishes
     finally:
         for bar in bars:
             bar.close()
@@ -356,11 +381,28 @@ def _turn(result: Result, run) -> bool:
 def _optimizer(spec: Spec, model: nn.Module, engine: str):
     # named params: a param_groups entry matches names
     parsed = spec.parsed
-    return assemble(model.named_parameters(), parsed.algorithm, parsed.config, engine=engine, schedules=parsed.schedules,
-                    settings=parsed.settings, rules=parsed.rules)
+    return assemble(
+        model.named_parameters(),
+        parsed.algorithm,
+        parsed.config,
+        engine=engine,
+        schedules=parsed.schedules,
+        settings=parsed.settings,
+        rules=parsed.rules,
+    )
 
 
-def _train(result: Result, model: nn.Module, optimizer, scheduler, data: Data, batches: Tensor, eval_every: int, target: float, bar):
+def _train(
+    result: Result,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    data: Data,
+    batches: Tensor,
+    eval_every: int,
+    target: float,
+    bar,
+):
     """One run, filling in ``result``: a generator that pauses (yields True) after each evaluation."""
     loss_fn = nn.functional.cross_entropy
     cuda = data.x_train.device.type == "cuda"

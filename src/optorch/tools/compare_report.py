@@ -46,7 +46,9 @@ def format_table(results: Sequence[Result], target: float) -> str:
 
     lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
     if math.isfinite(fastest):
-        lines.append(f"(step time: optimizer.step(), 10th percentile, as a multiple of the fastest: {1e3 * fastest:.3f} ms)")
+        lines.append(
+            f"(step time: optimizer.step(), 10th percentile, as a multiple of the fastest: {1e3 * fastest:.3f} ms)"
+        )
     return "\n".join(lines)
 
 
@@ -80,10 +82,17 @@ def plot_losses(results: Sequence[Result], path: str | os.PathLike, target: floa
     for r, (color, style) in zip(results, _styles(len(results))):
         points = [(s, v) for s, v in zip(r.eval_steps, r.train_loss) if math.isfinite(v) and v > 0]
         if points:
-            ax.plot(*zip(*points), color=color, linestyle=style, label=r.label + (f" ({_stopped(r).split()[0]})" if _stopped(r) else ""))
+            ax.plot(
+                *zip(*points),
+                color=color,
+                linestyle=style,
+                label=r.label + (f" ({_stopped(r).split()[0]})" if _stopped(r) else ""),
+            )
     if target is not None:
         ax.axhline(target, color="gray", linewidth=0.8, linestyle=":", label=f"target {target:g}")
-    ax.set(xlabel="step", ylabel="training-set loss (cross-entropy)", yscale="log", title="optorch compare: MLP on digits")
+    ax.set(
+        xlabel="step", ylabel="training-set loss (cross-entropy)", yscale="log", title="optorch compare: MLP on digits"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     path = Path(path)
@@ -151,7 +160,9 @@ def run(args) -> int:
     before training is: the configs, the device, the packages, the output locations."""
     specs = load_specs(args.configs) if args.configs else default_specs()
     if not specs:
-        raise CompareError(f"nothing to compare: no config files ({', '.join(CONFIG_SUFFIXES)}) in {', '.join(args.configs) or 'the defaults'}")
+        raise CompareError(
+            f"nothing to compare: no config files ({', '.join(CONFIG_SUFFIXES)}) in {', '.join(args.configs) or 'the defaults'}"
+        )
     _check_device(args.device)
     for module, package in (("sklearn", "scikit-learn"), ("tqdm", "tqdm"), ("matplotlib", "matplotlib")):
         require(module, package)
@@ -199,8 +210,11 @@ def run(args) -> int:
         if r.error is not None:
             print(f"optorch compare: error: {r.label} stopped at step {r.steps + 1}: {r.error}", file=sys.stderr)
     if stopped:
-        print(f"optorch compare: interrupted: {len(results) - stopped} of {len(results)} runs finished; the others are reported "
-              "up to the step they reached", file=sys.stderr)
+        print(
+            f"optorch compare: interrupted: {len(results) - stopped} of {len(results)} runs finished; the others are reported "
+            "up to the step they reached",
+            file=sys.stderr,
+        )
         return 130
     return 2 if any(r.error is not None for r in results) else 0
 

@@ -11,7 +11,6 @@ from typing import Any, Sequence
 from .. import builder
 
 
-
 __all__ = ["CONFIGS", "Case", "MODES", "RESUME_TOLERANCE", "Result", "TOLERANCE", "cases", "entries"]
 
 TOLERANCE = 1e-10
@@ -19,7 +18,20 @@ TOLERANCE = 1e-10
 RESUME_TOLERANCE = 1e-12
 """A resumed run against the same mode without a break."""
 
-MODES = ("fsdp2", "ddp", "zero", "zero-bucket", "zero-class", "zero-resume", "dcp", "dcp-flat", "dcp-full", "dcp-ddp", "tp", "fsdp2-tp")
+MODES = (
+    "fsdp2",
+    "ddp",
+    "zero",
+    "zero-bucket",
+    "zero-class",
+    "zero-resume",
+    "dcp",
+    "dcp-flat",
+    "dcp-full",
+    "dcp-ddp",
+    "tp",
+    "fsdp2-tp",
+)
 RESUMING = ("zero-resume", "dcp", "dcp-flat", "dcp-full", "dcp-ddp")
 STEPS = 8
 POISON_STEP = 3
@@ -42,19 +54,46 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "rprop": {"name": "rprop", "lr": 0.01},
     "asgd": {"name": "asgd", "lr": 0.05, "t0": 3},
     "dag": {"name": "dag", "lr": 0.01, "momentum": 0.9, "sat_every": 2, "shrink": {"warmup_steps": 2}},
-    "dag-exact-sigma": {"name": "dag", "lr": 0.01, "momentum": 0.5, "use_exact_sigma": True, "shrink": {"warmup_steps": 2}},
+    "dag-exact-sigma": {
+        "name": "dag",
+        "lr": 0.01,
+        "momentum": 0.5,
+        "use_exact_sigma": True,
+        "shrink": {"warmup_steps": 2},
+    },
     "autosgm": {"name": "autosgm", "lr": 0.01, "numerator": 2},
     "lars": {"name": "lars", "lr": 0.1, "weight_decay": 0.01, "trust_coefficient": 0.02},
     "adopt": {"name": "adopt", "lr": 0.01},
     "adafactor": {"name": "adafactor", "lr": 0.01},
     # the builder's entries
-    "adamw+schedule": {"name": "adamw", "lr": 0.01, "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": STEPS}}},
-    "dag+clip+skip": {"name": "dag", "lr": 0.01, "momentum": 0.5, "clip_grad_norm": 0.5, "skip_nonfinite": True, "shrink": {"warmup_steps": 2}},
+    "adamw+schedule": {
+        "name": "adamw",
+        "lr": 0.01,
+        "schedule": {"lr": {"name": "cosine", "init_value": 0.01, "decay_steps": STEPS}},
+    },
+    "dag+clip+skip": {
+        "name": "dag",
+        "lr": 0.01,
+        "momentum": 0.5,
+        "clip_grad_norm": 0.5,
+        "skip_nonfinite": True,
+        "shrink": {"warmup_steps": 2},
+    },
     "adam+amp": {"name": "adam", "lr": 0.01, "amp": {"init_scale": 1024.0, "growth_interval": 2}},
     "lars+clip": {"name": "lars", "lr": 0.1, "clip_grad_norm": 0.5},
     "sgd+accumulate+ema": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "accumulate_steps": 2, "ema": {"decay": 0.9}},
-    "adamw+param_groups": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1, "param_groups": [{"match": "*.bias", "weight_decay": 0.0, "lr": 0.02}]},
-    "sgd+adapt": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "adapt": {"lr_rule": "trend", "momentum_rule": "relative"}},
+    "adamw+param_groups": {
+        "name": "adamw",
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        "param_groups": [{"match": "*.bias", "weight_decay": 0.0, "lr": 0.02}],
+    },
+    "sgd+adapt": {
+        "name": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "adapt": {"lr_rule": "trend", "momentum_rule": "relative"},
+    },
 }
 """A config per algorithm (non-default settings, so more of the math runs) and per builder entry."""
 
@@ -90,8 +129,13 @@ class Case:
 def cases(full: bool = False, engines: Sequence[str] = ("eager",)) -> list[Case]:
     """The cases of the full matrix (``full``) or of the CI subset, for each engine."""
     pairs = [(name, MODES) for name in CONFIGS] if full else CI_CASES
-    return [Case(name, mode, engine) for engine in engines for name, modes in pairs for mode in modes
-            if mode != "zero-class" or not entries(CONFIGS[name])]
+    return [
+        Case(name, mode, engine)
+        for engine in engines
+        for name, modes in pairs
+        for mode in modes
+        if mode != "zero-class" or not entries(CONFIGS[name])
+    ]
 
 
 def entries(config: dict[str, Any]) -> set[str]:

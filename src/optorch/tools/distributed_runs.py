@@ -40,7 +40,10 @@ def _hidden(mode: str, world: int) -> int:
 
 def _batch(device: torch.device) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 5, generator=generator, dtype=torch.float64), torch.randn(8, 3, generator=generator, dtype=torch.float64)
+    x, y = (
+        torch.randn(8, 5, generator=generator, dtype=torch.float64),
+        torch.randn(8, 3, generator=generator, dtype=torch.float64),
+    )
     return x.to(device), y.to(device)
 
 
@@ -101,7 +104,14 @@ def _count(comm: dict | None, ignore: Sequence[str] = ()):
     with CommDebugMode() as mode:
         yield
     for op, n in mode.get_comm_counts().items():
-        kind = str(op).split(".")[-1].rstrip("_").replace("allreduce", "all_reduce").replace("allgather", "all_gather").replace("_into_tensor", "")
+        kind = (
+            str(op)
+            .split(".")[-1]
+            .rstrip("_")
+            .replace("allreduce", "all_reduce")
+            .replace("allgather", "all_gather")
+            .replace("_into_tensor", "")
+        )
         if n and not kind.startswith(tuple(ignore)):
             comm[kind] = comm.get(kind, 0) + n
 
@@ -198,7 +208,9 @@ def _make(case: Case, ctx: Context, torch_class: bool = False) -> _Run:
     if case.mode == "zero-class":
         named = getattr(optim, optim.NAMES[config["name"]])
         local = functools.partial(named, engine=case.engine, partition_group=dist.group.WORLD)
-        zero = ZeroRedundancyOptimizer(module.parameters(), optimizer_class=local, **{k: v for k, v in config.items() if k != "name"})
+        zero = ZeroRedundancyOptimizer(
+            module.parameters(), optimizer_class=local, **{k: v for k, v in config.items() if k != "name"}
+        )
         return _Run(model, zero, shim=zero.optim, x=x, y=y)
     groups, rest = builder.split_param_groups(config, module)
     rules = builder.parse_adaptive(config)
@@ -214,7 +226,11 @@ def _make(case: Case, ctx: Context, torch_class: bool = False) -> _Run:
 def _has_torch_class(case: Case) -> bool:
     config = CONFIGS[case.config]
     algorithm = registry.get(config["name"])
-    return algorithm.torch_optimizer is not None and not entries(config) and case.mode in ("fsdp2", "ddp", "tp", "fsdp2-tp")
+    return (
+        algorithm.torch_optimizer is not None
+        and not entries(config)
+        and case.mode in ("fsdp2", "ddp", "tp", "fsdp2-tp")
+    )
 
 
 def run_case(case: Case, ctx: Context) -> Result:
@@ -294,21 +310,32 @@ def _dcp_resume(case: Case, first: _Run, second: _Run, ctx: Context) -> float:
 
     before = _snapshot(second)
     flat = StateDictOptions(flatten_optimizer_state_dict=case.mode == "dcp-flat")
-    get_optimizer_state_dict(second.model, second.optimizer, options=flat)  # a fresh optimizer: DCP steps it to create its state
+    get_optimizer_state_dict(
+        second.model, second.optimizer, options=flat
+    )  # a fresh optimizer: DCP steps it to create its state
     change = _change(before, _snapshot(second))
     if case.mode == "dcp-full":
         path = os.path.join(ctx.workdir, "full.pt")
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_model_state_dict(first.model, options=full), get_optimizer_state_dict(first.model, first.optimizer, options=full)
+        model_sd, optim_sd = (
+            get_model_state_dict(first.model, options=full),
+            get_optimizer_state_dict(first.model, first.optimizer, options=full),
+        )
         if ctx.rank == 0:
             torch.save({"model": model_sd, "optim": optim_sd}, path)
         torch.distributed.barrier()
         _full_load(second, ctx)
         return change
     path = os.path.join(ctx.workdir, f"dcp-{case.config}-{case.mode}-{case.engine}")
-    state = {"model": get_model_state_dict(first.model), "optim": get_optimizer_state_dict(first.model, first.optimizer, options=flat)}
+    state = {
+        "model": get_model_state_dict(first.model),
+        "optim": get_optimizer_state_dict(first.model, first.optimizer, options=flat),
+    }
     dcp.save(state, checkpoint_id=path)
-    target = {"model": get_model_state_dict(second.model), "optim": get_optimizer_state_dict(second.model, second.optimizer, options=flat)}
+    target = {
+        "model": get_model_state_dict(second.model),
+        "optim": get_optimizer_state_dict(second.model, second.optimizer, options=flat),
+    }
     dcp.load(target, checkpoint_id=path)
     set_model_state_dict(second.model, target["model"])
     set_optimizer_state_dict(second.model, second.optimizer, target["optim"], options=flat)

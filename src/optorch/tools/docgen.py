@@ -32,7 +32,17 @@ from .. import schedules
 from ..algorithms import registry
 from ..builder.spec import ADAPTIVE_KEY, SCHEDULE_KEY
 from ..functional import adaptive, settings
-from .docgen_fields import description, field_docstrings, literal, model_anchor, nested_models, owner_of, rst, shown_type, union_members
+from .docgen_fields import (
+    description,
+    field_docstrings,
+    literal,
+    model_anchor,
+    nested_models,
+    owner_of,
+    rst,
+    shown_type,
+    union_members,
+)
 
 __all__ = ["ENTRIES", "Entry", "PAGE", "main", "render"]
 
@@ -55,27 +65,44 @@ class Entry:
 
 
 ENTRIES: tuple[Entry, ...] = (
-    Entry(SCHEDULE_KEY, "{hyperparameter: schedule config}", schedules.AnySchedule,
-          "Schedules a scalar hyperparameter of the algorithm (`lr`, `weight_decay`, ...): the shim sets it "
-          "to `schedule(step)` before every step. A schedule config names its kind under `name`; the "
-          "formulas are on the [schedules page](../schedules.md)."),
-    Entry(ADAPTIVE_KEY, "{AdaptiveOpt key: value}", adaptive.AdaptiveConfig,
-          "Adapts lr, momentum, betas, alpha or weight decay online from the loss: the built optimizer "
-          "carries an `optorch.AdaptiveOpt` as `optimizer.adaptive`; call `optimizer.adaptive.step_loss(loss)` "
-          "before each step. The rules are on the [adaptive rules page](../rules.md)."),
-    Entry(", ".join(settings.KEYS), "one top-level key each", settings.Combinators,
-          "Run around the step: gradient clipping by global norm, skipping non-finite steps, gradient "
-          "accumulation, a parameter EMA, param groups chosen by name pattern, and loss scaling. See the "
-          "[combinators page](../combinators.md) and [mixed precision](../amp.md)."),
+    Entry(
+        SCHEDULE_KEY,
+        "{hyperparameter: schedule config}",
+        schedules.AnySchedule,
+        "Schedules a scalar hyperparameter of the algorithm (`lr`, `weight_decay`, ...): the shim sets it "
+        "to `schedule(step)` before every step. A schedule config names its kind under `name`; the "
+        "formulas are on the [schedules page](../schedules.md).",
+    ),
+    Entry(
+        ADAPTIVE_KEY,
+        "{AdaptiveOpt key: value}",
+        adaptive.AdaptiveConfig,
+        "Adapts lr, momentum, betas, alpha or weight decay online from the loss: the built optimizer "
+        "carries an `optorch.AdaptiveOpt` as `optimizer.adaptive`; call `optimizer.adaptive.step_loss(loss)` "
+        "before each step. The rules are on the [adaptive rules page](../rules.md).",
+    ),
+    Entry(
+        ", ".join(settings.KEYS),
+        "one top-level key each",
+        settings.Combinators,
+        "Run around the step: gradient clipping by global norm, skipping non-finite steps, gradient "
+        "accumulation, a parameter EMA, param groups chosen by name pattern, and loss scaling. See the "
+        "[combinators page](../combinators.md) and [mixed precision](../amp.md).",
+    ),
 )
 """The builder's top-level entries, one line each: add one here with the entry (the page lists them all)."""
+
 
 def undescribed() -> list[str]:
     """``owner.field`` for every field of the page without a description."""
     missing = []
     for owner, model in _all_models():
         docstrings = field_docstrings(model)
-        missing += [f"{owner}.{name}" for name, info in model.model_fields.items() if description(owner, name, info, docstrings) is None]
+        missing += [
+            f"{owner}.{name}"
+            for name, info in model.model_fields.items()
+            if description(owner, name, info, docstrings) is None
+        ]
     return missing
 
 
@@ -104,7 +131,9 @@ def _table(owner: str, model: type[BaseModel]) -> list[str]:
         else:
             default = "required"
         text = description(owner, name, info, docstrings) or ""
-        lines.append(f"| `{name}` | {_escape(kind)} | {_escape(default)} | {_escape(', '.join(constraints))} | {_escape(text)} |")
+        lines.append(
+            f"| `{name}` | {_escape(kind)} | {_escape(default)} | {_escape(', '.join(constraints))} | {_escape(text)} |"
+        )
     return lines
 
 
@@ -114,7 +143,14 @@ def _intro(model: type[BaseModel]) -> list[str]:
         return []
     paragraphs = [" ".join(rst(paragraph).split()) for paragraph in doc.split("\n\n")]
     # a reST math block, inline or after a blank line, as a plain code block
-    paragraphs = [re.sub(r"^(.*?):?\s*\.\. math::\s*(.+)$", lambda m: (m.group(1) + ":\n\n" if m.group(1) else "") + f"```\n{m.group(2)}\n```", p) for p in paragraphs]
+    paragraphs = [
+        re.sub(
+            r"^(.*?):?\s*\.\. math::\s*(.+)$",
+            lambda m: (m.group(1) + ":\n\n" if m.group(1) else "") + f"```\n{m.group(2)}\n```",
+            p,
+        )
+        for p in paragraphs
+    ]
     return [line for p in paragraphs for line in (p, "")]
 
 
@@ -126,13 +162,20 @@ def _nested_sections(owner: str, model: type[BaseModel], seen: set, level: int =
             if nested in seen:
                 continue
             seen.add(nested)
-            lines += [f"{'#' * level} {nested.__name__} {{#{model_anchor(nested)}}}", "", *_intro(nested), *_table(nested.__name__, nested), ""]
+            lines += [
+                f"{'#' * level} {nested.__name__} {{#{model_anchor(nested)}}}",
+                "",
+                *_intro(nested),
+                *_table(nested.__name__, nested),
+                "",
+            ]
             lines += _nested_sections(nested.__name__, nested, seen, level)
     return lines
 
 
 def _all_models() -> Iterator[tuple[str, type[BaseModel]]]:
     """Every (owner, model) the page tabulates, nested settings included."""
+
     def with_nested(owner: str, model: type[BaseModel], seen: set) -> Iterator[tuple[str, type[BaseModel]]]:
         yield owner, model
         for info in model.model_fields.values():
@@ -193,34 +236,71 @@ schedule:                # optional top-level entries (listed below)
 
 def render() -> str:
     """The whole page, as Markdown."""
-    lines = [_HEADER.rstrip("\n"), "", "## Top-level entries", "",
-             "Besides `name` and the algorithm's fields, a builder config may hold these entries:", "",
-             "| entry | value | what it does |", "|---|---|---|"]
-    lines += [f"| [`{entry.key}:`](#{_anchor(entry.key)}) | `{_escape(entry.shape)}` | {_escape(entry.text)} |" for entry in ENTRIES]
+    lines = [
+        _HEADER.rstrip("\n"),
+        "",
+        "## Top-level entries",
+        "",
+        "Besides `name` and the algorithm's fields, a builder config may hold these entries:",
+        "",
+        "| entry | value | what it does |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| [`{entry.key}:`](#{_anchor(entry.key)}) | `{_escape(entry.shape)}` | {_escape(entry.text)} |"
+        for entry in ENTRIES
+    ]
     lines.append("")
     seen = {model for entry in ENTRIES for model in union_members(entry.models)}  # each has its own section
     for entry in ENTRIES:
         lines += [f"### {entry.key} {{#{_anchor(entry.key)}}}", "", f"`{entry.key}: {entry.shape}`. {entry.text}", ""]
         for model in union_members(entry.models):
             owner = owner_of(model)
-            lines += [f"#### {entry.key}: {owner} {{#{model_anchor(model)}}}", "", *_intro(model), *_table(owner, model), ""]
+            lines += [
+                f"#### {entry.key}: {owner} {{#{model_anchor(model)}}}",
+                "",
+                *_intro(model),
+                *_table(owner, model),
+                "",
+            ]
             lines += _nested_sections(owner, model, seen, level=5)
-    lines += ["## Algorithms", "", "One section per registered algorithm (`optorch.registry.names()`), with a link to its page.", ""]
+    lines += [
+        "## Algorithms",
+        "",
+        "One section per registered algorithm (`optorch.registry.names()`), with a link to its page.",
+        "",
+    ]
     for name in registry.names():
         model = registry.get(name).config
-        lines += [f"### {name}", "", f"`name: {name}`. Page: [{name}](../algorithms/{name}.md). Python: `optorch.{registry.get(name).config.__module__.rpartition('.')[2]}.Config`.", ""]
+        lines += [
+            f"### {name}",
+            "",
+            f"`name: {name}`. Page: [{name}](../algorithms/{name}.md). Python: `optorch.{registry.get(name).config.__module__.rpartition('.')[2]}.Config`.",
+            "",
+        ]
         lines += _intro(model)
         if model.accepted_keys:
-            lines += ["Also accepted: " + ", ".join(f"`{key}`" for key in model.accepted_keys) + " (folded into the fields below; see the page).", ""]
+            lines += [
+                "Also accepted: "
+                + ", ".join(f"`{key}`" for key in model.accepted_keys)
+                + " (folded into the fields below; see the page).",
+                "",
+            ]
         lines += [*_table(name, model), ""]
         lines += _nested_sections(name, model, seen)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m optorch.tools.docgen", description="Render the config reference from the pydantic schemas.")
-    parser.add_argument("--out", type=Path, default=PAGE, help=f"the page to write (default {PAGE}, relative to the current directory)")
-    parser.add_argument("--check", action="store_true", help="do not write; exit 1 if the page differs from a fresh rendering")
+    parser = argparse.ArgumentParser(
+        prog="python -m optorch.tools.docgen", description="Render the config reference from the pydantic schemas."
+    )
+    parser.add_argument(
+        "--out", type=Path, default=PAGE, help=f"the page to write (default {PAGE}, relative to the current directory)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="do not write; exit 1 if the page differs from a fresh rendering"
+    )
     args = parser.parse_args(argv)
     text = render()
     if args.check:

@@ -20,7 +20,17 @@ from pydantic.fields import FieldInfo
 
 from ..core import config
 
-__all__ = ["description", "field_docstrings", "literal", "model_anchor", "nested_models", "owner_of", "rst", "shown_type", "union_members"]
+__all__ = [
+    "description",
+    "field_docstrings",
+    "literal",
+    "model_anchor",
+    "nested_models",
+    "owner_of",
+    "rst",
+    "shown_type",
+    "union_members",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -40,7 +50,11 @@ def literal(value: Any) -> str:
     """A default as a Python literal, floats short (1e-8, not 1e-08)."""
     if isinstance(value, (tuple, list)):
         inner = ", ".join(literal(v) for v in value)
-        return f"({inner},)" if isinstance(value, tuple) and len(value) == 1 else (f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
+        return (
+            f"({inner},)"
+            if isinstance(value, tuple) and len(value) == 1
+            else (f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
+        )
     if isinstance(value, BaseModel):
         return f"{type(value).__name__}()"
     if isinstance(value, bool) or value is None:
@@ -110,7 +124,9 @@ def shown_type(annotation: Any, metadata: list[Any] = ()) -> tuple[str, list[str
     if origin in (typing.Union, types.UnionType):
         models = [arg for arg in args if isinstance(arg, type) and issubclass(arg, BaseModel)]
         if len(models) > 2 and len(models) == len(args):  # a discriminated union: one of several configs
-            return "config (`name`: " + ", ".join(f"[{owner_of(m)}](#{model_anchor(m)})" for m in models) + ")", constraints
+            return "config (`name`: " + ", ".join(
+                f"[{owner_of(m)}](#{model_anchor(m)})" for m in models
+            ) + ")", constraints
         parts = [shown_type(arg) for arg in args]
         inner = [c for _, cs in parts for c in cs]
         return " or ".join(t for t, _ in parts), constraints + list(dict.fromkeys(inner))
@@ -164,8 +180,13 @@ def field_docstrings(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 found[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
     return found
 

@@ -99,7 +99,14 @@ def _nudged(params: dict[str, Tensor], eps: float) -> dict[str, Tensor]:
     return {name: torch.where(p.abs() < eps, p + eps, p) for name, p in params.items()}
 
 
-def replay(name: str, recorded: dict[str, Any], engine: str = "pure", *, changes: dict[str, Any] | None = None, nudge: bool = True) -> Trajectory:
+def replay(
+    name: str,
+    recorded: dict[str, Any],
+    engine: str = "pure",
+    *,
+    changes: dict[str, Any] | None = None,
+    nudge: bool = True,
+) -> Trajectory:
     """The case through the pure stepper (``engine="pure"``) or ``optorch.build(config, params,
     engine=engine)``. ``changes`` alter the config (mutation tests); ``nudge`` emulates the original's
     first-step nudge of small weights (:data:`NUDGED`): the first gradient is taken before it, as

@@ -37,11 +37,40 @@ subset that answers in about a minute, with ``full=True`` every combination of e
 
 from __future__ import annotations
 
-from .verify_checks import available_devices, check, check_estimated, check_kernel, check_recorded, check_reduction, Result
-from .verify_grids import cover, describe, flag_grid, grid_algorithms, gridded_algorithms, label, most_flags, NoGridError, reduction_algorithms
+from .verify_checks import (
+    available_devices,
+    check,
+    check_estimated,
+    check_kernel,
+    check_recorded,
+    check_reduction,
+    Result,
+)
+from .verify_grids import (
+    cover,
+    describe,
+    flag_grid,
+    grid_algorithms,
+    gridded_algorithms,
+    label,
+    most_flags,
+    NoGridError,
+    reduction_algorithms,
+)
 from .verify_plan import Check, COMPILED_REPRESENTATIVES, cores, Crash, EXPECTED_FAILURES, Plan, plan, run
 from .verify_problem import PATHS, paths_for, problem, run_pure, run_shim, run_torch
-from .verify_rule import DTYPES, FACTOR, FLOAT64_COMPILED_REDUCTION_TOLERANCE, FLOAT64_TOLERANCE, FLOOR_ULPS, max_abs_diff, sensitivity, SPREAD_TO_ERROR, tolerance, worst
+from .verify_rule import (
+    DTYPES,
+    FACTOR,
+    FLOAT64_COMPILED_REDUCTION_TOLERANCE,
+    FLOAT64_TOLERANCE,
+    FLOOR_ULPS,
+    max_abs_diff,
+    sensitivity,
+    SPREAD_TO_ERROR,
+    tolerance,
+    worst,
+)
 
 __all__ = [
     "COMPILED_REPRESENTATIVES",

@@ -80,8 +80,16 @@ def _path(engine: str) -> str:
     return "pure" if engine == "pure" else f"shim:{engine}"
 
 
-def check(name: str, config: dict[str, Any], *, steps: int = 100, dtype: torch.dtype | str = torch.float64, device: str = "cpu",
-          engine: str = "pure", intermittent: bool = False) -> Result:
+def check(
+    name: str,
+    config: dict[str, Any],
+    *,
+    steps: int = 100,
+    dtype: torch.dtype | str = torch.float64,
+    device: str = "cpu",
+    engine: str = "pure",
+    intermittent: bool = False,
+) -> Result:
     """Run ``name`` with ``config`` against its reference and judge it by the rule.
 
     ``engine`` is ``"pure"`` for the pure stepper or a shim engine (``"torch"``, ``"eager"``,
@@ -93,8 +101,18 @@ def check(name: str, config: dict[str, Any], *, steps: int = 100, dtype: torch.d
     setting = Setting(steps, _dtype(dtype), device, intermittent)
     limit = _float64_limit(algorithm, engine, config)
     run = _path_runner(algorithm.name, engine)
-    judgement = _judge(lambda s: run(config, s), _GridReference(algorithm.name, items), setting, float64_tolerance=limit)
-    return Result(algorithm.name, label({"name": algorithm.name, **config}, intermittent), steps, _name(setting.dtype), device, _path(engine), *judgement)
+    judgement = _judge(
+        lambda s: run(config, s), _GridReference(algorithm.name, items), setting, float64_tolerance=limit
+    )
+    return Result(
+        algorithm.name,
+        label({"name": algorithm.name, **config}, intermittent),
+        steps,
+        _name(setting.dtype),
+        device,
+        _path(engine),
+        *judgement,
+    )
 
 
 def _float64_limit(algorithm, engine: str, config: dict[str, Any]) -> float:
@@ -113,14 +131,31 @@ class _GridReference(NamedTuple):
         return _run_torch(self.name, dict(self.config), setting)
 
 
-def check_kernel(name: str, config: dict[str, Any], *, steps: int = 100, dtype: torch.dtype | str = torch.float64, device: str = "cpu",
-                 intermittent: bool = False) -> Result:
+def check_kernel(
+    name: str,
+    config: dict[str, Any],
+    *,
+    steps: int = 100,
+    dtype: torch.dtype | str = torch.float64,
+    device: str = "cpu",
+    intermittent: bool = False,
+) -> Result:
     """torch's fused kernel against torch's default one, where ``engines.TORCH_KERNELS`` lets the shim's
     ``auto`` engine pick it: the list's claim, checked on this device."""
     config = {k: v for k, v in config.items() if k != "name"}
     setting = Setting(steps, _dtype(dtype), device, intermittent)
-    judgement = _judge(lambda s: _run_torch(name, config, s, fused=True), _GridReference(name, tuple(sorted(config.items()))), setting)
-    return Result(name, label({"name": name, **config}, intermittent), steps, _name(setting.dtype), device, "torch:fused", *judgement)
+    judgement = _judge(
+        lambda s: _run_torch(name, config, s, fused=True), _GridReference(name, tuple(sorted(config.items()))), setting
+    )
+    return Result(
+        name,
+        label({"name": name, **config}, intermittent),
+        steps,
+        _name(setting.dtype),
+        device,
+        "torch:fused",
+        *judgement,
+    )
 
 
 class _ReductionReference(NamedTuple):
@@ -137,11 +172,21 @@ def _reduction(name: str, label: str):
     algorithm = registry.get(name)
     found = [r for r in algorithm.reductions if r.label == label]
     if not found:
-        raise ValueError(f"{name} has no reduction {label!r}; it has {', '.join(r.label for r in algorithm.reductions) or 'none'}")
+        raise ValueError(
+            f"{name} has no reduction {label!r}; it has {', '.join(r.label for r in algorithm.reductions) or 'none'}"
+        )
     return found[0]
 
 
-def check_reduction(name: str, label: str, *, steps: int = 100, dtype: torch.dtype | str = torch.float64, device: str = "cpu", engine: str = "pure") -> Result:
+def check_reduction(
+    name: str,
+    label: str,
+    *,
+    steps: int = 100,
+    dtype: torch.dtype | str = torch.float64,
+    device: str = "cpu",
+    engine: str = "pure",
+) -> Result:
     """Run the reduction ``label`` of algorithm ``name`` (a config of it that equals a torch.optim
     optimizer and scheduler) against that torch.optim optimizer, all trainable params in one group."""
     algorithm = registry.get(name)
@@ -154,7 +199,15 @@ def check_reduction(name: str, label: str, *, steps: int = 100, dtype: torch.dty
         candidate = functools.partial(_one_group, lambda ps: build(config, ps, engine=engine), None)
     limit = _float64_limit(algorithm, engine, reduction.config)
     judgement = _judge(candidate, _ReductionReference(algorithm.name, label), setting, float64_tolerance=limit)
-    return Result(algorithm.name, f"= {reduction.optimizer}: {label}", steps, _name(setting.dtype), device, _path(engine), *judgement)
+    return Result(
+        algorithm.name,
+        f"= {reduction.optimizer}: {label}",
+        steps,
+        _name(setting.dtype),
+        device,
+        _path(engine),
+        *judgement,
+    )
 
 
 def check_recorded(name: str, case_id: str, *, engine: str = "pure") -> Result:
@@ -163,9 +216,23 @@ def check_recorded(name: str, case_id: str, *, engine: str = "pure") -> Result:
     documented first-step nudge (:data:`recorded.NUDGED`)."""
     algorithm = registry.get(name)
     case = recorded.case(algorithm.name, case_id)
-    error = max_abs_diff(recorded.replay(algorithm.name, case, engine), recorded.expected(algorithm.name, case, torch.get_default_dtype()))
+    error = max_abs_diff(
+        recorded.replay(algorithm.name, case, engine),
+        recorded.expected(algorithm.name, case, torch.get_default_dtype()),
+    )
     limit = _float64_limit(algorithm, engine, {k: v for k, v in recorded.config(case).items() if k != "name"})
-    return Result(algorithm.name, f"recorded: {case_id}", case["steps"], "float64", "cpu", _path(engine), error, None, limit, basis="recording")
+    return Result(
+        algorithm.name,
+        f"recorded: {case_id}",
+        case["steps"],
+        "float64",
+        "cpu",
+        _path(engine),
+        error,
+        None,
+        limit,
+        basis="recording",
+    )
 
 
 class _PureReference(NamedTuple):
@@ -183,8 +250,16 @@ def _recorded_config(name: str, case_id: str) -> dict[str, Any]:
     return {k: v for k, v in recorded.config(recorded.case(name, case_id)).items() if k != "name"}
 
 
-def check_estimated(name: str, case_id: str, *, steps: int = 100, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
-                    engine: str = "pure", intermittent: bool = False) -> Result:
+def check_estimated(
+    name: str,
+    case_id: str,
+    *,
+    steps: int = 100,
+    dtype: torch.dtype | str = torch.float32,
+    device: str = "cpu",
+    engine: str = "pure",
+    intermittent: bool = False,
+) -> Result:
     """A low-precision check of an algorithm without a live reference (DAG, AutoSGM): the config of its
     recorded case ``case_id`` on verify's problem, all params in one group (DAG's state is shared by
     all of them), judged against its own float64 run (the pure stepper, verified against the
@@ -198,7 +273,9 @@ def check_estimated(name: str, case_id: str, *, steps: int = 100, dtype: torch.d
     if engine == "pure":
         candidate = functools.partial(_one_group_pure, algorithm.name, config)
     else:
-        candidate = functools.partial(_one_group, lambda ps: build({"name": algorithm.name, **config}, ps, engine=engine), None)
+        candidate = functools.partial(
+            _one_group, lambda ps: build({"name": algorithm.name, **config}, ps, engine=engine), None
+        )
     judgement = _judge(candidate, _PureReference(algorithm.name, case_id), setting, live=False)
     flags = f"recorded: {case_id}{' +none-grads' if intermittent else ''}"
     return Result(algorithm.name, flags, steps, _name(setting.dtype), device, _path(engine), *judgement)

@@ -52,15 +52,22 @@ from typing import Any, Callable, Sequence
 import torch
 
 
-
-
 from .distributed_cases import CONFIGS, MODES, RESUME_TOLERANCE, TOLERANCE, Case, Result, cases, entries
 from .distributed_runs import Context, run_case
 
 __all__ = ["CONFIGS", "Case", "MODES", "RESUME_TOLERANCE", "TOLERANCE", "cases", "entries", "main", "run_case", "spawn"]
 
 
-def _worker(rank: int, world: int, backend: str, init: str, workdir: str, todo: list[Case], out: str, extra: Callable[[], Any] | None) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    backend: str,
+    init: str,
+    workdir: str,
+    todo: list[Case],
+    out: str,
+    extra: Callable[[], Any] | None,
+) -> None:
     import torch.distributed as dist
 
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
@@ -95,7 +102,9 @@ def _run_all(todo: Sequence[Case], workdir: str) -> dict[Case, Result]:
     return results
 
 
-def spawn(todo: Sequence[Case], world: int = 2, backend: str = "gloo", extra: Callable[[], Any] | None = None) -> dict[str, Any]:
+def spawn(
+    todo: Sequence[Case], world: int = 2, backend: str = "gloo", extra: Callable[[], Any] | None = None
+) -> dict[str, Any]:
     """Run ``todo`` in ``world`` local processes; rank 0's results by case label. ``extra`` (a
     module-level function) runs on every rank after the cases, its rank 0's value under ``"extra"``
     (more checks in the same processes: starting them is most of the time)."""
@@ -112,21 +121,41 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     rows = [f"{'case':<34} {'vs single':>10} {'vs torch':>10} {'resume':>10}  result  collectives per step"]
     for label, r in results.items():
         result = Result(**r)
-        cells = [("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1e}") for v in (r["diff"], r["torch_diff"], r["resume_diff"])]
+        cells = [
+            ("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1e}")
+            for v in (r["diff"], r["torch_diff"], r["resume_diff"])
+        ]
         comm = ", ".join(f"{k} {v}" for k, v in sorted(r["comm"].items())) or "none"
         status = "ok" if result.passed() else "FAIL"
-        notes = "".join(f"  {prefix}{r[key]}" for key, prefix in (("error", ""), ("torch_error", "(torch.optim fails: ") ) if r.get(key))
+        notes = "".join(
+            f"  {prefix}{r[key]}"
+            for key, prefix in (("error", ""), ("torch_error", "(torch.optim fails: "))
+            if r.get(key)
+        )
         rows.append(f"{label:<34} {cells[0]:>10} {cells[1]:>10} {cells[2]:>10}  {status:<6}  {comm}{notes}")
     return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optorch verify --distributed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nproc", type=int, default=2, help="processes to start on this machine (default 2; ignored under torchrun)")
-    parser.add_argument("--backend", default=None, help="gloo (CPU) or nccl (CUDA); default nccl where CUDA is available")
-    parser.add_argument("--full", action="store_true", help="every config in every mode (default: the representative subset)")
-    parser.add_argument("--engine", action="append", choices=("eager", "compiled", "auto", "torch"), help="engines (repeatable; default eager)")
-    parser.add_argument("--config", action="append", choices=sorted(CONFIGS), help="configs to run (repeatable; default per --full)")
+    parser.add_argument(
+        "--nproc", type=int, default=2, help="processes to start on this machine (default 2; ignored under torchrun)"
+    )
+    parser.add_argument(
+        "--backend", default=None, help="gloo (CPU) or nccl (CUDA); default nccl where CUDA is available"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="every config in every mode (default: the representative subset)"
+    )
+    parser.add_argument(
+        "--engine",
+        action="append",
+        choices=("eager", "compiled", "auto", "torch"),
+        help="engines (repeatable; default eager)",
+    )
+    parser.add_argument(
+        "--config", action="append", choices=sorted(CONFIGS), help="configs to run (repeatable; default per --full)"
+    )
     args = parser.parse_args(argv)
     backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     todo = cases(args.full or bool(args.config), tuple(args.engine or ("eager",)))
@@ -139,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.init_process_group(backend)
         with tempfile.TemporaryDirectory() as workdir:
             shared = [workdir]
-            dist.broadcast_object_list(shared, src=0)  # rank 0's directory (ranks on other machines need a shared filesystem)
+            dist.broadcast_object_list(
+                shared, src=0
+            )  # rank 0's directory (ranks on other machines need a shared filesystem)
             results = {case.label: vars(result) for case, result in _run_all(todo, shared[0]).items()}
             rank = dist.get_rank()
             dist.destroy_process_group()
@@ -149,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = spawn(todo, args.nproc, backend)
     print(_table(results))
     failed = [label for label, r in results.items() if not Result(**r).passed()]
-    print(f"\n{len(results) - len(failed)} of {len(results)} cases within {TOLERANCE:g} (resume {RESUME_TOLERANCE:g}) "
-          f"in {time.perf_counter() - started:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"\n{len(results) - len(failed)} of {len(results)} cases within {TOLERANCE:g} (resume {RESUME_TOLERANCE:g}) "
+        f"in {time.perf_counter() - started:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

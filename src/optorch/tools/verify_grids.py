@@ -8,7 +8,6 @@ from typing import Any
 import pydantic
 
 
-
 from ..algorithms import registry
 
 
@@ -41,9 +40,13 @@ def flag_grid(name: str) -> list[dict[str, Any]]:
     """
     algorithm = registry.get(name)
     if algorithm.reference_optimizer() is None:
-        raise NoGridError(f"{algorithm.name} has no reference implementation installed, so no verification grid; verifiable: {', '.join(grid_algorithms())}")
+        raise NoGridError(
+            f"{algorithm.name} has no reference implementation installed, so no verification grid; verifiable: {', '.join(grid_algorithms())}"
+        )
     if algorithm.grid is None:
-        raise NoGridError(f"{algorithm.name} has a reference implementation but no verification grid: give its Algorithm a grid")
+        raise NoGridError(
+            f"{algorithm.name} has a reference implementation but no verification grid: give its Algorithm a grid"
+        )
     base, axes = algorithm.grid.fixed, algorithm.grid.axes
     grid = []
     for values in itertools.product(*axes.values()):

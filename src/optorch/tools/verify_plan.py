@@ -18,7 +18,18 @@ from . import recorded
 
 from ..algorithms import registry
 from . import verify_checks
-from .verify_checks import Result, _dtype, _name, _path, _reduction, available_devices, check_estimated, check_kernel, check_recorded, check_reduction
+from .verify_checks import (
+    Result,
+    _dtype,
+    _name,
+    _path,
+    _reduction,
+    available_devices,
+    check_estimated,
+    check_kernel,
+    check_recorded,
+    check_reduction,
+)
 from .verify_grids import REFERENCE_PACKAGES, cover, flag_grid, label, most_flags
 from .verify_problem import PATHS, paths_for
 from .verify_rule import DTYPES
@@ -88,7 +99,9 @@ class Check:
     def _run(self) -> Result:
         common = dict(steps=self.steps, dtype=self.dtype, device=self.device)
         if self.kind == "grid":
-            return verify_checks.check(self.algorithm, dict(self.case), engine=self.path, intermittent=self.intermittent, **common)
+            return verify_checks.check(
+                self.algorithm, dict(self.case), engine=self.path, intermittent=self.intermittent, **common
+            )
         if self.kind == "kernel":
             return check_kernel(self.algorithm, dict(self.case), intermittent=self.intermittent, **common)
         if self.kind == "reduction":
@@ -123,8 +136,15 @@ kernel is on ``TORCH_KERNELS`` for float32/float64 only); ``full=True`` adds the
 math is the eager engine's."""
 
 
-def plan(*, full: bool = False, algorithms: Iterable[str] | None = None, dtypes: Iterable[str] = DTYPES, devices: Iterable[str] | None = None,
-         paths: Iterable[str] = PATHS, steps: int = 100) -> Plan:
+def plan(
+    *,
+    full: bool = False,
+    algorithms: Iterable[str] | None = None,
+    dtypes: Iterable[str] = DTYPES,
+    devices: Iterable[str] | None = None,
+    paths: Iterable[str] = PATHS,
+    steps: int = 100,
+) -> Plan:
     """The checks ``optorch verify`` runs on this machine, and what it skips and why.
 
     By default a representative subset: every algorithm, its flag combinations chosen so that every flag
@@ -143,12 +163,16 @@ def plan(*, full: bool = False, algorithms: Iterable[str] | None = None, dtypes:
         paths.remove("compiled")
         skipped.append("engine compiled: torch.compile finds no C++ compiler here (Inductor needs one)")
     if not full:
-        subset.append("flag combinations: a cover in which every flag takes each of its values (full: every combination)")
+        subset.append(
+            "flag combinations: a cover in which every flag takes each of its values (full: every combination)"
+        )
         if "compiled" in paths:
             shown = "; ".join(f"{name} {', '.join(dtypes)}" for name, dtypes in COMPILED_REPRESENTATIVES.items())
             subset.append(f"engine compiled: one case of {shown} (full: every case)")
         subset.append(f"bfloat16 and float16: engines {' and '.join(LOW_PRECISION_PATHS)} (full: the pure stepper too)")
-        subset.append("reductions: float64 and float32 (full: all four dtypes); DAG and AutoSGM below float64: one recorded config (full: all)")
+        subset.append(
+            "reductions: float64 and float32 (full: all four dtypes); DAG and AutoSGM below float64: one recorded config (full: all)"
+        )
     checks = []
     for name in names:
         found = _plan_algorithm(name, full, dtypes, list(devices), paths, steps, checks)
@@ -157,13 +181,17 @@ def plan(*, full: bool = False, algorithms: Iterable[str] | None = None, dtypes:
     return Plan(checks, skipped, subset)
 
 
-def _plan_algorithm(name: str, full: bool, dtypes: list[str], devices: list[str], paths: list[str], steps: int, checks: list[Check]) -> str | None:
+def _plan_algorithm(
+    name: str, full: bool, dtypes: list[str], devices: list[str], paths: list[str], steps: int, checks: list[Check]
+) -> str | None:
     """Append ``name``'s checks; returns why something of it cannot be checked here, if so."""
     algorithm = registry.get(name)
     compiled_dtypes = COMPILED_REPRESENTATIVES.get(name, ())
 
     def on(kind: str, cases: list[tuple[Any, bool]], dtype_list: list[str], path_list: list[str]) -> None:
-        for device, (index, (case, intermittent)), dtype, path in itertools.product(devices, enumerate(cases), dtype_list, path_list):
+        for device, (index, (case, intermittent)), dtype, path in itertools.product(
+            devices, enumerate(cases), dtype_list, path_list
+        ):
             if path == "compiled" and not full and (index > 0 or dtype not in compiled_dtypes):
                 continue
             if dtype in ("bfloat16", "float16") and (path == "torch" or not full and path not in LOW_PRECISION_PATHS):
@@ -174,11 +202,17 @@ def _plan_algorithm(name: str, full: bool, dtypes: list[str], devices: list[str]
     if algorithm.grid is not None and algorithm.reference_optimizer() is None:
         missing = f"reference not installed (pip install {REFERENCE_PACKAGES.get(name, 'its reference package')}): its grid is not checked"
     elif algorithm.grid is not None:
-        cases = [(tuple(sorted((k, v) for k, v in config.items() if k != "name")), intermittent)
-                 for config, intermittent in ([(c, i) for c in flag_grid(name) for i in (False, True)] if full else cover(name))]
+        cases = [
+            (tuple(sorted((k, v) for k, v in config.items() if k != "name")), intermittent)
+            for config, intermittent in (
+                [(c, i) for c in flag_grid(name) for i in (False, True)] if full else cover(name)
+            )
+        ]
         on("grid", cases, dtypes, paths_for(name, paths))
         for device in devices:
-            kernel_dtypes = [d for d in dtypes if _dtype(d) in engines.TORCH_KERNELS.get((name, torch.device(device).type), ())]
+            kernel_dtypes = [
+                d for d in dtypes if _dtype(d) in engines.TORCH_KERNELS.get((name, torch.device(device).type), ())
+            ]
             for (case, intermittent), dtype in itertools.product(cases if full else cases[:1], kernel_dtypes):
                 checks.append(Check("kernel", name, case, "fused", dtype, device, steps, intermittent))
         if "float64" in dtypes:
@@ -186,7 +220,12 @@ def _plan_algorithm(name: str, full: bool, dtypes: list[str], devices: list[str]
             for path in paths_for(name, [p for p in paths if p != "compiled"]):
                 checks.append(Check("grid", name, most, path, "float64", "cpu", steps, True, default_dtype="float64"))
     reductions = [(r.label, False) for r in algorithm.reductions]
-    on("reduction", reductions, [d for d in dtypes if full or d in ("float64", "float32")], [p for p in paths if p != "torch"])
+    on(
+        "reduction",
+        reductions,
+        [d for d in dtypes if full or d in ("float64", "float32")],
+        [p for p in paths if p != "torch"],
+    )
     if name in recorded.algorithms():
         cases = [c["id"] for c in recorded.cases(name)]
         if "float64" in dtypes and "cpu" in devices:  # recorded in float64 on the CPU
@@ -195,13 +234,24 @@ def _plan_algorithm(name: str, full: bool, dtypes: list[str], devices: list[str]
                 if path != "compiled" or full or case_id == cases[0]:
                     checks.append(Check("recorded", name, case_id, path))
             if name not in recorded.FLOAT64_SCALARS:
-                checks += [Check("recorded", name, case_id, "pure", default_dtype="float64") for case_id in cases if "pure" in paths]
+                checks += [
+                    Check("recorded", name, case_id, "pure", default_dtype="float64")
+                    for case_id in cases
+                    if "pure" in paths
+                ]
         if algorithm.grid is None:  # no live reference in low precision: judged against its own float64 run
             estimated = [(c, i) for c in cases for i in (False, True)] if full else [(cases[0], True)]
-            on("estimated", estimated, [d for d in dtypes if d in ("float32", "bfloat16")], [p for p in paths if p != "torch"])
+            on(
+                "estimated",
+                estimated,
+                [d for d in dtypes if d in ("float32", "bfloat16")],
+                [p for p in paths if p != "torch"],
+            )
             if "float16" in dtypes:
-                missing = ("float16 not checked: with no reference run in float16, nothing tells its range limits from a mistake "
-                           "(torch's own float16 Adam overflows as its second moment underflows)")
+                missing = (
+                    "float16 not checked: with no reference run in float16, nothing tells its range limits from a mistake "
+                    "(torch's own float16 Adam overflows as its second moment underflows)"
+                )
     return missing
 
 
@@ -231,7 +281,7 @@ def run(checks: list[Check], jobs: int = 1) -> Iterator[tuple[Check, Result | Cr
     import multiprocessing
 
     compiled = [check for check in checks if check.path == "compiled"]
-    tasks = [compiled[i:i + COMPILED_PER_TASK] for i in range(0, len(compiled), COMPILED_PER_TASK)]
+    tasks = [compiled[i : i + COMPILED_PER_TASK] for i in range(0, len(compiled), COMPILED_PER_TASK)]
     for check in checks:
         if check.path != "compiled":
             if tasks and tasks[-1][-1].path != "compiled" and _case_key(tasks[-1][-1]) == _case_key(check):

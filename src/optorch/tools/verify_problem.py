@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 
-
 from ..algorithms import registry
 from ..builder import build
 
@@ -48,7 +47,9 @@ WIDE_SCALE, WIDE_WEIGHT = 0.3, 1 / 16
 network's size, and it starts far from the stationary points where normalized steps turn chaotic."""
 
 
-def problem(dtype: torch.dtype, device: str = "cpu", *, inputs: torch.dtype | None = None, nudge: int | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+def problem(
+    dtype: torch.dtype, device: str = "cpu", *, inputs: torch.dtype | None = None, nudge: int | None = None
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """The initial params (by name) and the data ``(x, y)``: drawn in float64 from a private generator,
     rounded to ``inputs`` (default ``dtype``), optionally nudged (:class:`Setting`), then cast to
     ``dtype``; so the float32 problem is the float64 one rounded and nothing depends on (or disturbs)
@@ -96,10 +97,14 @@ def _problem(setting: Setting) -> tuple[dict[str, Tensor], Tensor, Tensor]:
 
 def _loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
     hidden = torch.tanh(x @ params["w1"] + params["b1"] + params["frozen"])
-    return ((torch.sin(hidden @ params["w2"] * params["scale"]) - y) ** 2).mean() + torch.cos(params["wide"]).sum() * WIDE_WEIGHT
+    return ((torch.sin(hidden @ params["w2"] * params["scale"]) - y) ** 2).mean() + torch.cos(
+        params["wide"]
+    ).sum() * WIDE_WEIGHT
 
 
-def _gradients(params: dict[str, Tensor], x: Tensor, y: Tensor, step: int, intermittent: bool) -> dict[str, Tensor | None]:
+def _gradients(
+    params: dict[str, Tensor], x: Tensor, y: Tensor, step: int, intermittent: bool
+) -> dict[str, Tensor | None]:
     """The loss's gradient at the current params, written out: autograd costs four times as much on
     tensors this small, and every check computes thousands (a test holds it to autograd's)."""
     w1, w2, scale = params["w1"], params["w2"], params["scale"]
@@ -109,8 +114,14 @@ def _gradients(params: dict[str, Tensor], x: Tensor, y: Tensor, step: int, inter
     dz = (torch.sin(z) - y) * (2 / y.numel()) * torch.cos(z)
     dlogits = dz * scale
     dpre = (dlogits @ w2.T) * (1 - hidden * hidden)
-    grads: dict[str, Tensor | None] = {"w1": x.T @ dpre, "b1": dpre.sum(0), "w2": hidden.T @ dlogits, "scale": (dz * logits).sum(),
-                                       "wide": torch.sin(params["wide"]) * -WIDE_WEIGHT, "frozen": None}
+    grads: dict[str, Tensor | None] = {
+        "w1": x.T @ dpre,
+        "b1": dpre.sum(0),
+        "w2": hidden.T @ dlogits,
+        "scale": (dz * logits).sum(),
+        "wide": torch.sin(params["wide"]) * -WIDE_WEIGHT,
+        "frozen": None,
+    }
     if intermittent and step % 3 == 2:
         grads["b1"] = None
     return grads
@@ -160,7 +171,9 @@ def _stepwise_nudge(setting: Setting) -> _Nudge:
 def _run_groups(make_optimizer, config: dict[str, Any], setting: Setting) -> Trajectory:
     """Train leaf params in verify's two param groups with a torch.optim-style optimizer."""
     hyper = _group_hyperparameters(config)
-    groups_of = lambda params: [{"params": [params[n] for n in names], "lr": h["lr"]} for names, h in zip(GROUPS, hyper)]  # noqa: E731
+    groups_of = lambda params: [
+        {"params": [params[n] for n in names], "lr": h["lr"]} for names, h in zip(GROUPS, hyper)
+    ]  # noqa: E731
     return _train_live(lambda params: make_optimizer(groups_of(params)), None, setting)
 
 
@@ -194,7 +207,9 @@ def _pure(name: str, groups: list[tuple[tuple[str, ...], dict[str, Any]]], setti
     for step in range(setting.steps):
         grads = _gradients(params, x, y, step, setting.intermittent)
         for i, ((names, _), c) in enumerate(zip(groups, configs)):
-            stepped, states[i] = algorithm.step({n: params[n] for n in names}, {n: grads[n] for n in names}, states[i], c)
+            stepped, states[i] = algorithm.step(
+                {n: params[n] for n in names}, {n: grads[n] for n in names}, states[i], c
+            )
             params = {**params, **{n: p if grads[n] is None else nudged(p) for n, p in stepped.items()}}
         trajectory.append(params)
     return trajectory
@@ -217,18 +232,38 @@ def _path_runner(name: str, path: str) -> Callable[[dict[str, Any], Setting], Tr
     return lambda config, setting: _run_shim(name, config, setting, path)
 
 
-def run_torch(name: str, config: dict[str, Any], *, steps: int, dtype: torch.dtype, device: str, intermittent: bool = False, **flags: Any) -> Trajectory:
+def run_torch(
+    name: str,
+    config: dict[str, Any],
+    *,
+    steps: int,
+    dtype: torch.dtype,
+    device: str,
+    intermittent: bool = False,
+    **flags: Any,
+) -> Trajectory:
     """The reference: torch.optim's class (or the independent reference) with its default execution
     (``flags`` may ask for another)."""
     return _run_torch(name, config, Setting(steps, dtype, device, intermittent), **flags)
 
 
-def run_shim(name: str, config: dict[str, Any], *, engine: str, steps: int, dtype: torch.dtype, device: str, intermittent: bool = False) -> Trajectory:
+def run_shim(
+    name: str,
+    config: dict[str, Any],
+    *,
+    engine: str,
+    steps: int,
+    dtype: torch.dtype,
+    device: str,
+    intermittent: bool = False,
+) -> Trajectory:
     """The shim ``optorch.build({...}, groups, engine=engine)``."""
     return _run_shim(name, config, Setting(steps, dtype, device, intermittent), engine)
 
 
-def run_pure(name: str, config: dict[str, Any], *, steps: int, dtype: torch.dtype, device: str, intermittent: bool = False) -> Trajectory:
+def run_pure(
+    name: str, config: dict[str, Any], *, steps: int, dtype: torch.dtype, device: str, intermittent: bool = False
+) -> Trajectory:
     """The pure stepper, one ``step`` per param group with that group's Config."""
     return _run_pure(name, config, Setting(steps, dtype, device, intermittent))
 

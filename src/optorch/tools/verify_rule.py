@@ -122,7 +122,9 @@ def tolerance(dtype: torch.dtype, reference_error: float = 0.0, scale: float = 1
     return FACTOR * reference_error + FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * scale
 
 
-def sensitivity(run: Callable[[Setting], Trajectory], truth_setting: Setting, truth: Trajectory, draws: int = NUDGES) -> float:
+def sensitivity(
+    run: Callable[[Setting], Trajectory], truth_setting: Setting, truth: Trajectory, draws: int = NUDGES
+) -> float:
     """How far rounding noise alone spreads the float64 run ``truth``: its largest move when its inputs,
     and every stepped param after each step, take a random error of up to half an ulp of the low
     precision (``truth_setting.inputs``), as rounding would, over :data:`NUDGES` draws. A correct
@@ -138,8 +140,14 @@ class Judgement(NamedTuple):
     basis: str = "reference"
 
 
-def _judge(candidate: Callable[[Setting], Trajectory], reference: Callable[[Setting], Trajectory], setting: Setting,
-           *, live: bool = True, float64_tolerance: float | None = None) -> Judgement:
+def _judge(
+    candidate: Callable[[Setting], Trajectory],
+    reference: Callable[[Setting], Trajectory],
+    setting: Setting,
+    *,
+    live: bool = True,
+    float64_tolerance: float | None = None,
+) -> Judgement:
     """``candidate`` measured by the rule (``reference`` is cached): in float64 against the reference,
     below against the float64 truth, with the reference's own error and how far the truth moves."""
     if setting.dtype == torch.float64:
