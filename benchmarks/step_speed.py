@@ -58,7 +58,6 @@ import datetime as _dt
 import gc
 import inspect
 import json
-import math
 import os
 import platform
 import re
@@ -66,8 +65,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -748,7 +748,7 @@ def print_block(
     print("-" * len(header), file=out)
     by_row = {}
     for goal in goals:
-        by_row.setdefault(goal["row"], []).append(("PASS" if goal["pass"] else "MISS"))
+        by_row.setdefault(goal["row"], []).append("PASS" if goal["pass"] else "MISS")
     for r in results:
         if r["error"] and r["ms"] is None:
             print(f"{r['label']:<22}  ERROR {r['error']}", file=out)
@@ -756,8 +756,10 @@ def print_block(
         goal = "/".join(by_row.get(r["row"], [])) if r["row"] != "ref" else ""
         mib = lambda b: None if b is None else b / 2**20  # noqa: E731
         print(
-            f"{r['label']:<22}{fmt(r['ms'], '9.2f')}{fmt(r['ms_min'], '9.2f')}{fmt(r['ratio'], '7.2f')}{fmt(r['ratio_of_minima'], '7.2f')}{fmt(r['ratio_bytes_scaled'], '8.2f')}"
-            f"{fmt(r['first_step_s'], '7.2f')}{fmt(r['recompiles'], '7d')}{fmt(mib(r['peak_step_bytes']), '9.1f')}{fmt(mib(r['peak_temporary_bytes']), '8.1f')}{fmt(r['page_faults_per_step'], '8.0f')}"
+            f"{r['label']:<22}{fmt(r['ms'], '9.2f')}{fmt(r['ms_min'], '9.2f')}{fmt(r['ratio'], '7.2f')}"
+            f"{fmt(r['ratio_of_minima'], '7.2f')}{fmt(r['ratio_bytes_scaled'], '8.2f')}"
+            f"{fmt(r['first_step_s'], '7.2f')}{fmt(r['recompiles'], '7d')}{fmt(mib(r['peak_step_bytes']), '9.1f')}"
+            f"{fmt(mib(r['peak_temporary_bytes']), '8.1f')}{fmt(r['page_faults_per_step'], '8.0f')}"
             f"  {goal:<10} {r['note']}",
             file=out,
         )

@@ -9,8 +9,7 @@ The code lives in layers (``core``, ``algorithms`` and ``schedules``, ``function
 algorithm is also ``optorch.<name>`` (``optorch.adam.Config``).
 """
 
-from . import _moved
-from . import schedules
+from . import _moved, schedules
 from .algorithms import (
     ALGORITHMS,
     UnknownOptimizerError,

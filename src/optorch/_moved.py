@@ -17,8 +17,24 @@ import types
 from typing import Any
 
 _ALGORITHMS = (
-    "adadelta adafactor adagrad adam adamax adamw adopt asgd autosgm dag decoupled_adam lars nadam radam rmsprop rprop sgd"
-).split()
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "adopt",
+    "asgd",
+    "autosgm",
+    "dag",
+    "decoupled_adam",
+    "lars",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
+    "sgd",
+)
 
 MOVED: dict[str, tuple[str, ...]] = {
     **{name: (f"algorithms.{name}",) for name in _ALGORITHMS},

@@ -58,7 +58,7 @@ def _run(optimizer, losses, **keys) -> AdaptiveOpt:
 # --- an independent, plain-Python statement of the spec's rules ------------------------------------
 
 
-def reference_factors(losses, rule, knob="lr", config=AdaptiveConfig()):
+def reference_factors(losses, rule, knob="lr", config=AdaptiveConfig()):  # noqa: B008 - a frozen config
     """The spec's formulas (§4, §6) with floats and branches: the factor of each term per loss."""
     c = config
     fast = slow = ref = None

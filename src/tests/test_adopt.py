@@ -19,10 +19,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_shim import loss_at, make_model, params_of, through_bytes, train
 
 import optorch
 from optorch.tools import verify
-from test_shim import loss_at, make_model, params_of, through_bytes, train
 
 ADOPT = pytest.importorskip("adopt").ADOPT
 Reference = optorch.adopt.reference()

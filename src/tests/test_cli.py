@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import optorch
-from optorch.tools import cli, verify, verify_checks, verify_plan, verify_problem, verify_rule
-from optorch.shim import engines
 from optorch.algorithms import registry
+from optorch.shim import engines
+from optorch.tools import cli, verify, verify_checks, verify_plan, verify_problem, verify_rule
 
 SMALL = [
     "verify",

@@ -411,7 +411,7 @@ def test_the_shim_steps_as_the_pure_stepper_from_the_same_config(engine):
         _backward(model, t, bad)
         optimizer.step()
         optimizer.zero_grad()
-        params, state = stepper.step(params, _grads_at(shadow, params, lambda m: _backward(m, t, bad)), state)
+        params, state = stepper.step(params, _grads_at(shadow, params, lambda m: _backward(m, t, bad)), state)  # noqa: B023 - run now
         assert _max_diff(params, dict(model.named_parameters())) <= 1e-14, t
     assert _max_diff(C.ema_params(state), optimizer.ema_params()) <= 1e-14
     assert optimizer.combinators.skipped == 1  # the non-finite mean of calls 6 and 7
@@ -652,7 +652,7 @@ def test_params_may_be_a_module_named_parameters_or_tensors():
     model = _net()
     for params in (model, model.named_parameters(), model.parameters(), list(model.parameters())):
         optimizer = optorch.build({"name": "adam", "lr": 0.1}, params)
-        assert [p for p in optimizer.param_groups[0]["params"]] == list(model.parameters())
+        assert list(optimizer.param_groups[0]["params"]) == list(model.parameters())
     assert optorch.build({"name": "adam"}, model).combinators is None  # nothing wraps a plain config
 
 
@@ -726,8 +726,8 @@ def test_shim_loss_scaling_steps_as_the_pure_scaled_stepper_and_resumes():
         _scaled_backward(model, t, optimizer.scale_loss)
         optimizer.step()
         optimizer.zero_grad()
-        scale = lambda loss: optorch.amp.scale_loss(loss, state["inner"]["scaler"])  # noqa: E731
-        params, state = stepper.step(params, _grads_at(shadow, params, lambda m: _scaled_backward(m, t, scale)), state)
+        scale = lambda loss: optorch.amp.scale_loss(loss, state["inner"]["scaler"])  # noqa: B023 - run now
+        params, state = stepper.step(params, _grads_at(shadow, params, lambda m: _scaled_backward(m, t, scale)), state)  # noqa: B023
         assert _max_diff(params, dict(model.named_parameters())) <= 1e-14, t
         assert state["inner"]["scaler"].scale.item() == optimizer.combinators.scaler.scale.item(), t
     checkpoint = copy.deepcopy(optimizer.state_dict())

@@ -21,8 +21,8 @@ if any(importlib.util.find_spec(module) is None for module in ("sklearn", "tqdm"
 
 import optorch  # noqa: E402
 from optorch import adam  # noqa: E402
-from optorch.tools import cli, compare, compare_report
 from optorch.algorithms import registry
+from optorch.tools import cli, compare, compare_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -100,7 +100,7 @@ def test_batches_are_shuffled_epochs_of_the_training_set():
         compare.batch_order(100, steps=1, batch_size=101, seed=0)
     data = compare.digits(0)
     assert len(data.y_train) + len(data.y_test) == 1797 and len(data.y_test) == 359
-    assert data.x_train.shape[1] == 64 and 0.0 <= float(data.x_train.min()) and float(data.x_train.max()) <= 1.0
+    assert data.x_train.shape[1] == 64 and float(data.x_train.min()) >= 0.0 and float(data.x_train.max()) <= 1.0
 
 
 @pytest.mark.parametrize(

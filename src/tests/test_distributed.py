@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_docs import python_blocks
 
 import optorch
 from optorch import distributed  # the public path (its names live in optorch.core.distributed and optorch.builder)
 from optorch.tools import verify_distributed
 from optorch.tools.verify_distributed import RESUME_TOLERANCE, TOLERANCE, Case
-from test_docs import python_blocks
 
 dist = pytest.importorskip("torch.distributed")
 pytestmark = pytest.mark.skipif(
@@ -235,7 +235,7 @@ def _in_backward(config, steps=5):
         if hooked:
             optimizers = {p: optorch.build(config, [p], engine="eager") for p in model.parameters()}
 
-            def step(param):
+            def step(param, optimizers=optimizers):  # this iteration's optimizers
                 optimizers[param].step()
                 optimizers[param].zero_grad()
 

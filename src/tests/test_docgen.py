@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from optorch import builder, schedules
-
-from optorch.tools import docgen
-
 from optorch.algorithms import registry
+from optorch.tools import docgen
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,8 @@ import torch
 
 import optorch
 from optorch import adam, autosgm
-from optorch.tools import recorded, verify, verify_checks, verify_problem, verify_rule
 from optorch.algorithms import registry
+from optorch.tools import recorded, verify, verify_checks, verify_problem, verify_rule
 
 EXPECTED_GRIDS = [
     "adadelta",

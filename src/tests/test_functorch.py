@@ -8,7 +8,6 @@ import torch
 from torch.func import grad, vmap
 
 from optorch.algorithms import registry
-
 from optorch.tools import verify
 
 DTYPE = torch.float64

@@ -23,11 +23,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_hardening import assert_same, snapshot
 
 import optorch
-from optorch import builder, combinators
+from optorch import builder
 from optorch.core.errors import first_location
-from test_hardening import assert_same, snapshot
 
 pytestmark = pytest.mark.fuzz
 

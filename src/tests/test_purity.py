@@ -13,7 +13,6 @@ import tree
 from torch.utils import _pytree as pytree
 
 from optorch.algorithms import registry
-
 from optorch.tools import verify
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import pytest
 import torch

@@ -45,8 +45,8 @@ from ..core import ops
 from ..core.algorithm import Algorithm, Grid, LeafState
 from ..core.config import Config as _Config
 from ..core.config import Flag, NonNegative, Scalar, _bounded
-from ..core.scalars import is_zero
 from ..core.distributed import zeros_reduced
+from ..core.scalars import is_zero
 
 __all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 

@@ -11,9 +11,9 @@ from typing import ClassVar
 
 import torch
 
-from . import adam
 from ..core.algorithm import Algorithm, Grid
 from ..core.config import NonNegative
+from . import adam
 
 __all__ = ["Config", "init", "step", "algorithm"]
 

@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from pydantic import field_validator, model_validator
@@ -61,8 +62,8 @@ from ..core import ops
 from ..core.algorithm import Algorithm, LeafState, Reduction
 from ..core.config import Config as _Config
 from ..core.config import Count, Flag, NonNegative, Probability, Scalar, UnitInterval
-from ..core.scalars import is_zero
 from ..core.distributed import full
+from ..core.scalars import is_zero
 from ..schedules import window as _window_schedule
 from ..schedules.window import window
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Annotated, Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -60,9 +60,9 @@ from ..core import ops
 from ..core.algorithm import Algorithm, LeafState, Shared
 from ..core.config import Config as _Config
 from ..core.config import Flag, NonNegative, Number, Probability, UnitInterval, check_count, representable
-from ..core.scalars import is_zero
-from ..core.errors import shown
 from ..core.distributed import full
+from ..core.errors import shown
+from ..core.scalars import is_zero
 
 __all__ = [
     "Config",
@@ -145,7 +145,7 @@ class Hyper(_Settings):
     """target of the controller"""
     p_star: Annotated[Number, Field(gt=0.0, lt=1.0)] = 0.10
     """target saturation probability"""
-    kappa: Optional[NonNegativeNumber] = None
+    kappa: NonNegativeNumber | None = None
     """gain; None: tau / Phi^-1(1 - p_star / 2)"""
     beta: NonNegativeNumber = 1 / 3
     """exponent of the controller"""
@@ -161,7 +161,7 @@ class Hyper(_Settings):
     """upper clamp of alpha"""
 
     @model_validator(mode="after")
-    def _resolve(self) -> "Hyper":
+    def _resolve(self) -> Hyper:
         if self.alpha_min > self.alpha_max:
             raise ValueError(f"alpha_min ({self.alpha_min}) must not exceed alpha_max ({self.alpha_max})")
         # alpha and the per-tensor scalars are kept in float32 for float32 (and lower) params
@@ -228,15 +228,15 @@ class Config(_Config):
     weight_decay: NonNegative = 0.0
     k_val: NonNegative = 2.0
     """gain of the alpha controller; global"""
-    k_sched: Optional[CosineSchedule] = None
+    k_sched: CosineSchedule | None = None
     """a cosine schedule for k_val; global"""
     nesterov: Flag = False
     maximize: Flag = False
-    foreach: Optional[Flag] = None
+    foreach: Flag | None = None
     """accepted for compatibility; changes nothing"""
     differentiable: Flag = False
     """accepted for compatibility; changes nothing"""
-    fused: Optional[Flag] = None
+    fused: Flag | None = None
     """accepted for compatibility; changes nothing"""
     hyper: Hyper = Hyper()
     """the alpha controller's settings, merged over their defaults; global"""
@@ -279,7 +279,7 @@ class Config(_Config):
         return {**values, "shrink": shrink}
 
     @model_validator(mode="after")
-    def _nesterov_needs_plain_momentum(self) -> "Config":
+    def _nesterov_needs_plain_momentum(self) -> Config:
         if self.nesterov and (is_zero(self.momentum) or not is_zero(self.dampening)):
             raise ValueError("nesterov requires a non-zero momentum and zero dampening")
         return self

@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import torch
 from pydantic import model_validator
 
-from . import adam
 from ..core.algorithm import Algorithm, Reduction
 from ..core.config import NonNegative
 from ..core.scalars import is_zero
+from . import adam
 
 __all__ = ["Config", "init", "step", "algorithm"]
 
@@ -50,7 +50,7 @@ class Config(adam.Config):
         return values
 
     @model_validator(mode="after")
-    def _initial_lr_positive(self) -> "Config":
+    def _initial_lr_positive(self) -> Config:
         if (
             not isinstance(self.initial_lr, torch.Tensor)
             and is_zero(self.initial_lr)

@@ -43,18 +43,18 @@ State per parameter: ``step`` and, when momentum is non-zero, ``momentum_buffer`
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import model_validator
 
 from ..core import ops
-
-from . import sgd
 from ..core.algorithm import Algorithm, Grid, LeafState
 from ..core.config import Config as _Config
 from ..core.config import Flag, NonNegative, Probability, UnitInterval
 from ..core.scalars import is_zero
+from . import sgd
 
 __all__ = ["Config", "init", "step", "algorithm", "trust_ratio", "param_groups"]
 
@@ -89,7 +89,7 @@ class Config(_Config):
         return values
 
     @model_validator(mode="after")
-    def _nesterov_needs_plain_momentum(self) -> "Config":
+    def _nesterov_needs_plain_momentum(self) -> Config:
         if self.nesterov and (is_zero(self.momentum) or not is_zero(self.dampening)):
             raise ValueError("nesterov requires a non-zero momentum and zero dampening")
         return self

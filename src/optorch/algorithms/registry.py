@@ -6,6 +6,8 @@ Adding an algorithm is one module plus one line in ``_BUILTIN`` below; the build
 
 from __future__ import annotations
 
+from ..core.algorithm import Algorithm
+from ..core.errors import closest
 from . import (
     adadelta,
     adafactor,
@@ -25,8 +27,6 @@ from . import (
     rprop,
     sgd,
 )
-from ..core.algorithm import Algorithm
-from ..core.errors import closest
 
 __all__ = ["ALGORITHMS", "UnknownOptimizerError", "get", "register", "names", "for_config"]
 

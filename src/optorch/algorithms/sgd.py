@@ -36,7 +36,7 @@ class Config(_Config):
     maximize: Flag = False
 
     @model_validator(mode="after")
-    def _nesterov_needs_plain_momentum(self) -> "Config":
+    def _nesterov_needs_plain_momentum(self) -> Config:
         if self.nesterov and (is_zero(self.momentum) or not is_zero(self.dampening)):
             raise ValueError("nesterov requires a non-zero momentum and zero dampening")
         return self

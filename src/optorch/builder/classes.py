@@ -14,8 +14,8 @@ the original's otherwise (``ADOPT``, ``DAG``, ``AutoSGM``, ``LARS``, ``Decoupled
 
 from __future__ import annotations
 
-from typing import Any, Iterable
-
+from collections.abc import Iterable
+from typing import Any
 
 from ..algorithms import registry
 from ..shim.optimizer import Optimizer

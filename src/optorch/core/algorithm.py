@@ -28,8 +28,9 @@ Two extensions cover algorithms that are not purely element-wise:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,7 +95,7 @@ class Shared:
     """
 
     init: Callable[[list[Tensor], Config], dict[str, Tensor]]
-    finish: Callable[[dict[str, Tensor], "dict[str, Tensor] | None", Config], dict[str, Tensor]]
+    finish: Callable[[dict[str, Tensor], dict[str, Tensor] | None, Config], dict[str, Tensor]]
     derived: tuple[str, ...] = ()
     contributions: tuple[str, ...] = ()
 
@@ -160,7 +161,7 @@ class Algorithm:
     params together as a stack, each reducing over its own slice, never as one flat tensor."""
     shared: Shared | None = None
     """State shared by all parameters, when the algorithm has some (see :class:`Shared`)."""
-    reference: Callable[[], "type[torch.optim.Optimizer] | None"] | None = None
+    reference: Callable[[], type[torch.optim.Optimizer] | None] | None = None
     """An independent implementation to verify against where torch.optim has none (e.g. torch-adopt),
     imported lazily: returns the optimizer class, or None when its package is not installed. Used by
     ``optorch verify`` and the tests, never to run steps."""

@@ -17,11 +17,10 @@ The settings around the algorithms (schedules, combinators, the loss scaler, ada
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
 import torch
-from .errors import shown
-from .scalars import is_real
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -33,6 +32,9 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+
+from .errors import shown
+from .scalars import is_real
 
 __all__ = [
     "SHARED_DESCRIPTIONS",
@@ -188,11 +190,11 @@ class Config(BaseModel):
             )
         return value
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A validated copy with some fields changed (``dataclasses.replace`` for configs)."""
         return type(self)(**{**self.hyperparameters(), **changes})
 
-    def with_tensors(self, **values: Any) -> "Config":
+    def with_tensors(self, **values: Any) -> Config:
         """A copy with some numeric fields replaced by tensors (or tuples of tensors), unvalidated.
 
         Tensors are never range-checked (they may be traced or batched), so only their shape and dtype
@@ -212,7 +214,7 @@ class Config(BaseModel):
                 raise ValueError(f"with_tensors: {name!r}: {error}") from None
         return self.unchecked(**values)
 
-    def unchecked(self, **values: Any) -> "Config":
+    def unchecked(self, **values: Any) -> Config:
         """A copy with some fields replaced, unvalidated: for values that are traced (the shim inside
         ``torch.compile(optimizer.step)``, where its group's numbers are symbolic) or are tensors."""
         unknown = [name for name in values if name not in self.__dict__]

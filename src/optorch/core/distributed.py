@@ -21,7 +21,8 @@ torch spreads a model over ranks in three ways, and each needs something else of
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -155,7 +156,7 @@ class Partition:
         self.collectives = 0
         """All-reduces made so far (what its reductions cost: docs/distributed.md)."""
 
-    def __deepcopy__(self, memo: dict) -> "Partition":
+    def __deepcopy__(self, memo: dict) -> Partition:
         return self  # a process group is a handle on the running job, shared by every copy
 
     def __reduce__(self):

@@ -51,7 +51,8 @@ The design is the project's own (docs/rules.md): the original AdaptiveOpt is a R
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Mapping, Optional
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -59,7 +60,6 @@ from torch import Tensor
 
 from ..core.compat import pytree
 from ..core.config import Count, Number
-
 from ..core.errors import shown, suggest
 
 __all__ = [
@@ -81,7 +81,7 @@ _EPS = 1e-12  # keeps the relative statistics finite at a zero loss
 # --- configuration ---------------------------------------------------------------------------
 
 
-def _parse_rule(value: Any, where: str) -> Optional[str]:
+def _parse_rule(value: Any, where: str) -> str | None:
     """``"Trend + cosine"`` -> ``"trend+cosine"``; None, "" and "none" -> None."""
     if value is None:
         return None
@@ -114,15 +114,15 @@ class AdaptiveConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    lr_rule: Optional[str] = None
+    lr_rule: str | None = None
     """The learning rate's rule (terms: trend, variance, inverse, relative, stable, cosine, cosine_restart)."""
-    momentum_rule: Optional[str] = None
+    momentum_rule: str | None = None
     """Momentum's rule (SGD, RMSprop; a base of 0 is left alone)."""
-    betas_rule: tuple[Optional[str], Optional[str]] = (None, None)
+    betas_rule: tuple[str | None, str | None] = (None, None)
     """(beta1's rule, beta2's rule) of Adam-style optimizers; one string applies to both."""
-    alpha_rule: Optional[str] = None
+    alpha_rule: str | None = None
     """RMSprop's alpha's rule."""
-    wd_rule: Optional[str] = None
+    wd_rule: str | None = None
     """Weight decay's rule (``trend`` runs inverted: less decay while improving)."""
     cycle_length: Annotated[Count, Field(ge=1)] = 500
     """T_0 of ``cosine`` and ``cosine_restart``, in steps."""
@@ -158,7 +158,7 @@ class AdaptiveConfig(BaseModel):
     """Bounds of the compounding rule states (``trend``, ``relative``)."""
     lr_bounds: tuple[Number, Number] = (1e-3, 2.0)
     """The lr's bounds relative to its base."""
-    lr_limits: tuple[Optional[Number], Optional[Number]] = (None, None)
+    lr_limits: tuple[Number | None, Number | None] = (None, None)
     """Optional absolute (min, max) of the lr, applied after ``lr_bounds``."""
     wd_max_ratio: Annotated[Number, Field(ge=1.0)] = 10.0
     """Weight decay stays in [0, wd_max_ratio * base]."""
@@ -169,7 +169,7 @@ class AdaptiveConfig(BaseModel):
 
     @field_validator("lr_rule", "momentum_rule", "alpha_rule", "wd_rule", mode="before")
     @classmethod
-    def _rule(cls, value: Any, info) -> Optional[str]:
+    def _rule(cls, value: Any, info) -> str | None:
         return _parse_rule(
             value,
             {"lr_rule": "lr", "momentum_rule": "momentum", "alpha_rule": "alpha", "wd_rule": "weight_decay"}[
@@ -179,7 +179,7 @@ class AdaptiveConfig(BaseModel):
 
     @field_validator("betas_rule", mode="before")
     @classmethod
-    def _betas_rule(cls, value: Any) -> tuple[Optional[str], Optional[str]]:
+    def _betas_rule(cls, value: Any) -> tuple[str | None, str | None]:
         if value is None or isinstance(value, str):
             value = (value, value)
         if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -205,14 +205,14 @@ class AdaptiveConfig(BaseModel):
 
     @field_validator("lr_limits")
     @classmethod
-    def _limits(cls, value: tuple[Optional[float], Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+    def _limits(cls, value: tuple[float | None, float | None]) -> tuple[float | None, float | None]:
         low, high = value
         if (low is not None and low < 0) or (low is not None and high is not None and low > high):
             raise ValueError(f"must be (min, max), either None, with 0 <= min <= max; got {value!r}")
         return value
 
     @model_validator(mode="after")
-    def _positive_relative(self) -> "AdaptiveConfig":
+    def _positive_relative(self) -> AdaptiveConfig:
         if self.relative_gain * self.relative_clip >= 1.0:
             raise ValueError(
                 f"relative_gain * relative_clip must be below 1 (so a worsening step keeps the factor positive), got {self.relative_gain} * {self.relative_clip}"
@@ -231,7 +231,7 @@ class AdaptiveConfig(BaseModel):
         }
         return {knob: tuple(rule.split("+")) for knob, rule in rules.items() if rule}
 
-    def replace(self, **changes: Any) -> "AdaptiveConfig":
+    def replace(self, **changes: Any) -> AdaptiveConfig:
         """A validated copy with some keys changed."""
         return type(self)(**{**self.model_dump(), **changes})
 

@@ -48,7 +48,7 @@ allowed (and need no scaling: bf16 has float32's exponent range).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, NamedTuple, Optional
+from typing import Annotated, Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -85,7 +85,7 @@ class ScalerConfig(BaseModel):
     @field_validator("init_scale")
     @classmethod
     def _usable_in_float32(cls, value: float) -> float:
-        if not (MIN_SCALE <= value and representable(value, torch.float32)):
+        if not (value >= MIN_SCALE and representable(value, torch.float32)):
             raise ValueError(
                 f"must be in [2**-126, {torch.finfo(torch.float32).max:.4g}], where it and its reciprocal are finite "
                 f"in float32, got {value}"
@@ -100,7 +100,7 @@ class ScalerState(NamedTuple):
     growth_tracker: Tensor  # int32: clean steps since the scale last changed
 
 
-def init(config: ScalerConfig = ScalerConfig(), device: Optional[torch.device | str] = None) -> ScalerState:
+def init(config: ScalerConfig = ScalerConfig(), device: torch.device | str | None = None) -> ScalerState:  # noqa: B008 - frozen
     """A fresh state on ``device`` (default: torch's default device). A disabled config gives a scale
     of 1, so that :func:`scale_loss` and :func:`unscale` are exact identities (and :func:`update`
     leaves it there)."""

@@ -39,18 +39,17 @@ functions here on ``.grad``), in this order: accumulate, skip if non-finite, cli
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-
-from ..core.compat import pytree
-from ..core import distributed, ops
-
 from ..algorithms import registry
+from ..core import distributed, ops
 from ..core.algorithm import Algorithm
+from ..core.compat import pytree
 from ..core.config import Config
 
 __all__ = [

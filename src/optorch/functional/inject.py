@@ -23,15 +23,16 @@ member, e.g. ``betas=(None, schedules.Linear(...))``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..core.compat import pytree
 from ..core import ops
 from ..core.algorithm import Algorithm
+from ..core.compat import pytree
 from ..core.config import Config
 
 __all__ = ["InjectedHyperparams", "inject_hyperparams"]

@@ -5,11 +5,11 @@ names), reading the bases there and writing the adapted values back: the pure si
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
-
 
 from ..core.scalars import is_scalar
 from .adaptive import AdaptiveConfig, knob_value

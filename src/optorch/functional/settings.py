@@ -6,21 +6,20 @@ shim's in-place runtime is :mod:`optorch.shim.runtime`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
 import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from torch import Tensor
 
-from . import amp
-from .combinators import Stepper, _match, apply_if_finite, clip_by_global_norm, ema, multi_steps
-
-
 from ..core.algorithm import Algorithm
-from .amp import ScalerConfig
 from ..core.config import Config, Count, Number
 from ..core.errors import ConfigError, first_location, problems, shown, suggest
+from . import amp
+from .amp import ScalerConfig
+from .combinators import Stepper, _match, apply_if_finite, clip_by_global_norm, ema, multi_steps
 
 __all__ = ["AROUND_STEP", "KEYS", "Combinators", "EmaSettings", "GroupRule", "ordered_params", "torch_param_groups"]
 
@@ -69,17 +68,17 @@ class Combinators(_Settings):
     [{match: ["*.bias", "*norm*"], weight_decay: 0.0}]`` (by parameter name, first match wins; needs
     named params)."""
 
-    clip_grad_norm: Optional[Annotated[Number, Field(gt=0.0)]] = None
+    clip_grad_norm: Annotated[Number, Field(gt=0.0)] | None = None
     """Scale the gradients so their global 2-norm is at most this (``clip_grad_norm_``)."""
     skip_nonfinite: StrictBool = False
     """Skip (and count) a step whose gradients hold a NaN or an inf."""
     accumulate_steps: Annotated[Count, Field(ge=1)] = 1
     """Step every k-th call, on the mean of the k calls' gradients."""
-    ema: Optional[EmaSettings] = None
+    ema: EmaSettings | None = None
     """Keep an EMA of the params: ``{decay, warmup}`` or just the decay."""
     param_groups: list[GroupRule] = Field(default_factory=list)
     """Param groups by name: ``[{match: [patterns], <config key>: value, ...}]``, first match wins."""
-    amp: Optional[ScalerConfig] = None
+    amp: ScalerConfig | None = None
     """Loss scaling for mixed precision (``{}`` for GradScaler's defaults): ``optimizer.scale_loss(loss)``
     before ``backward()``; each step unscales the gradients, skips on inf/NaN and updates the scale."""
 
@@ -89,7 +88,7 @@ class Combinators(_Settings):
         return {"decay": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
     @classmethod
-    def from_config(cls, values: Mapping[str, Any], algorithm: Algorithm, config: Config) -> "Combinators | None":
+    def from_config(cls, values: Mapping[str, Any], algorithm: Algorithm, config: Config) -> Combinators | None:
         """The entries of a config dict, validated (each ``param_groups`` entry against ``algorithm``'s
         Config too); None when the config has none of them. Raises ``ValueError`` naming the entry."""
         entries = {key: values[key] for key in KEYS if key in values}

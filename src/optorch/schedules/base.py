@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from ..core.config import Count, Number, describe
-
 from ..core.ops import scalar_dtype
 from ..core.scalars import is_real
 
@@ -87,7 +86,7 @@ def _cosine(s: float | Tensor, start: float, end: float, begin: float, length: f
     return end + (start - end) * (1 + _cos(math.pi * k / length)) / 2
 
 
-def _with_warmup(schedule: "Schedule", s: float | Tensor, decayed: float | Tensor) -> float | Tensor:
+def _with_warmup(schedule: Schedule, s: float | Tensor, decayed: float | Tensor) -> float | Tensor:
     """``decayed``, preceded by a linear warmup from warmup_start_value to init_value over warmup_steps."""
     w = schedule.warmup_steps
     if w == 0:

@@ -7,26 +7,26 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, StrictBool, ValidationError, field_validator, model_validator
 from torch import Tensor
 
 from ..core.config import Count, Flag, Number
-
 from ..core.errors import shown, suggest
-
 from . import window as window_math
 from .base import (
     Constant,
     Cosine,
+    Factor,
     Linear,
+    NonNegativeValue,
+    PositiveSteps,
     Schedule,
+    Steps,
     Value,
     WarmupStableDecay,
-    _Warmup,
-    _WarmupThenDecay,
     _clip,
     _cos,
     _floor,
@@ -34,12 +34,10 @@ from .base import (
     _ones,
     _ramp,
     _sqrt,
+    _Warmup,
+    _WarmupThenDecay,
     _where,
     _with_warmup,
-    Factor,
-    NonNegativeValue,
-    PositiveSteps,
-    Steps,
 )
 
 __all__ = [
@@ -72,7 +70,7 @@ class Exponential(Schedule):
     transition_steps: PositiveSteps = 1
     transition_begin: Steps = 0
     staircase: Flag = False
-    end_value: Optional[Value] = None
+    end_value: Value | None = None
 
     def _value(self, s):
         p = _clip(s - self.transition_begin, 0.0) / self.transition_steps
@@ -231,7 +229,7 @@ class Rsqrt(_Warmup):
     With :math:`\tau = W` this is the original optorch's :math:`v\sqrt{W}/\sqrt{s}`."""
 
     name: Literal["rsqrt"] = "rsqrt"
-    timescale: Optional[PositiveSteps] = None
+    timescale: PositiveSteps | None = None
 
     def _value(self, s):
         tau = self.timescale if self.timescale is not None else max(self.warmup_steps, 1)
@@ -267,7 +265,7 @@ class Join(Schedule):
     :math:`f(s) = f_i(s - b_{i-1})` for :math:`b_{i-1} \le s < b_i`."""
 
     name: Literal["join"] = "join"
-    schedules: tuple["AnySchedule", ...]
+    schedules: tuple[AnySchedule, ...]
     boundaries: tuple[Steps, ...]
 
     @model_validator(mode="after")
@@ -336,22 +334,20 @@ class AutosgmWindow(Schedule):
 
 
 AnySchedule = Annotated[
-    Union[
-        Constant,
-        Linear,
-        Cosine,
-        WarmupStableDecay,
-        Exponential,
-        Polynomial,
-        Step,
-        MultiStep,
-        CosineWarmRestarts,
-        OneCycle,
-        Join,
-        Rsqrt,
-        LinearWarmdown,
-        AutosgmWindow,
-    ],
+    Constant
+    | Linear
+    | Cosine
+    | WarmupStableDecay
+    | Exponential
+    | Polynomial
+    | Step
+    | MultiStep
+    | CosineWarmRestarts
+    | OneCycle
+    | Join
+    | Rsqrt
+    | LinearWarmdown
+    | AutosgmWindow,
     Field(discriminator="name"),
 ]
 """Any schedule, told apart by its ``name`` (a pydantic discriminated union)."""

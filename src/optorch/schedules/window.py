@@ -9,7 +9,8 @@ the registry, sets :data:`check_keys`, and the schedule calls it.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

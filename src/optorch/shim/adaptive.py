@@ -6,15 +6,14 @@ the rule state in its ``state_dict``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core.compat import pytree
-
-
 from ..core.scalars import is_real
 from ..functional.adaptive import AdaptiveConfig, adaptable, init, knob_value, update
 from ..functional.knobs import BASE_PREFIX, flatten_state, locations, read_knob

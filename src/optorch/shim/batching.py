@@ -3,10 +3,8 @@ into a scratch buffer, equal shapes stacked; each batch one call."""
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
-
 
 from ..core import distributed
 from ..core.compat import unflatten_dense_tensors

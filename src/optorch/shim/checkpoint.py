@@ -14,12 +14,13 @@ schedule_step=1000))``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..functional.knobs import BASE_PREFIX, flatten_state
 from ..core.errors import shown
+from ..functional.knobs import BASE_PREFIX, flatten_state
 from .load_plan import Plan
 
 if TYPE_CHECKING:  # the optimizer loads through this module: named for the annotations only

@@ -16,7 +16,8 @@ tensor, or loads a checkpoint (:class:`Engine` is the interface the shim calls).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -25,7 +26,6 @@ from ..core.algorithm import Algorithm
 from ..core.compat import cpp_compiler_available
 from ..core.config import Config
 from ..core.scalars import is_zero
-
 from .batching import GATHER_BELOW, GATHER_CHUNK
 from .protocol import Engine, Work
 from .torch_engine import TORCH_KERNELS, TorchEngine

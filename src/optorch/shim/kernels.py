@@ -3,7 +3,8 @@ tensor of many) or on a stack of same-shaped ones, its results copied into the p
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,7 +12,6 @@ from torch import Tensor
 from ..core import ops
 from ..core.algorithm import apply_update
 from ..core.config import Config
-
 
 __all__ = ["run_stacked", "run_update"]
 

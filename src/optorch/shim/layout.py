@@ -19,7 +19,7 @@ share storage (save a copy: ``{k: v.clone() for k, v in model.state_dict().items
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor

@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Mapping, NoReturn
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pydantic
 import torch
 from torch import Tensor
 
-from ..functional.knobs import BASE_PREFIX
-from ..core.scalars import as_float
 from ..core.errors import problems, shown
+from ..core.scalars import as_float
+from ..functional.knobs import BASE_PREFIX
 
 if TYPE_CHECKING:  # the optimizer loads through this module: named for the annotations only
     from .optimizer import Optimizer
-from .state import FORMAT, FORMAT_KEY, SCHEDULE_KEY, SHARED_PREFIX, STATE_PREFIXES, StateDict, check_tensor
-
 from .load_values import (
     agree,
     cast_linked,
@@ -31,6 +30,7 @@ from .load_values import (
     range_of,
     read_value,
 )
+from .state import FORMAT, FORMAT_KEY, SCHEDULE_KEY, SHARED_PREFIX, STATE_PREFIXES, StateDict, check_tensor
 
 __all__ = ["Plan"]
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..functional.amp import MIN_SCALE
 from ..core.errors import shown
+from ..functional.amp import MIN_SCALE
 
 if TYPE_CHECKING:  # named for the annotations only
     from .load_plan import Plan

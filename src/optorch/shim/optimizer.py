@@ -31,21 +31,21 @@ from __future__ import annotations
 import math
 import threading
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..core import distributed, ops
-
 from ..algorithms import registry
+from ..core import distributed, ops
 from ..core.algorithm import Algorithm, sum_contributions
-from ..functional.settings import ordered_params
 from ..core.config import Config
+from ..core.scalars import reads_zero
+from ..functional.settings import ordered_params
 from .engines import ENGINES, Engine, TorchEngine, Work, make_engine, resolve_engine
 from .persistence import Persistent
 from .runtime import attach
-from ..core.scalars import reads_zero
 from .state import (
     FORMAT,
     FORMAT_KEY,
@@ -53,10 +53,10 @@ from .state import (
     NO_SCALER,
     SCHEDULE_KEY,
     SHARED_PREFIX,
-    StateDict,
     StateCheck,
-    check_unique,
+    StateDict,
     assign,
+    check_unique,
     equal_values,
     same,
 )

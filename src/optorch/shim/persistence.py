@@ -7,11 +7,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-
 from ..algorithms import registry
-from .engines import TorchEngine
-
 from .checkpoint import check_and_load
+from .engines import TorchEngine
 
 __all__ = ["Persistent"]
 

@@ -3,7 +3,8 @@ handed (:class:`Work`): the torch kernel's engine and the update engines are int
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor

@@ -8,7 +8,8 @@ steps as its pure stepper does.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from ..functional.settings import AROUND_STEP, Combinators
 __all__ = ["InPlace", "attach"]
 
 
-def attach(settings: Combinators | None, optimizer: Any) -> "InPlace | None":
+def attach(settings: Combinators | None, optimizer: Any) -> InPlace | None:
     """The in-place runtime for an ``optorch.Optimizer`` (None when nothing runs around its step)."""
     if settings is None:
         return None

@@ -4,13 +4,13 @@ on every step against what the algorithm keeps (:class:`StateDict` notes writes 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core import distributed
-
 from ..core.algorithm import Algorithm
 from ..core.config import Config
 from .engines import Engine, TorchEngine
@@ -46,7 +46,7 @@ def _noted(name: str) -> Callable[..., Any]:
     """``dict.<name>``, noting a write (for :class:`StateDict`)."""
     method = getattr(dict, name)
 
-    def write(self: "StateDict", *args: Any, **kwargs: Any) -> Any:
+    def write(self: StateDict, *args: Any, **kwargs: Any) -> Any:
         self.written = True
         return method(self, *args, **kwargs)
 

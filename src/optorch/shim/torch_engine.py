@@ -7,7 +7,8 @@ from __future__ import annotations
 import functools
 import inspect
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,7 +16,6 @@ from torch import Tensor
 from ..core import distributed, ops
 from ..core.algorithm import Algorithm
 from ..core.compat import torch_adagrad, torch_adam, torch_sgd
-
 from .protocol import Work
 
 __all__ = ["EXECUTION_KEYS", "FUSED_CALLS", "TORCH_KERNELS", "TorchEngine"]

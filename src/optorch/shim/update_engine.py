@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,7 +17,6 @@ from ..core.algorithm import Algorithm
 from ..core.compat import mark_dynamic, unflatten_dense_tensors
 from ..core.config import Config
 from ..core.scalars import is_zero
-
 from .batching import Batch, all_contiguous, back_to_back, plan_batches
 from .kernels import run_stacked, run_update
 from .protocol import Work
@@ -116,7 +116,7 @@ class UpdateEngine:
             )
         return self._call(run_update, index, param, grad, state, item.config, shared)
 
-    def _batch(self, optimizer: torch.optim.Optimizer, index: int, item: Work, batch: "Batch", shared: tuple):
+    def _batch(self, optimizer: torch.optim.Optimizer, index: int, item: Work, batch: Batch, shared: tuple):
         """Step the params of ``batch`` as one tensor (see :class:`Batch`)."""
         params = [item.params[i] for i in batch.members]
         states = [item.states[i] for i in batch.members]

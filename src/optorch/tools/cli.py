@@ -15,15 +15,14 @@ import argparse
 import math
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-
-from . import compare, compare_report, verify, verify_distributed
 
 from ..algorithms import registry
 from ..core.errors import ConfigError
 from ..shim.optimizer import ENGINES
+from . import compare, compare_report, verify, verify_distributed
 
 __all__ = ["main"]
 

@@ -34,21 +34,22 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pydantic
 import torch
 from torch import Tensor, nn
 
 from ..algorithms import registry
-from ..core.algorithm import Algorithm
 from ..builder.make import assemble
 from ..builder.spec import Parsed, explain, parse
+from ..core.algorithm import Algorithm
+from ..core.config import Config
 from ..core.errors import ConfigError
 from ..core.scalars import as_float
-from ..core.config import Config
 
 __all__ = [
     "CompareError",

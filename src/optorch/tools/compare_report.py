@@ -11,13 +11,13 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-
-from .compare import CONFIG_SUFFIXES, CompareError, Result, jsonable, require, compare, default_specs, load_specs
+from .compare import CONFIG_SUFFIXES, CompareError, Result, compare, default_specs, jsonable, load_specs, require
 
 __all__ = ["format_table", "plot_knobs", "plot_losses", "results_json", "run"]
 

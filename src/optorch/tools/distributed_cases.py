@@ -4,12 +4,11 @@ and of the full matrix, and a case's result (the rule is :mod:`optorch.tools.ver
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
-
+from typing import Any
 
 from .. import builder
-
 
 __all__ = ["CONFIGS", "Case", "MODES", "RESUME_TOLERANCE", "Result", "TOLERANCE", "cases", "entries"]
 

@@ -8,20 +8,18 @@ import contextlib
 import functools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import builder
-from ..builder import classes as optim
-from ..shim.adaptive import AdaptiveOpt
-
-from ..core import distributed
-
 from ..algorithms import registry
-
+from ..builder import classes as optim
+from ..core import distributed
+from ..shim.adaptive import AdaptiveOpt
 from .distributed_cases import CONFIGS, POISON_STEP, RESUME_AT, RESUMING, STEPS, Case, Result, entries
 
 __all__ = ["Context", "run_case"]
@@ -305,8 +303,13 @@ def _dcp_resume(case: Case, first: _Run, second: _Run, ctx: Context) -> float:
     """Save ``first`` with torch.distributed.checkpoint and load it into ``second``; returns what
     DCP's state-creating step changed in ``second`` (it must change nothing)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     before = _snapshot(second)
     flat = StateDictOptions(flatten_optimizer_state_dict=case.mode == "dcp-flat")

@@ -11,8 +11,9 @@ import re
 import textwrap
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import annotated_types
 from pydantic import AfterValidator, BaseModel, BeforeValidator
@@ -167,7 +168,7 @@ def union_members(models: Any) -> list[type[BaseModel]]:
 # descriptions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docstrings(cls: type) -> dict[str, str]:
     """``{field: docstring}`` from string literals right after annotated assignments, over the MRO."""
     found: dict[str, str] = {}

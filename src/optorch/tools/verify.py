@@ -38,15 +38,16 @@ subset that answers in about a minute, with ``full=True`` every combination of e
 from __future__ import annotations
 
 from .verify_checks import (
+    Result,
     available_devices,
     check,
     check_estimated,
     check_kernel,
     check_recorded,
     check_reduction,
-    Result,
 )
 from .verify_grids import (
+    NoGridError,
     cover,
     describe,
     flag_grid,
@@ -54,10 +55,9 @@ from .verify_grids import (
     gridded_algorithms,
     label,
     most_flags,
-    NoGridError,
     reduction_algorithms,
 )
-from .verify_plan import Check, COMPILED_REPRESENTATIVES, cores, Crash, EXPECTED_FAILURES, Plan, plan, run
+from .verify_plan import COMPILED_REPRESENTATIVES, EXPECTED_FAILURES, Check, Crash, Plan, cores, plan, run
 from .verify_problem import PATHS, paths_for, problem, run_pure, run_shim, run_torch
 from .verify_rule import (
     DTYPES,
@@ -65,9 +65,9 @@ from .verify_rule import (
     FLOAT64_COMPILED_REDUCTION_TOLERANCE,
     FLOAT64_TOLERANCE,
     FLOOR_ULPS,
+    SPREAD_TO_ERROR,
     max_abs_diff,
     sensitivity,
-    SPREAD_TO_ERROR,
     tolerance,
     worst,
 )

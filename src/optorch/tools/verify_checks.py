@@ -9,11 +9,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-
-from . import recorded
-
 from ..algorithms import registry
 from ..builder import build
+from . import recorded
 from .verify_grids import label
 from .verify_problem import Setting, Trajectory, _one_group, _one_group_pure, _path_runner, _run_torch
 from .verify_rule import FLOAT64_COMPILED_REDUCTION_TOLERANCE, FLOAT64_TOLERANCE, _judge, max_abs_diff

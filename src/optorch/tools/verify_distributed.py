@@ -47,10 +47,10 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-
 
 from .distributed_cases import CONFIGS, MODES, RESUME_TOLERANCE, TOLERANCE, Case, Result, cases, entries
 from .distributed_runs import Context, run_case

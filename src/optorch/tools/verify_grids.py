@@ -7,7 +7,6 @@ from typing import Any
 
 import pydantic
 
-
 from ..algorithms import registry
 
 

@@ -7,17 +7,15 @@ import contextlib
 import dataclasses
 import itertools
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
-from ..shim import engines
-
-from . import recorded
-
 from ..algorithms import registry
-from . import verify_checks
+from ..shim import engines
+from . import recorded, verify_checks
 from .verify_checks import (
     Result,
     _dtype,
@@ -33,7 +31,6 @@ from .verify_checks import (
 from .verify_grids import REFERENCE_PACKAGES, cover, flag_grid, label, most_flags
 from .verify_problem import PATHS, paths_for
 from .verify_rule import DTYPES
-
 
 COMPILED_REPRESENTATIVES = {"adam": ("float32", "bfloat16"), "lars": ("float16",), "dag": ("float64",)}
 """The compiled engine's checks by default, one case each in these dtypes (each compiles from an empty

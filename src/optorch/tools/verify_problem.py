@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-
 
 from ..algorithms import registry
 from ..builder import build

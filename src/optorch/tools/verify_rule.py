@@ -4,14 +4,13 @@ within :data:`FACTOR` times the reference's own error against the float64 truth 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..core.compat import pytree
-
-
 from .verify_problem import Setting, Trajectory, _problem, _reference
 
 
