@@ -16,25 +16,9 @@ import sys
 import types
 from typing import Any
 
-_ALGORITHMS = (
-    "adadelta",
-    "adafactor",
-    "adagrad",
-    "adam",
-    "adamax",
-    "adamw",
-    "adopt",
-    "asgd",
-    "autosgm",
-    "dag",
-    "decoupled_adam",
-    "lars",
-    "nadam",
-    "radam",
-    "rmsprop",
-    "rprop",
-    "sgd",
-)
+from .algorithms import registry
+
+_ALGORITHMS = tuple(registry.names())  # at import, the built-in ones: each module was optorch.<name>
 
 MOVED: dict[str, tuple[str, ...]] = {
     **{name: (f"algorithms.{name}",) for name in _ALGORITHMS},
