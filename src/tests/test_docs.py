@@ -59,8 +59,11 @@ PAGES_WITH_CODE = [page for page in PAGES if python_blocks(page.read_text())]
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=_page_id)
-def test_python_blocks_run(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)
+def test_python_blocks_run(page: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The examples read configs/ as a user in the repository would; what they write (loss.png, ...)
+    # lands in a scratch directory, not in the repository.
+    (tmp_path / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(page)])
     name = _page_id(page)
     namespace: dict = {"__name__": "__docs__"}
