@@ -139,6 +139,11 @@ class Judgement(NamedTuple):
     basis: str = "reference"
 
 
+def _movement(trajectory: Trajectory, setting: Setting) -> float:
+    """How far ``trajectory`` moves from its initial params: the error of an optimizer that does nothing."""
+    return max_abs_diff(trajectory, [_problem(setting)[0]] * len(trajectory))
+
+
 def _judge(
     candidate: Callable[[Setting], Trajectory],
     reference: Callable[[Setting], Trajectory],
@@ -158,13 +163,13 @@ def _judge(
             # ulp-sized differences grow as the reference's own run grows float64 rounding noise.
             spread = sensitivity(reference, setting._replace(inputs=torch.float64), expected, NUDGES_BEFORE_FAILING)
             if FACTOR * spread > limit:  # judged only where that noise stays below how far the params move
-                movement = max_abs_diff(expected, [_problem(setting)[0]] * len(expected))
+                movement = _movement(expected, setting)
                 return Judgement(error, spread, FACTOR * spread, movement, "sensitivity")
         return Judgement(error, None, limit, None)
     truth_setting = setting._replace(dtype=torch.float64, inputs=setting.dtype)
     truth = _reference(reference, truth_setting)
     error, scale = max_abs_diff(candidate(setting), truth), magnitude(truth)
-    movement = max_abs_diff(truth, [_problem(truth_setting)[0]] * len(truth))
+    movement = _movement(truth, truth_setting)
     if not live:
         reference_error, basis = SPREAD_TO_ERROR * sensitivity(reference, truth_setting, truth), "sensitivity"
     else:
