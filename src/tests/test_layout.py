@@ -18,7 +18,7 @@ from torch import nn
 
 import optorch
 from optorch.algorithms import registry
-from optorch.shim.engines import GATHER_BELOW, UpdateEngine
+from optorch.shim.engines import JOIN_BELOW, UpdateEngine
 
 pytestmark = pytest.mark.compile
 
@@ -26,7 +26,7 @@ STEPS = 12
 # one large param (steps alone), runs of same-shaped small ones (flat batches; stacks when the
 # algorithm reduces per tensor), and odd shapes between them
 SHAPES = [(3, 4)] * 4 + [(6,)] * 3 + [(2, 3, 2)] * 2 + [(5,), (181, 200)]
-assert GATHER_BELOW <= 181 * 200
+assert JOIN_BELOW <= 181 * 200
 # every registered algorithm at its defaults, plus the configs that reduce per tensor or share state
 CONFIGS = {name: {"name": name, "lr": 0.01} for name in sorted(registry.ALGORITHMS)}
 CONFIGS["autosgm-numerator-1"] = {"name": "autosgm", "lr": 0.01, "numerator": 1}

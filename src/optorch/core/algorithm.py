@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops
+from . import blocks, ops
 from .compat import pytree
 from .config import Config
 from .distributed import full
@@ -237,16 +237,17 @@ class Algorithm:
             if grad is not None:
                 _check_grad(self.name, path, param, grad)
 
-        new_params, new_leaf_states, contributions = [], [], []
-        for i, ((_, param), grad) in enumerate(zip(path_leaves, grad_leaves)):
-            leaf_state = {key: buffers[key][i] for key in keys}
-            if grad is None:
-                new_params.append(param)
-                new_leaf_states.append(leaf_state)
-                continue
-            new_param, new_state, *contribution = apply_update(self.update, param, grad, leaf_state, config, *shared)
-            new_params.append(new_param)
-            new_leaf_states.append(new_state)
+        params = [param for _, param in path_leaves]
+        leaf_states = [{key: buffers[key][i] for key in keys} for i in range(len(params))]
+        stepping = [i for i, grad in enumerate(grad_leaves) if grad is not None]
+        work = ([params[i] for i in stepping], [grad_leaves[i] for i in stepping], [leaf_states[i] for i in stepping])
+        if self.shared is None and self.is_elementwise(config) and blocks.eligible(*work):
+            results = blocks.step_in_blocks(*work, lambda p, g, s: apply_update(self.update, p, g, s, config))
+        else:
+            results = [apply_update(self.update, p, g, s, config, *shared) for p, g, s in zip(*work)]
+        new_params, new_leaf_states, contributions = list(params), list(leaf_states), []
+        for i, (new_param, new_leaf_state, *contribution) in zip(stepping, results):
+            new_params[i], new_leaf_states[i] = new_param, new_leaf_state
             contributions += contribution
         new_state = _transpose(new_leaf_states, keys, spec)
         if self.shared is not None:

@@ -15,7 +15,9 @@ from torch.utils import _pytree as pytree
 
 __all__ = [
     "cpp_compiler_available",
+    "flatten_dense_tensors",
     "in_backward",
+    "in_functorch_transform",
     "is_functorch_wrapped",
     "mark_dynamic",
     "pytree",
@@ -28,10 +30,18 @@ __all__ = [
 unflatten_dense_tensors = torch._C._nn.unflatten_dense_tensors
 """Views of one flat tensor shaped like the given tensors (what DDP's bucketing uses)."""
 
+flatten_dense_tensors = torch._C._nn.flatten_dense_tensors
+"""The given tensors joined into one new flat tensor, in order (its inverse's partner)."""
+
 
 def is_functorch_wrapped(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a ``torch.func`` transform's wrapper (grad, vmap, jvp)."""
     return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def in_functorch_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (grad, vmap, jvp, functionalize)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:

@@ -7,20 +7,12 @@ import torch
 from torch import Tensor
 
 from ..core import distributed
+from ..core.blocks import BLOCK, JOIN_BELOW, equal_scalars, runs
 from ..core.compat import unflatten_dense_tensors
 from .kernels import run_stacked, run_update
 from .protocol import Work
 
-__all__ = ["GATHER_BELOW", "GATHER_CHUNK", "Batch", "all_contiguous", "back_to_back", "plan_batches"]
-
-GATHER_BELOW = 1 << 15
-"""Compiled: params with fewer elements than this that do not lie back to back with others step
-together, copied into scratch space and back: below ~25k elements the copies (~1.5 ns per element for
-Adam's param, grad and state, both ways) cost less than a call of its own (~30-50 us; measured, one
-thread, torch 2.13)."""
-
-GATHER_CHUNK = 1 << 18
-"""The most elements one gathered call steps (bounds the scratch buffer)."""
+__all__ = ["Batch", "all_contiguous", "back_to_back", "plan_batches"]
 
 
 class Batch:
@@ -62,7 +54,7 @@ class Batch:
             scratch = self._scratch.get(key)
             if scratch is None or scratch.numel() < size:
                 scratch = self._scratch[key] = torch.empty(
-                    max(size, GATHER_CHUNK), dtype=tensors[0].dtype, device=tensors[0].device
+                    max(size, BLOCK), dtype=tensors[0].dtype, device=tensors[0].device
                 )
             if self.flat:
                 joined = scratch[:size]
@@ -104,7 +96,7 @@ def plan_batches(
 
     A batch holds params of one kind (device, dtype, state layout; and shape unless element-wise):
     params that lie back to back in one storage, or small ones (to be copied), at most
-    :data:`GATHER_CHUNK` elements of them. Element-wise batches also hold equal per-tensor scalars
+    :data:`BLOCK` elements of them. Element-wise batches also hold equal per-tensor scalars
     (``step``; one host read per key and kind): they step as one flat tensor. DTensors step eagerly."""
     by_kind: dict[tuple, list[int]] = {}
     alone, eager = [], []
@@ -124,29 +116,19 @@ def plan_batches(
         scalar_keys = (
             tuple(key for key, value in item.states[members[0]].items() if value.dim() == 0) if elementwise else ()
         )
-        for group in _equal_scalars(item, members, scalar_keys):
+        for group in equal_scalars(item.states, members, scalar_keys):
             small = []
             for run in _runs_in_memory(item.params, group):
                 if len(run) > 1:
                     batches.append(Batch(run, elementwise, scalar_keys, scratch))
                 else:
-                    (small if item.params[run[0]].numel() < GATHER_BELOW else alone).append(run[0])
-            for chunk in _chunks(item.params, small):
+                    (small if item.params[run[0]].numel() < JOIN_BELOW else alone).append(run[0])
+            for chunk in ([small[j] for j in run] for run in runs([item.params[i].numel() for i in small], BLOCK)):
                 if len(chunk) > 1:
                     batches.append(Batch(chunk, elementwise, scalar_keys, scratch))
                 else:
                     alone += chunk
     return batches, alone, eager
-
-
-def _equal_scalars(item: Work, members: list[int], keys: tuple[str, ...]) -> list[list[int]]:
-    if not keys or len(members) == 1:
-        return [members]
-    values = [torch.stack([item.states[i][k] for i in members]).tolist() for k in keys]
-    by_value: dict[tuple, list[int]] = {}
-    for position, i in enumerate(members):
-        by_value.setdefault(tuple(v[position] for v in values), []).append(i)
-    return list(by_value.values())
 
 
 def _runs_in_memory(params: list[Tensor], members: list[int]) -> list[list[int]]:
@@ -174,14 +156,3 @@ def back_to_back(tensors: list[Tensor]) -> Tensor | None:
     if end > storage.data_ptr() + storage.nbytes():  # adjacent allocations, not one storage
         return None
     return first.as_strided(((end - first.data_ptr()) // first.element_size(),), (1,))
-
-
-def _chunks(params: list[Tensor], indices: list[int]) -> list[list[int]]:
-    chunks, chunk, size = [], [], 0
-    for i in indices:
-        if chunk and size + params[i].numel() > GATHER_CHUNK:
-            chunks.append(chunk)
-            chunk, size = [], 0
-        chunk.append(i)
-        size += params[i].numel()
-    return chunks + [chunk] if chunk else chunks

@@ -23,18 +23,18 @@ from torch import Tensor
 
 from ..core import distributed
 from ..core.algorithm import Algorithm
+from ..core.blocks import BLOCK, JOIN_BELOW
 from ..core.compat import cpp_compiler_available
 from ..core.config import Config
 from ..core.scalars import is_zero
-from .batching import GATHER_BELOW, GATHER_CHUNK
 from .protocol import Engine, Work
 from .torch_engine import TORCH_KERNELS, TorchEngine
 from .update_engine import UpdateEngine
 
 __all__ = [
     "ENGINES",
-    "GATHER_BELOW",
-    "GATHER_CHUNK",
+    "BLOCK",
+    "JOIN_BELOW",
     "TORCH_KERNELS",
     "Engine",
     "TorchEngine",

@@ -35,7 +35,7 @@ class UpdateEngine:
     * params that lie back to back in one buffer (an explicit contiguous layout, see
       :func:`optorch.contiguous`) step as one tensor, without a copy: element-wise algorithms on the
       flat memory, others on a stack of same-shaped params (each reducing over its own slice);
-    * other params below :data:`GATHER_BELOW` elements are copied into scratch space this engine
+    * other params below :data:`JOIN_BELOW` elements are copied into scratch space this engine
       owns, stepped as one and copied back;
     * the rest step one call each.
 
