@@ -100,6 +100,18 @@ def test_joined_results_do_not_alias():
     assert all(float(s) == 0 for s in state["step"])
 
 
+def test_joined_results_save_with_safetensors():
+    """Views of one block, not overlapping: safetensors saves and loads each as a tensor of its own."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    params = {"w": torch.randn(3, 4), "b": torch.randn(4), "big": torch.randn(blocks.JOIN_BELOW)}
+    state = registry.get("adamw").init(params, None)
+    with torch.no_grad():
+        new, _ = registry.get("adamw").step(params, {k: torch.randn_like(v) for k, v in params.items()}, state, None)
+    assert new["w"].untyped_storage().data_ptr() == new["b"].untyped_storage().data_ptr()
+    loaded = safetensors.load(safetensors.save(new))
+    assert loaded.keys() == new.keys() and all(torch.equal(loaded[k], new[k]) for k in new)
+
+
 def test_not_joined_while_recording_or_transformed():
     """A step autograd records, or one inside a torch.func transform, runs the plain per-tensor ops."""
     algorithm, calls = _counting(registry.get("adam"))
