@@ -28,6 +28,7 @@ Two extensions cover algorithms that are not purely element-wise:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import blocks, ops
+from . import ops, stepping
 from .compat import pytree
 from .config import Config
 from .distributed import full
@@ -239,14 +240,16 @@ class Algorithm:
 
         params = [param for _, param in path_leaves]
         leaf_states = [{key: buffers[key][i] for key in keys} for i in range(len(params))]
-        stepping = [i for i, grad in enumerate(grad_leaves) if grad is not None]
-        work = ([params[i] for i in stepping], [grad_leaves[i] for i in stepping], [leaf_states[i] for i in stepping])
-        if self.shared is None and self.is_elementwise(config) and blocks.eligible(*work):
-            results = blocks.step_in_blocks(*work, lambda p, g, s: apply_update(self.update, p, g, s, config))
+        moving = [i for i, grad in enumerate(grad_leaves) if grad is not None]
+        work = ([params[i] for i in moving], [grad_leaves[i] for i in moving], [leaf_states[i] for i in moving])
+        if self.shared is None and self.is_elementwise(config) and stepping.eligible(*work):
+            results = stepping.step_in_blocks(*work, lambda p, g, s: apply_update(self.update, p, g, s, config))
+        elif self.shared is None and stepping.traceable_once(*work[:2]):
+            results = stepping.step_traced_once(*work, functools.partial(apply_update, self.update), config)
         else:
             results = [apply_update(self.update, p, g, s, config, *shared) for p, g, s in zip(*work)]
         new_params, new_leaf_states, contributions = list(params), list(leaf_states), []
-        for i, (new_param, new_leaf_state, *contribution) in zip(stepping, results):
+        for i, (new_param, new_leaf_state, *contribution) in zip(moving, results):
             new_params[i], new_leaf_states[i] = new_param, new_leaf_state
             contributions += contribution
         new_state = _transpose(new_leaf_states, keys, spec)

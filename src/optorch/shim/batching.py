@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from ..core import distributed
-from ..core.blocks import BLOCK, JOIN_BELOW, equal_scalars, runs
 from ..core.compat import unflatten_dense_tensors
+from ..core.stepping import BLOCK, JOIN_BELOW, equal_scalars, runs
 from .kernels import run_stacked, run_update
 from .protocol import Work
 

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from ..core import distributed
 from ..core.algorithm import Algorithm
-from ..core.blocks import BLOCK, JOIN_BELOW
 from ..core.compat import cpp_compiler_available
 from ..core.config import Config
 from ..core.scalars import is_zero
+from ..core.stepping import BLOCK, JOIN_BELOW
 from .protocol import Engine, Work
 from .torch_engine import TORCH_KERNELS, TorchEngine
 from .update_engine import UpdateEngine

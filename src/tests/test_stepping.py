@@ -1,4 +1,4 @@
-"""The pure step's joined evaluation (core/blocks.py) against the per-tensor loop it replaces.
+"""The pure step's joined evaluation (core/stepping.py) against the per-tensor loop it replaces.
 
 Table-driven over the registry: every element-wise algorithm, every flag combination of its grid, in
 float64 and float32, with params of many shapes and sizes and some params missing gradients (so
@@ -15,10 +15,11 @@ import pydantic
 import pytest
 import torch
 
+import optorch
 from optorch import registry
-from optorch.core import blocks
+from optorch.core import stepping
 
-SHAPES = [(3, 4), (7,), (5, 2, 3), (), (1,), (blocks.JOIN_BELOW + 5,), (300,), (2, 0)]
+SHAPES = [(3, 4), (7,), (5, 2, 3), (), (1,), (stepping.JOIN_BELOW + 5,), (300,), (2, 0)]
 STEPS = 9
 
 
@@ -55,7 +56,7 @@ def _counting(algorithm):
 def _run(algorithm, config, dtype, joined, monkeypatch):
     with monkeypatch.context() as patch:
         if not joined:
-            patch.setattr(blocks, "eligible", lambda *args: False)
+            patch.setattr(stepping, "eligible", lambda *args: False)
         generator = torch.Generator().manual_seed(0)
         params = [torch.randn(shape, dtype=dtype, generator=generator) for shape in SHAPES]
         state = algorithm.init(params, config)
@@ -103,7 +104,7 @@ def test_joined_results_do_not_alias():
 def test_joined_results_save_with_safetensors():
     """Views of one block, not overlapping: safetensors saves and loads each as a tensor of its own."""
     safetensors = pytest.importorskip("safetensors.torch")
-    params = {"w": torch.randn(3, 4), "b": torch.randn(4), "big": torch.randn(blocks.JOIN_BELOW)}
+    params = {"w": torch.randn(3, 4), "b": torch.randn(4), "big": torch.randn(stepping.JOIN_BELOW)}
     state = registry.get("adamw").init(params, None)
     with torch.no_grad():
         new, _ = registry.get("adamw").step(params, {k: torch.randn_like(v) for k, v in params.items()}, state, None)
@@ -137,4 +138,81 @@ def test_not_joined_while_recording_or_transformed():
     [([], 4, []), ([1, 2, 3], 3, [[0, 1], [2]]), ([5, 1], 3, [[0], [1]]), ([1, 1, 1], 10, [[0, 1, 2]])],
 )
 def test_runs(sizes, limit, expected):
-    assert blocks.runs(sizes, limit) == expected
+    assert stepping.runs(sizes, limit) == expected
+
+
+# -- traced once under torch.compile ----------------------------------------------------------------
+
+
+def _graph_of(step, *args):
+    """The one FX graph ``torch.compile(step, fullgraph=True)`` makes of ``step(*args)``, and its result."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    result = torch.compile(step, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    return graphs[0], result
+
+
+def _regions(graph):
+    calls = [n for n in graph.graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)]
+    return len(calls), len({n.args[0].target for n in calls})
+
+
+TRACED = [pytest.param(name, id=name) for name in registry.names() if registry.get(name).shared is None]
+
+
+@pytest.mark.parametrize("name", TRACED)
+def test_compiled_pure_step_traces_each_kind_of_param_once(name):
+    """Six params of two shapes: two traced regions, stamped six times; the numbers are the per-tensor
+    loop's (float64, the compiled graph run by Dynamo's eager backend), step counts apart included."""
+    algorithm = registry.get(name)
+    config = algorithm.as_config(None)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (3, 4), (5,), (3, 4), (5,)]
+    params = [torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes]
+    state = algorithm.init(params, config)
+    for k in range(3):  # counts part ways: param 1 misses two grads
+        grads = [torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes]
+        grads[1] = grads[1] if k == 2 else None
+        with torch.no_grad():
+            params, state = algorithm.step(params, grads, state, config)
+    grads = [torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes]
+    with torch.no_grad():
+        graph, (new_params, new_state) = _graph_of(algorithm.step, params, grads, state, config)
+        expected_params, expected_state = algorithm.step(params, grads, state, config)
+    assert _regions(graph) == (6, 2)
+    for new, old in zip(new_params, expected_params):
+        torch.testing.assert_close(new, old, rtol=0, atol=1e-15)
+    for key in expected_state:
+        for new, old in zip(new_state[key], expected_state[key]):
+            torch.testing.assert_close(new, old, rtol=0, atol=1e-15)
+
+
+def test_compiled_pure_step_takes_tensor_hyperparameters_as_inputs():
+    """inject_hyperparams' lr and beta1 are tensors of the graph: they enter the region as inputs, a
+    new value never recompiles, and the result is eager's."""
+    algorithm = registry.get("adam")
+    stepper = optorch.inject_hyperparams(
+        algorithm, algorithm.config(), lr=lambda t: 0.1 / (1 + t), betas=(lambda t: 0.9 - 0.01 * t, None)
+    )
+    params = [torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    state = stepper.init(params)
+    compiled = torch.compile(stepper.step, fullgraph=True, backend="eager")
+    eager_params, eager_state = params, state
+    torch._dynamo.reset()
+    for _ in range(4):
+        grads = [torch.randn(4, dtype=torch.float64) for _ in params]
+        with torch.no_grad():
+            params, state = compiled(params, grads, state)
+            eager_params, eager_state = stepper.step(eager_params, grads, eager_state)
+    from torch._dynamo.utils import counters
+
+    assert not counters["recompiles"]
+    for new, old in zip(params, eager_params):
+        torch.testing.assert_close(new, old, rtol=0, atol=1e-15)

@@ -1,0 +1,200 @@
+"""How the pure step runs its per-tensor updates: joined into blocks eagerly (CPU), each traced once
+under ``torch.compile``. Both give the per-tensor loop's numbers.
+
+**Joined blocks.** An element-wise update is the same function of each element, so it may run on any
+slicing of the elements. :func:`step_in_blocks` joins small parameters whose per-tensor scalars
+(``step``, NAdam's ``mu_product``, ...) are equal into flat blocks of up to :data:`BLOCK` elements and
+runs the update once per block: two thousand 1k-element params cost a few dozen Python-level updates
+instead of two thousand (each ~30 us, against ~1 ns per element of Adam's math). The new tensors of a
+block's params are views of the block's results; each keeps scalars of its own. Large params step
+alone. Grouping reads the scalars on the host, which is free on CPU only: other devices keep the
+per-tensor loop, as do autograd and ``torch.func`` transforms (a step being differentiated builds its
+graph from the plain ops) and ``torch.compile`` (Inductor fuses the ops itself).
+
+**Traced once.** Under ``torch.compile``, Dynamo traces the Python of every tensor's update again:
+~250 ms a tensor, most of the minute a 200-tensor step took to compile (measured, torch 2.13).
+:func:`step_traced_once` calls each update through one ``torch.compiler.nested_compile_region``, which
+Dynamo traces once per kind of input (shape, dtype, strides) and stamps out for the rest, keeping
+``fullgraph=True`` and each tensor's own step count. A region's inputs may be tensors, constants and
+modules only, so the update and its config reach it through a module (:data:`_SLOT`), and the config's
+tensor hyperparameters (``inject_hyperparams``' schedules) as inputs. torch 2.13
+cannot reuse a region over symbolic sizes (``dynamic=True``): those steps keep the plain loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .compat import flatten_dense_tensors, in_functorch_transform, pytree, unflatten_dense_tensors
+from .config import Config
+
+__all__ = [
+    "BLOCK",
+    "JOIN_BELOW",
+    "eligible",
+    "equal_scalars",
+    "runs",
+    "step_in_blocks",
+    "step_traced_once",
+    "traceable_once",
+]
+
+BLOCK = 1 << 18
+"""The most elements one joined update steps (1 MB of float32 per buffer): past ~30k elements a
+tensor's own update costs less than copying it in and out of a joined one."""
+
+JOIN_BELOW = 1 << 15
+"""Params with fewer elements than this are joined: below ~25k elements the copies (~1.5 ns per element
+for Adam's param, grad and state) cost less than an update call of their own (~30 us; measured, one
+thread, torch 2.13)."""
+
+LeafState = dict[str, Tensor]
+One = Callable[[Tensor, Tensor, LeafState], tuple]
+
+
+def eligible(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState]) -> bool:
+    """Whether a pure step over these leaves may join them (see the module docs)."""
+    if torch.compiler.is_compiling() or in_functorch_transform() or not params:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for s in states for t in (*s.values(),)):
+        return False
+    return all(
+        type(p) is Tensor and type(g) is Tensor and p.is_cpu and not (p.requires_grad and torch.is_grad_enabled())
+        for p, g in zip(params, grads)
+    )
+
+
+def _joinable(param: Tensor, grad: Tensor, state: LeafState) -> bool:
+    if param.numel() >= JOIN_BELOW or param.is_complex() or not (param.is_contiguous() and grad.is_contiguous()):
+        return False
+    return grad.dtype == param.dtype and all(
+        v.dim() == 0 or (v.shape == param.shape and v.is_contiguous()) for v in state.values()
+    )
+
+
+def step_in_blocks(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState], one: One
+) -> list[tuple[Tensor, LeafState]]:
+    """New ``(param, state)`` of each leaf, as ``one(param, grad, state)`` (an element-wise update on one
+    tensor) gives them; ``one`` also steps each joined block."""
+    results: list = [None] * len(params)
+    kinds: dict[tuple, list[int]] = {}
+    for i, (param, grad, state) in enumerate(zip(params, grads, states)):
+        if _joinable(param, grad, state):
+            layout = tuple((k, v.dtype, v.dim() > 0) for k, v in state.items())
+            kinds.setdefault((param.dtype, layout), []).append(i)
+        else:
+            results[i] = one(param, grad, state)
+    for members in kinds.values():
+        scalar_keys = [k for k, v in states[members[0]].items() if v.dim() == 0]
+        for group in equal_scalars(states, members, scalar_keys):
+            for run in runs([params[i].numel() for i in group], BLOCK):
+                run = [group[j] for j in run]
+                joined = _joined([params[i] for i in run], [grads[i] for i in run], [states[i] for i in run], one)
+                for i, result in zip(run, joined):
+                    results[i] = result
+    return results
+
+
+def _joined(params, grads, states, one) -> list[tuple[Tensor, LeafState]]:
+    if len(params) == 1:
+        return [one(params[0], grads[0], states[0])]
+    joined_state = {
+        k: v if v.dim() == 0 else flatten_dense_tensors([s[k] for s in states]) for k, v in states[0].items()
+    }
+    new_param, new_state = one(flatten_dense_tensors(params), flatten_dense_tensors(grads), joined_state)
+    # each leaf gets scalars of its own (one storage, no aliasing), as the per-tensor loop gives them
+    pieces = {
+        k: unflatten_dense_tensors(v, params) if v.dim() > 0 else v.expand(len(params)).clone().unbind()
+        for k, v in new_state.items()
+    }
+    return [(p, {k: v[j] for k, v in pieces.items()}) for j, p in enumerate(unflatten_dense_tensors(new_param, params))]
+
+
+def equal_scalars(states: Sequence[LeafState], members: list[int], keys: Sequence[str]) -> list[list[int]]:
+    """``members`` grouped by the values of their 0-dim state entries ``keys`` (one host read per key)."""
+    if not keys or len(members) == 1:
+        return [members]
+    values = [torch.stack([states[i][k] for i in members]).tolist() for k in keys]
+    by_value: dict[tuple, list[int]] = {}
+    for position, i in enumerate(members):
+        by_value.setdefault(tuple(v[position] for v in values), []).append(i)
+    return list(by_value.values())
+
+
+def runs(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Positions ``0..len(sizes)-1`` cut, in order, into runs of at most ``limit`` elements in all (a
+    size past the limit runs alone)."""
+    cut, run, total = [], [], 0
+    for i, size in enumerate(sizes):
+        if run and total + size > limit:
+            cut.append(run)
+            run, total = [], 0
+        run.append(i)
+        total += size
+    return cut + [run] if run else cut
+
+
+class _Slot(torch.nn.Module):
+    """What the traced region reads besides its tensors: the update, and the config with its tensor
+    hyperparameters taken out (a schedule's lr in ``inject_hyperparams``; they enter as inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.update: Callable[..., tuple] | None = None
+        self.config: Config | None = None
+        self.tensor_fields: tuple[str, ...] = ()
+        self.spec: Any = None
+
+
+_SLOT = _Slot()
+
+
+@torch.compiler.nested_compile_region
+def _region(
+    slot: _Slot, keys: tuple[str, ...], n_hyper: int, param: Tensor, grad: Tensor, *inputs: Tensor
+) -> tuple[Tensor, ...]:
+    hyper, values = inputs[:n_hyper], inputs[n_hyper:]
+    tensors = pytree.tree_unflatten(list(hyper), slot.spec) if n_hyper else {}
+    config = slot.config.unchecked(**tensors) if tensors else slot.config
+    new_param, new_state = slot.update(param, grad, dict(zip(keys, values)), config)
+    # a region may not return its inputs (an unchanged state entry): those come back as copies
+    inputs = (param, grad, *inputs)
+    return tuple(o.clone() if any(o is i for i in inputs) else o for o in (new_param, *(new_state[k] for k in keys)))
+
+
+def traceable_once(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """Whether a compiled pure step may trace its update once (see the module docs)."""
+    return torch.compiler.is_compiling() and all(
+        type(t) is Tensor and all(isinstance(d, int) for d in t.shape) for t in (*params, *grads)
+    )
+
+
+def step_traced_once(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[LeafState],
+    update: Callable[..., tuple],
+    config: Config,
+) -> list[tuple[Tensor, LeafState]]:
+    """New ``(param, state)`` of each leaf, as ``update(param, grad, state, config)`` (without shared
+    state) gives them, each call a stamp of one traced region."""
+    # the fields' values as stored (Dynamo cannot trace pydantic's field table, hyperparameters())
+    tensors = {k: v for k, v in vars(config).items() if _holds_tensor(v)}
+    hyper, spec = pytree.tree_flatten(tensors)
+    _SLOT.update, _SLOT.spec = update, spec
+    _SLOT.config = config.unchecked(**dict.fromkeys(tensors)) if tensors else config
+    results = []
+    for param, grad, state in zip(params, grads, states):
+        keys = tuple(state)
+        new_param, *values = _region(_SLOT, keys, len(hyper), param, grad, *hyper, *state.values())
+        results.append((new_param, dict(zip(keys, values))))
+    return results
+
+
+def _holds_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor) or (isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value))
