@@ -16,6 +16,7 @@ import torch
 from ..algorithms import registry
 from ..shim import engines
 from . import recorded, verify_checks
+from .references import REFERENCES, reference_optimizer
 from .verify_checks import (
     Result,
     _dtype,
@@ -28,7 +29,7 @@ from .verify_checks import (
     check_recorded,
     check_reduction,
 )
-from .verify_grids import REFERENCE_PACKAGES, cover, flag_grid, label, most_flags
+from .verify_grids import cover, flag_grid, label, most_flags
 from .verify_problem import PATHS, paths_for
 from .verify_rule import DTYPES
 
@@ -196,8 +197,9 @@ def _plan_algorithm(
             checks.append(Check(kind, name, case, path, dtype, device, steps, intermittent))
 
     missing = None
-    if algorithm.grid is not None and algorithm.reference_optimizer() is None:
-        missing = f"reference not installed (pip install {REFERENCE_PACKAGES.get(name, 'its reference package')}): its grid is not checked"
+    if algorithm.grid is not None and reference_optimizer(algorithm) is None:
+        package = REFERENCES[name].package if name in REFERENCES else "its reference package"
+        missing = f"reference not installed (pip install {package}): its grid is not checked"
     elif algorithm.grid is not None:
         cases = [
             (tuple(sorted((k, v) for k, v in config.items() if k != "name")), intermittent)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..algorithms import registry
 from ..builder import build
+from .references import reference_optimizer
 
 
 class Setting(NamedTuple):
@@ -178,7 +179,7 @@ def _run_groups(make_optimizer, config: dict[str, Any], setting: Setting) -> Tra
 
 
 def _run_torch(name: str, config: dict[str, Any], setting: Setting, **flags: Any) -> Trajectory:
-    torch_class = registry.get(name).reference_optimizer()
+    torch_class = reference_optimizer(registry.get(name))
     if torch_class is None:
         raise ValueError(f"{name} has no reference implementation installed to verify against")
     hyperparameters = {k: v for k, v in config.items() if k != "name"}
