@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..core.config import Count, Flag, Number
 from ..core.errors import shown, suggest
+from ..core.scalars import half_cosine
 from . import window as window_math
 from .base import (
     Constant,
@@ -28,7 +29,6 @@ from .base import (
     Value,
     WarmupStableDecay,
     _clip,
-    _cos,
     _floor,
     _log,
     _ones,
@@ -158,7 +158,7 @@ class CosineWarmRestarts(Schedule):
             n = _where(s < start(n), n - 1, n)
             n = _where(s >= start(n + 1), n + 1, n)
             t_cur, t_i = s - start(n), t0 * m**n
-        return self.end_value + (self.init_value - self.end_value) * (1 + _cos(math.pi * t_cur / t_i)) / 2
+        return half_cosine(self.init_value, self.end_value, math.pi * t_cur / t_i)
 
 
 class OneCycle(Schedule):
@@ -204,7 +204,8 @@ class OneCycle(Schedule):
 
     def _anneal(self, start: float, end: float, pct):
         if self.anneal_strategy == "cos":
-            return end + (start - end) / 2.0 * (_cos(math.pi * pct) + 1)
+            # torch's OneCycleLR writes (start - end) / 2 * (cos + 1): the same number, halving is exact
+            return half_cosine(start, end, math.pi * pct)
         return (end - start) * pct + start
 
     def _value(self, s):

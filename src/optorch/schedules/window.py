@@ -15,14 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.scalars import cos
+
 __all__ = ["check_keys", "window"]
 
 check_keys: Callable[[dict[str, Any]], None] | None = None
 """Validates a dict of ``window*`` keys, raising ``pydantic.ValidationError`` (set by ``optorch.autosgm``)."""
-
-
-def _cos(v: Any) -> Any:
-    return torch.cos(v) if isinstance(v, Tensor) else math.cos(v)
 
 
 def _ceil(v: Any) -> Any:
@@ -47,7 +45,7 @@ def _shape(kind: int, f: Any, n: Any, stairs: int) -> Any:
     i = _at_least_one(_ceil(stairs * f))
     r = stairs * f - i + 1
     if kind == 1:  # raised cosine
-        s = _cos(math.pi * r / 2) ** n
+        s = cos(math.pi * r / 2) ** n
     elif kind == 3:  # exponential, base n
         s = (n**r - n) / (1 - n)
     elif kind == 4:  # simple polynomial
