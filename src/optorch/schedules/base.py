@@ -132,7 +132,7 @@ FIELD_DESCRIPTIONS: dict[str, str] = {
     "window_flat_top": "fraction of the window held flat at its top",
 }
 """What a schedule's field means, by name: the same in every schedule that has it (AutoSGM's window
-keys: their ``rc_cfg`` places are in the autosgm algorithm's table)."""
+keys: their ``rc_cfg`` places are in :class:`~optorch.schedules.window.WindowKeys`)."""
 
 
 class Schedule(BaseModel):

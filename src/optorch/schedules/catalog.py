@@ -305,6 +305,8 @@ class AutosgmWindow(Schedule):
     out. The window math is :mod:`optorch.schedules.window`, which AutoSGM steps with too."""
 
     name: Literal["autosgm_window"] = "autosgm_window"
+    # WindowKeys' keys typed as a schedule's: numbers only (a schedule holds no tensor), the kind
+    # required, no window_sequence; their rules are WindowKeys' own (_valid_for_autosgm)
     window: Count
     init_value: Value = 1.0
     window_floor: Number = 0.0
@@ -318,7 +320,7 @@ class AutosgmWindow(Schedule):
     @model_validator(mode="after")
     def _valid_for_autosgm(self):
         try:
-            window_math.check_keys(self.model_dump(exclude={"name", "init_value"}))
+            window_math.WindowKeys(**self.model_dump(exclude={"name", "init_value"}))
         except ValidationError as error:  # re-raised as a ValueError so that pydantic names this class
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors()
