@@ -4,6 +4,7 @@ kernel, a reduction, a recording, an estimate in low precision."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -14,7 +15,7 @@ from ..builder import build
 from . import recorded
 from .verify_grids import label
 from .verify_problem import Setting, Trajectory, path_runner, pure_one_group, run_reference, train_one_group
-from .verify_rule import FLOAT64_COMPILED_REDUCTION_TOLERANCE, FLOAT64_TOLERANCE, judge, max_abs_diff
+from .verify_rule import FLOAT64_COMPILED_REDUCTION_TOLERANCE, FLOAT64_TOLERANCE, Judgement, judge, max_abs_diff
 
 
 @dataclass(frozen=True)
@@ -103,15 +104,20 @@ def check(
     limit = _float64_limit(algorithm, engine, config)
     run = path_runner(algorithm.name, engine)
     judgement = judge(lambda s: run(config, s), _GridReference(algorithm.name, items), setting, float64_tolerance=limit)
-    return Result(
-        algorithm.name,
-        label({"name": algorithm.name, **config}, intermittent),
-        steps,
-        dtype_name(setting.dtype),
-        device,
-        path_label(engine),
-        *judgement,
+    return _result(
+        algorithm.name, label({"name": algorithm.name, **config}, intermittent), setting, path_label(engine), judgement
     )
+
+
+def _result(name: str, flags: str, setting: Setting, path: str, judgement: Judgement) -> Result:
+    return Result(name, flags, setting.steps, dtype_name(setting.dtype), setting.device, path, *judgement)
+
+
+def _one_group_candidate(name: str, config: dict[str, Any], engine: str) -> Callable[[Setting], Trajectory]:
+    """The pure stepper or the shim's ``engine`` on all trainable params as one param group."""
+    if engine == "pure":
+        return functools.partial(pure_one_group, name, config)
+    return functools.partial(train_one_group, lambda ps: build({"name": name, **config}, ps, engine=engine), None)
 
 
 def _float64_limit(algorithm, engine: str, config: dict[str, Any]) -> float:
@@ -148,15 +154,7 @@ def check_kernel(
         _GridReference(name, tuple(sorted(config.items()))),
         setting,
     )
-    return Result(
-        name,
-        label({"name": name, **config}, intermittent),
-        steps,
-        dtype_name(setting.dtype),
-        device,
-        "torch:fused",
-        *judgement,
-    )
+    return _result(name, label({"name": name, **config}, intermittent), setting, "torch:fused", judgement)
 
 
 class _ReductionReference(NamedTuple):
@@ -194,22 +192,10 @@ def check_reduction(
     algorithm = registry.get(name)
     reduction = find_reduction(algorithm.name, label)
     setting = Setting(steps, as_dtype(dtype), device)
-    if engine == "pure":
-        candidate = functools.partial(pure_one_group, algorithm.name, dict(reduction.config))
-    else:
-        config = {"name": algorithm.name, **reduction.config}
-        candidate = functools.partial(train_one_group, lambda ps: build(config, ps, engine=engine), None)
+    candidate = _one_group_candidate(algorithm.name, dict(reduction.config), engine)
     limit = _float64_limit(algorithm, engine, reduction.config)
     judgement = judge(candidate, _ReductionReference(algorithm.name, label), setting, float64_tolerance=limit)
-    return Result(
-        algorithm.name,
-        f"= {reduction.optimizer}: {label}",
-        steps,
-        dtype_name(setting.dtype),
-        device,
-        path_label(engine),
-        *judgement,
-    )
+    return _result(algorithm.name, f"= {reduction.optimizer}: {label}", setting, path_label(engine), judgement)
 
 
 def check_recorded(name: str, case_id: str, *, engine: str = "pure") -> Result:
@@ -272,15 +258,10 @@ def check_estimated(
     setting = Setting(steps, as_dtype(dtype), device, intermittent)
     if setting.dtype == torch.float64:
         raise ValueError("check_estimated judges low precision; in float64, check_recorded compares with the recording")
-    if engine == "pure":
-        candidate = functools.partial(pure_one_group, algorithm.name, config)
-    else:
-        candidate = functools.partial(
-            train_one_group, lambda ps: build({"name": algorithm.name, **config}, ps, engine=engine), None
-        )
+    candidate = _one_group_candidate(algorithm.name, config, engine)
     judgement = judge(candidate, _PureReference(algorithm.name, case_id), setting, live=False)
     flags = f"recorded: {case_id}{' +none-grads' if intermittent else ''}"
-    return Result(algorithm.name, flags, steps, dtype_name(setting.dtype), device, path_label(engine), *judgement)
+    return _result(algorithm.name, flags, setting, path_label(engine), judgement)
 
 
 def available_devices() -> list[str]:
