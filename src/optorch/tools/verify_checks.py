@@ -208,7 +208,7 @@ def check_recorded(name: str, case_id: str, *, engine: str = "pure") -> Result:
         recorded.replay(algorithm.name, case, engine),
         recorded.expected(algorithm.name, case, torch.get_default_dtype()),
     )
-    limit = _float64_limit(algorithm, engine, {k: v for k, v in recorded.config(case).items() if k != "name"})
+    limit = _float64_limit(algorithm, engine, _recorded_config(algorithm.name, case_id))
     return Result(
         algorithm.name,
         f"recorded: {case_id}",
