@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from test_shim import loss_at, make_model, params_of, through_bytes, train
 
 import optorch
-from optorch.tools import verify
+from optorch.tools import references, verify
 
 ADOPT = pytest.importorskip("adopt").ADOPT
-Reference = optorch.adopt.reference()
+Reference = references.torch_adopt()
 EXECUTION_FLAGS = {"foreach", "fused", "capturable", "differentiable"}
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_compiling.*:UserWarning")  # torch-adopt on torch 2.13

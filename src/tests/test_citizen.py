@@ -28,6 +28,7 @@ from torch import nn
 import optorch
 from optorch.algorithms import registry
 from optorch.core.algorithm import SHARED_KEY
+from optorch.tools import references
 
 TOLERANCE = 1e-12  # float64, the shim's engines against the reference
 ALGORITHMS = ["rmsprop", "adopt", "dag", "lars", "adafactor", "adam", "sgd"]
@@ -108,7 +109,7 @@ def build(name: str, model: nn.Module, engine: str):
 
 
 def reference(name: str, model: nn.Module):
-    cls = registry.get(name).reference_optimizer()
+    cls = references.reference_optimizer(registry.get(name))
     if cls is None:
         return PureReference(model.parameters(), name, CONFIGS[name])
     return cls(model.parameters(), **CONFIGS[name])

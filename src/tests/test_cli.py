@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -12,9 +11,8 @@ import pytest
 import torch
 
 import optorch
-from optorch.algorithms import registry
 from optorch.shim import engines
-from optorch.tools import cli, verify, verify_checks, verify_plan, verify_problem, verify_rule
+from optorch.tools import cli, references, verify, verify_checks, verify_plan, verify_problem, verify_rule
 
 SMALL = [
     "verify",
@@ -104,7 +102,7 @@ def test_a_crashing_check_is_reported_and_the_run_goes_on(capsys, monkeypatch):
 
 def test_the_summary_names_what_is_skipped_and_why(capsys, monkeypatch):
     monkeypatch.setattr(engines, "compiler_available", lambda: False)
-    monkeypatch.setitem(registry.ALGORITHMS, "lars", dataclasses.replace(registry.get("lars"), reference=lambda: None))
+    monkeypatch.setitem(references.REFERENCES, "lars", references.Reference("pytorch_optimizer", lambda: None))
     assert (
         cli.main(
             [

@@ -332,10 +332,10 @@ def _judged_in_float64(config, candidate_config, nudge=None):
     the compiled engine on an algorithm that reduces is judged."""
     setting = verify_problem.Setting(steps=100)
     reference = verify_checks._GridReference("adafactor", tuple(sorted(config.items())))
-    candidate = lambda s: verify_problem._run_torch(
+    candidate = lambda s: verify_problem.run_reference(
         "adafactor", candidate_config, s._replace(nudge=nudge, inputs=torch.float64 if nudge is not None else None)
     )
-    return verify_rule._judge(
+    return verify_rule.judge(
         candidate, reference, setting, float64_tolerance=verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE
     )
 

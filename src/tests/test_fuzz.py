@@ -201,15 +201,7 @@ def test_random_configs_build_and_step_correctly_or_fail_clearly(name, data):
     # init fails for a state filled from a value finite in float64 (these params) but not in float32.
     assume(isinstance(filled, torch.Tensor) or abs(filled) <= torch.finfo(torch.float32).max)
     init = named_params()
-    optimizer = builder.assemble(
-        list(init.items()),
-        parsed.algorithm,
-        parsed.config,
-        engine="eager",
-        schedules=parsed.schedules,
-        settings=parsed.settings,
-        rules=parsed.rules,
-    )
+    optimizer = builder.assemble(list(init.items()), parsed, engine="eager")
     ref = reference(name, config, init)
     for i in range(3):
         grads = smooth_grads(init, i)

@@ -1,5 +1,5 @@
 """LARS: hand-checked steps, and live comparisons with pytorch_optimizer's LARS where our conventions
-differ from it (where they agree, test_equivalence checks the grid through ``Algorithm.reference``)."""
+differ from it (where they agree, test_equivalence checks the grid through ``optorch.tools.references``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pytorch_optimizer import LARS as TheirLARS
 
 import optorch
 from optorch import lars
-from optorch.tools import verify
+from optorch.tools import references, verify
 
 F64 = dict(dtype=torch.float64)
 
@@ -261,7 +261,7 @@ def test_dampening_differs_from_pytorch_optimizer_at_the_first_step_only():
 
 
 def test_reference_adapter_refuses_conventions_it_does_not_share():
-    reference = lars.algorithm.reference_optimizer()
+    reference = references.reference_optimizer(lars.algorithm)
     params = [torch.zeros(2, 2, requires_grad=True)]
     reference(params, lr=0.1, eps=0.0, exclude_1d=True)  # accepted
     for bad in (

@@ -24,12 +24,12 @@ State per parameter, named as torch-adopt's ``state_dict``: ``step``, ``exp_avg`
 
 torch-adopt takes a callable ``clip_lambda(step)``; a config holds numbers only, so ``clip_exponent``
 :math:`e` stands for ``clip_lambda=lambda step: step ** e`` (the default ``0.25`` is torch-adopt's
-default) and ``None`` for ``clip_lambda=None``.
+default) and ``None`` for ``clip_lambda=None`` (the adapter ``optorch verify`` and the tests compare
+through: :func:`optorch.tools.references.torch_adopt`).
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Annotated
 
@@ -41,7 +41,7 @@ from ..core.config import Config as _Config
 from ..core.config import Flag, NonNegative, Probability, Scalar, _bounded
 from ..core.scalars import is_zero
 
-__all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update", "reference"]
+__all__ = ["Config", "init", "step", "algorithm", "init_leaf", "update"]
 
 
 class Config(_Config):
@@ -102,57 +102,6 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: LeafState, config: Co
     return new_param, {"step": new_step, "exp_avg": new_avg, "exp_avg_sq": new_sq}
 
 
-@functools.cache
-def reference() -> type[torch.optim.Optimizer] | None:
-    """torch-adopt's ``ADOPT`` taking ``clip_exponent`` instead of ``clip_lambda`` (None when torch-adopt
-    is not installed): the independent implementation ``optorch verify`` and the tests compare with."""
-    try:
-        from adopt import ADOPT
-    except ImportError:
-        return None
-
-    class ReferenceADOPT(ADOPT):
-        """``adopt.ADOPT`` with ``clip_lambda = lambda step: step ** clip_exponent`` (None: no clip)."""
-
-        def __init__(
-            self,
-            params,
-            lr=1e-3,
-            betas=(0.9, 0.9999),
-            eps=1e-6,
-            clip_exponent=0.25,
-            weight_decay=0.0,
-            decouple=False,
-            *,
-            foreach=None,
-            maximize=False,
-            capturable=False,
-            differentiable=False,
-            fused=None,
-        ):
-            clip_lambda = None if clip_exponent is None else functools.partial(_power, exponent=clip_exponent)
-            super().__init__(
-                params,
-                lr,
-                betas,
-                eps,
-                clip_lambda,
-                weight_decay,
-                decouple,
-                foreach=foreach,
-                maximize=maximize,
-                capturable=capturable,
-                differentiable=differentiable,
-                fused=fused,
-            )
-
-    return ReferenceADOPT
-
-
-def _power(step, exponent):
-    return step**exponent
-
-
 # beta2 near ADOPT's default: with a fast v (0.95) the normalised step stays O(1) as the gradients shrink,
 # and on verify's problem the trajectory turns chaotic near step 90 (one-ulp differences between any two
 # roundings of the same math, e.g. the compiled engine's, grow to 1e-12 by step 100, 5e-4 in float32).
@@ -165,5 +114,5 @@ GRID = Grid(
         "clip_exponent": (0.25, 0.5, None),
     },
 )
-algorithm = Algorithm("adopt", Config, init_leaf, update, grid=GRID, reference=reference)
+algorithm = Algorithm("adopt", Config, init_leaf, update, grid=GRID)
 init, step = algorithm.init, algorithm.step

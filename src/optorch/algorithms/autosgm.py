@@ -50,7 +50,6 @@ parameter's precision (the original keeps lr in float32); 0-dim parameters work;
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -64,8 +63,7 @@ from ..core.config import Config as _Config
 from ..core.config import Count, Flag, NonNegative, Probability, Scalar, UnitInterval
 from ..core.distributed import full
 from ..core.scalars import is_zero
-from ..schedules import window as _window_schedule
-from ..schedules.window import window
+from ..schedules.window import WindowKeys, check_kind, window
 
 __all__ = [
     "Config",
@@ -86,40 +84,16 @@ __all__ = [
 TUPLES: dict[str, tuple[str, ...]] = {
     "lr_cfg": ("adaptive", "lr", "numerator"),
     "beta_cfg": ("beta_n", "beta_a", "beta_i", "gamma_i", "eta_i", "debias"),
-    "rc_cfg": (
-        "window",
-        "window_sequence",
-        "window_floor",
-        "window_order",
-        "window_full",
-        "window_epochs",
-        "window_steps_per_epoch",
-        "window_unit",
-        "window_flat_top",
-    ),
+    "rc_cfg": tuple(WindowKeys.model_fields),  # declared in rc_cfg's order
     "wd_cfg": ("weight_decay", "decoupled_weight_decay"),
     "eps_cfg": ("eps",),
 }
 _OFF_ONLY = {"mix_cfg": 5, "dbg": None}  # accepted for migration, only with their feature off
 
 
-def _positive(value: Any) -> Any:
-    if not isinstance(value, Tensor) and not value > 0:
-        raise ValueError(f"must be > 0, got {value!r}")
-    return value
-
-
-def _kind(value: int, count: int, meanings: str) -> int:
-    """``value`` if it is one of the ``count`` kinds 0, 1, ..., else an error listing them."""
-    if value not in range(count):
-        raise ValueError(f"must be 0-{count - 1} ({meanings}), got {value}")
-    return value
-
-
-class Config(_Config):
-    """AutoSGM's hyperparameters under names; the original's tuples are accepted too (see ``TUPLES``)."""
-
-    accepted_keys: ClassVar[tuple[str, ...]] = (*TUPLES, *_OFF_ONLY)
+class _RateAndFilters(_Config):
+    """The keys of lr_cfg and beta_cfg, ahead of the window's (:class:`WindowKeys`, rc_cfg) so that the
+    fields keep the order of the original's tuples."""
 
     # lr_cfg
     adaptive: Flag = True
@@ -140,25 +114,14 @@ class Config(_Config):
     """input gain of the smoothing filter; 0 means 1 - beta_i (beta_cfg[4])"""
     debias: Flag = True
     """bias-correct both filters (beta_cfg[5])"""
-    # rc_cfg
-    window: Count = 0
-    """learning-rate window: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic (rc_cfg[0])"""
-    window_sequence: Count = 0
-    """0, or 1, which warns and is ignored as in the original (rc_cfg[1])"""
-    window_floor: UnitInterval = 0.0
-    """the window's floor (rc_cfg[2])"""
-    window_order: Scalar = 2.0
-    """the window's order, > 0 (rc_cfg[3])"""
-    window_full: Flag = False
-    """a full window instead of a half one (rc_cfg[4] == 0)"""
-    window_epochs: Count = 1000
-    """the window's period in epochs (rc_cfg[5])"""
-    window_steps_per_epoch: Count = 1
-    """steps per epoch (rc_cfg[6])"""
-    window_unit: Count = 1
-    """the window's time unit (rc_cfg[7])"""
-    window_flat_top: UnitInterval = 0.0
-    """fraction of the window held flat at its top (rc_cfg[8])"""
+
+
+class Config(WindowKeys, _RateAndFilters):
+    """AutoSGM's hyperparameters under names; the original's tuples are accepted too (see ``TUPLES``)."""
+
+    accepted_keys: ClassVar[tuple[str, ...]] = (*TUPLES, *_OFF_ONLY)
+
+    # rc_cfg: inherited from WindowKeys
     # wd_cfg, eps_cfg
     weight_decay: NonNegative = 0.0
     """weight decay (wd_cfg[0])"""
@@ -206,69 +169,13 @@ class Config(_Config):
             values.update(expanded)
         return values
 
-    @field_validator("window_order")
-    @classmethod
-    def _order_positive(cls, value):
-        return _positive(value)
-
     @field_validator("numerator")
     @classmethod
     def _numerator(cls, value):
-        return _kind(value, 5, "0 unity, 1 partial correlation, 2 clipped partial correlation, 3 moment, 4 = 0")
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, value):
-        return _kind(
-            value, 7, "0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic"
-        )
-
-    @field_validator("window_sequence")
-    @classmethod
-    def _sequence(cls, value):
-        _kind(value, 2, "0 uniform, 1 Kronecker")
-        if value == 1:
-            warnings.warn(
-                "autosgm: window_sequence (inseq) = 1 is ignored, as in the original: the uniform sequence is used",
-                UserWarning,
-                stacklevel=2,
-            )
-        return value
-
-    @field_validator("window_epochs", "window_steps_per_epoch")
-    @classmethod
-    def _at_least_one(cls, value):
-        if value < 1:
-            raise ValueError(f"must be >= 1, got {value}")
-        return value
-
-    @field_validator("window_unit")
-    @classmethod
-    def _unit(cls, value):
-        if value < 0:
-            raise ValueError(
-                f"must be >= 0 (0 epochs, 1 steps, 2 steps restarting each epoch, >= 3 steps in that many stairs), got {value}"
-            )
-        return value
+        return check_kind(value, 5, "0 unity, 1 partial correlation, 2 clipped partial correlation, 3 moment, 4 = 0")
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.window_epochs * self.window_steps_per_epoch < 2:
-            raise ValueError(
-                f"window_epochs * window_steps_per_epoch (tau * spe) must be >= 2, got {self.window_epochs} * {self.window_steps_per_epoch}"
-            )
-        if self.window_unit == 0 and self.window_epochs <= 1:
-            raise ValueError("window_unit 0 (frames counted in epochs) needs window_epochs (tau) > 1")
-        if self.window == 3 and not isinstance(self.window_order, Tensor) and self.window_order == 1:
-            raise ValueError("window 3 (exponential) needs window_order (its base n) != 1")
-        if self.window in (5, 6) and not isinstance(self.window_order, Tensor):
-            stairs = self.window_unit if self.window_unit >= 3 else 1
-            power = 2 * stairs * self.window_order if self.window == 5 else self.window_order
-            if power >= 1024:  # the logistic computes 2 ** power, which overflows float64 from 1024 on
-                raise ValueError(
-                    f"window {self.window} (logistic) raises 2 to {'2 * stairs * window_order' if self.window == 5 else 'window_order'}, "
-                    f"which must be below 1024 (2 ** 1024 overflows float64), got {power:g}"
-                )
         gamma, beta = self.gamma_i, self.beta_i
         if not isinstance(gamma, Tensor) and not isinstance(beta, Tensor) and not (gamma < beta or gamma == 0):
             raise ValueError(
@@ -436,10 +343,3 @@ def _elementwise(config: Config) -> bool:
 
 algorithm = Algorithm("autosgm", Config, init_leaf, update, elementwise=_elementwise, reductions=REDUCTIONS)
 init, step = algorithm.init, algorithm.step
-
-
-def _check_window_keys(keys: dict[str, Any]) -> None:
-    Config(**keys)  # the window's keys, validated as AutoSGM's own (a ValidationError names the field)
-
-
-_window_schedule.check_keys = _check_window_keys  # the autosgm_window schedule validates its keys here

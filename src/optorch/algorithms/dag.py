@@ -62,7 +62,7 @@ from ..core.config import Config as _Config
 from ..core.config import Flag, NonNegative, Number, Probability, UnitInterval, check_count, representable
 from ..core.distributed import full
 from ..core.errors import shown
-from ..core.scalars import is_zero
+from ..core.scalars import half_cosine, is_zero
 
 __all__ = [
     "Config",
@@ -211,7 +211,7 @@ class CosineSchedule(_Settings):
 def _cosine(schedule: Any, step: torch.Tensor) -> torch.Tensor:
     total = _setting(schedule, "total_steps")
     ratio = torch.clamp(step, max=total) / total
-    return _setting(schedule, "k0") * 0.5 * (1.0 + torch.cos(math.pi * ratio))
+    return half_cosine(_setting(schedule, "k0"), 0.0, math.pi * ratio)
 
 
 _SETTINGS = {"hyper": Hyper, "shrink": ShrinkSettings, "k_sched": CosineSchedule}

@@ -30,8 +30,8 @@ with at most one dimension; ``exclude=True`` excludes every tensor the config ap
 how to exclude by name: put those parameters in a param group with ``"exclude": True``
 (:func:`param_groups` does the split from ``model.named_parameters()``).
 
-Conventions where pytorch_optimizer's ``LARS`` (the independent reference) differs, each tested in
-``tests/test_lars.py``: it has no ``eps`` (ours with ``eps=0`` matches); it always excludes tensors
+Conventions where pytorch_optimizer's ``LARS`` (the independent reference, adapted to these keys by
+:func:`optorch.tools.references.pytorch_optimizer_lars`) differs, each tested in ``tests/test_lars.py``: it has no ``eps`` (ours with ``eps=0`` matches); it always excludes tensors
 with ``ndim <= 1`` (ours: ``exclude_1d``); its ratio falls back to 1 only when
 :math:`\|\theta\| = 0` or the whole denominator is zero, so a zero gradient with :math:`\lambda > 0`
 gets :math:`\eta/\lambda` there and 1 here; its buffer starts at zero, so with dampening its first
@@ -149,26 +149,6 @@ def param_groups(
     return [group for group in groups if group["params"]]
 
 
-def _reference():
-    try:
-        from pytorch_optimizer import LARS
-    except ImportError:
-        return None
-
-    class Reference(LARS):
-        """pytorch_optimizer's LARS under optorch's keys, where its conventions are ours: eps=0,
-        exclude_1d=True (it always excludes ndim <= 1), no dampening (its buffer starts at zero)."""
-
-        def __init__(self, params, eps=1e-8, exclude_1d=False, exclude=False, **kwargs):
-            if eps != 0 or not exclude_1d or exclude or kwargs.get("dampening", 0.0) != 0:
-                raise ValueError(
-                    "pytorch_optimizer's LARS matches optorch's only with eps=0, exclude_1d=True, exclude=False, dampening=0"
-                )
-            super().__init__(params, **kwargs)
-
-    return Reference
-
-
 GRID = Grid(
     fixed={"lr": 0.1, "trust_coefficient": 0.05, "eps": 0.0, "exclude_1d": True},
     axes={"momentum": (0.0, 0.9), "nesterov": (False, True), "weight_decay": (0.0, 0.01), "maximize": (False, True)},
@@ -182,6 +162,5 @@ algorithm = Algorithm(
     to_torch=sgd.to_torch,
     grid=GRID,
     elementwise=False,
-    reference=_reference,
 )
 init, step = algorithm.init, algorithm.step

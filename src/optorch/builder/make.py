@@ -8,19 +8,16 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..core import distributed
-from ..core.algorithm import Algorithm
 from ..core.compat import pytree
 from ..core.config import Config
 from ..core.errors import ConfigError
-from ..functional.adaptive import AdaptiveConfig
 from ..functional.combinators import Stepper, bind, param_names, partition
 from ..functional.inject import inject_hyperparams
 from ..functional.settings import Combinators, torch_param_groups
-from ..schedules import Schedule
 from ..shim.adaptive import AdaptiveOpt
 from ..shim.optimizer import Optimizer
 from .files import load_config
-from .spec import ENTRY_KEYS, _naming_the_file, parse
+from .spec import ENTRY_KEYS, Parsed, _naming_the_file, parse
 
 __all__ = ["assemble", "build", "build_stepper", "split_param_groups"]
 
@@ -45,17 +42,7 @@ def build(
     """
     parsed = parse(config)
     with _naming_the_file(config, values=False):  # a param_groups pattern that matches none of the params' names
-        return assemble(
-            params,
-            parsed.algorithm,
-            parsed.config,
-            engine=engine,
-            schedules=parsed.schedules,
-            settings=parsed.settings,
-            rules=parsed.rules,
-            partition_group=partition_group,
-            into=into,
-        )
+        return assemble(params, parsed, engine=engine, partition_group=partition_group, into=into)
 
 
 def build_stepper(config: Mapping[str, Any] | Config | str | os.PathLike, params: Any = None) -> Stepper:
@@ -87,19 +74,10 @@ def build_stepper(config: Mapping[str, Any] | Config | str | os.PathLike, params
 
 
 def assemble(
-    params: Iterable[Any],
-    algorithm: Algorithm,
-    config: Config,
-    *,
-    engine: str = "auto",
-    schedules: Mapping[str, Schedule] | None = None,
-    settings: Combinators | None = None,
-    rules: AdaptiveConfig | None = None,
-    partition_group: Any = None,
-    into: Any = None,
+    params: Iterable[Any], parsed: Parsed, *, engine: str = "auto", partition_group: Any = None, into: Any = None
 ):
-    """The optimizer for the parsed parts of a config (:func:`build` after parsing): ``settings`` are
-    its combinator entries, ``rules`` its ``adapt`` entry."""
+    """The optimizer for a parsed config (:func:`build` after parsing)."""
+    algorithm, config, schedules, settings, rules = parsed
     if rules is not None and distributed.zero_owner() is not None:
         # ZeRO copies its own param groups into this optimizer's before each step: knobs written here would be undone
         raise ConfigError(

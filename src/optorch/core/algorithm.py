@@ -162,20 +162,8 @@ class Algorithm:
     params together as a stack, each reducing over its own slice, never as one flat tensor."""
     shared: Shared | None = None
     """State shared by all parameters, when the algorithm has some (see :class:`Shared`)."""
-    reference: Callable[[], type[torch.optim.Optimizer] | None] | None = None
-    """An independent implementation to verify against where torch.optim has none (e.g. torch-adopt),
-    imported lazily: returns the optimizer class, or None when its package is not installed. Used by
-    ``optorch verify`` and the tests, never to run steps."""
-
     reductions: tuple[Reduction, ...] = ()
     """Configs of this algorithm equal to torch.optim optimizers (see :class:`Reduction`)."""
-
-    def reference_optimizer(self) -> type[torch.optim.Optimizer] | None:
-        """The optimizer class this algorithm is verified against: torch.optim's counterpart, else the
-        independent ``reference`` when it is installed, else None."""
-        if self.torch_optimizer is not None:
-            return self.torch_optimizer
-        return self.reference() if self.reference is not None else None
 
     def state_from_torch(self, leaf_state: LeafState) -> LeafState:
         """One parameter's state from a torch.optim (or optorch) checkpoint, in this algorithm's keys."""

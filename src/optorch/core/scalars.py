@@ -2,16 +2,19 @@
 
 A hyperparameter, a loss or a checkpoint value may be a Python number or a tensor; these helpers say
 what each is without guessing twice. A bool is never a number here (``True`` is no learning rate).
+The math that schedules and rules compute on either (:func:`cos`, :func:`half_cosine`) is here too.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["as_float", "is_real", "is_scalar", "is_zero", "reads_zero"]
+__all__ = ["as_float", "cos", "half_cosine", "is_real", "is_scalar", "is_zero", "reads_zero"]
 
 
 def is_real(value: Any) -> bool:
@@ -46,3 +49,17 @@ def reads_zero(value: Any) -> bool:
     if isinstance(value, Tensor):
         return value.numel() == 1 and not bool(value)
     return isinstance(value, (int, float)) and value == 0
+
+
+def cos(x: Any) -> Any:
+    """The cosine of a number (``math.cos``) or of a tensor (``torch.cos``)."""
+    return torch.cos(x) if isinstance(x, Tensor) else math.cos(x)
+
+
+def half_cosine(start: Any, end: Any, angle: Any) -> Any:
+    """Half a cosine from ``start`` (``angle`` 0) to ``end`` (``angle`` pi): ``end + (start - end)(1 +
+    cos(angle)) / 2``, on numbers and tensors. Every cosine schedule and rule computes it in this one
+    order, torch's ``CosineAnnealingLR`` closed form, so each stays equal to its torch scheduler to
+    the bit (the other orders in use, ``(start - end) / 2 * (cos + 1)`` and ``(start - end) * 0.5 * (1 +
+    cos)``, differ from it by a factor of two taken before or after a rounding, which is exact)."""
+    return end + (start - end) * (1 + cos(angle)) / 2

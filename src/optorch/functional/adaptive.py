@@ -61,6 +61,7 @@ from torch import Tensor
 from ..core.compat import pytree
 from ..core.config import Count, Number
 from ..core.errors import shown, suggest
+from ..core.scalars import half_cosine
 
 __all__ = [
     "AdaptiveConfig",
@@ -357,7 +358,7 @@ def _term(
 
 def _cosine(t: Tensor, period: Tensor, dtype: torch.dtype, config: AdaptiveConfig) -> Tensor:
     phase = t.to(dtype) / period.to(dtype)
-    return config.cos_floor + (1 - config.cos_floor) * 0.5 * (1 + torch.cos(math.pi * phase))
+    return half_cosine(1, config.cos_floor, math.pi * phase)
 
 
 def update(state: Mapping[str, Any], loss: Any, config: AdaptiveConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:

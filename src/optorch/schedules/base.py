@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..core.config import Count, Number, describe
 from ..core.ops import scalar_dtype
-from ..core.scalars import is_real
+from ..core.scalars import half_cosine, is_real
 
 __all__ = ["FIELD_DESCRIPTIONS", "Constant", "Cosine", "Linear", "Schedule", "WarmupStableDecay"]
 
@@ -56,10 +56,6 @@ def _where(condition: bool | Tensor, a: float | Tensor, b: float | Tensor) -> fl
     return a if condition else b
 
 
-def _cos(x: float | Tensor) -> float | Tensor:
-    return torch.cos(x) if isinstance(x, Tensor) else math.cos(x)
-
-
 def _sqrt(x: float | Tensor) -> float | Tensor:
     return torch.sqrt(x) if isinstance(x, Tensor) else math.sqrt(x)
 
@@ -80,10 +76,9 @@ def _ramp(s: float | Tensor, start: float, end: float, begin: float, length: flo
 
 
 def _cosine(s: float | Tensor, start: float, end: float, begin: float, length: float) -> float | Tensor:
-    """Half a cosine from start to end over [begin, begin + length], flat outside; in the order of
-    torch's CosineAnnealingLR closed form."""
+    """Half a cosine from start to end over [begin, begin + length], flat outside."""
     k = _clip(s - begin, 0.0, length)
-    return end + (start - end) * (1 + _cos(math.pi * k / length)) / 2
+    return half_cosine(start, end, math.pi * k / length)
 
 
 def _with_warmup(schedule: Schedule, s: float | Tensor, decayed: float | Tensor) -> float | Tensor:
@@ -137,7 +132,7 @@ FIELD_DESCRIPTIONS: dict[str, str] = {
     "window_flat_top": "fraction of the window held flat at its top",
 }
 """What a schedule's field means, by name: the same in every schedule that has it (AutoSGM's window
-keys: their ``rc_cfg`` places are in the autosgm algorithm's table)."""
+keys: their ``rc_cfg`` places are in :class:`~optorch.schedules.window.WindowKeys`)."""
 
 
 class Schedule(BaseModel):

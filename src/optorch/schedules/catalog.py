@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..core.config import Count, Flag, Number
 from ..core.errors import shown, suggest
+from ..core.scalars import half_cosine
 from . import window as window_math
 from .base import (
     Constant,
@@ -28,7 +29,6 @@ from .base import (
     Value,
     WarmupStableDecay,
     _clip,
-    _cos,
     _floor,
     _log,
     _ones,
@@ -158,7 +158,7 @@ class CosineWarmRestarts(Schedule):
             n = _where(s < start(n), n - 1, n)
             n = _where(s >= start(n + 1), n + 1, n)
             t_cur, t_i = s - start(n), t0 * m**n
-        return self.end_value + (self.init_value - self.end_value) * (1 + _cos(math.pi * t_cur / t_i)) / 2
+        return half_cosine(self.init_value, self.end_value, math.pi * t_cur / t_i)
 
 
 class OneCycle(Schedule):
@@ -204,7 +204,8 @@ class OneCycle(Schedule):
 
     def _anneal(self, start: float, end: float, pct):
         if self.anneal_strategy == "cos":
-            return end + (start - end) / 2.0 * (_cos(math.pi * pct) + 1)
+            # torch's OneCycleLR writes (start - end) / 2 * (cos + 1): the same number, halving is exact
+            return half_cosine(start, end, math.pi * pct)
         return (end - start) * pct + start
 
     def _value(self, s):
@@ -304,6 +305,8 @@ class AutosgmWindow(Schedule):
     out. The window math is :mod:`optorch.schedules.window`, which AutoSGM steps with too."""
 
     name: Literal["autosgm_window"] = "autosgm_window"
+    # WindowKeys' keys typed as a schedule's: numbers only (a schedule holds no tensor), the kind
+    # required, no window_sequence; their rules are WindowKeys' own (_valid_for_autosgm)
     window: Count
     init_value: Value = 1.0
     window_floor: Number = 0.0
@@ -317,7 +320,7 @@ class AutosgmWindow(Schedule):
     @model_validator(mode="after")
     def _valid_for_autosgm(self):
         try:
-            window_math.check_keys(self.model_dump(exclude={"name", "init_value"}))
+            window_math.WindowKeys(**self.model_dump(exclude={"name", "init_value"}))
         except ValidationError as error:  # re-raised as a ValueError so that pydantic names this class
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors()

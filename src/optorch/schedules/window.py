@@ -2,27 +2,116 @@
 ``optorch.autosgm`` steps with and the ``autosgm_window`` schedule computes. ``config`` is anything
 with AutoSGM's ``window_*`` keys (its Config, or the schedule).
 
-The keys are AutoSGM's and so is their validation: the algorithm, which the package imports with
-the registry, sets :data:`check_keys`, and the schedule calls it.
+The keys themselves, their defaults and their validation are :class:`WindowKeys`: AutoSGM's Config
+inherits them, and the schedule validates its keys as them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
 from typing import Any
 
 import torch
+from pydantic import field_validator, model_validator
 from torch import Tensor
 
-__all__ = ["check_keys", "window"]
+from ..core.config import Config, Count, Flag, Scalar, UnitInterval
+from ..core.scalars import cos
 
-check_keys: Callable[[dict[str, Any]], None] | None = None
-"""Validates a dict of ``window*`` keys, raising ``pydantic.ValidationError`` (set by ``optorch.autosgm``)."""
+__all__ = ["WindowKeys", "check_kind", "window"]
 
 
-def _cos(v: Any) -> Any:
-    return torch.cos(v) if isinstance(v, Tensor) else math.cos(v)
+def check_kind(value: int, count: int, meanings: str) -> int:
+    """``value`` if it is one of the ``count`` kinds 0, 1, ..., else an error listing them."""
+    if value not in range(count):
+        raise ValueError(f"must be 0-{count - 1} ({meanings}), got {value}")
+    return value
+
+
+class WindowKeys(Config):
+    """AutoSGM's window keys, the original's ``rc_cfg`` tuple by name, and what makes a window valid."""
+
+    window: Count = 0
+    """learning-rate window: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic (rc_cfg[0])"""
+    window_sequence: Count = 0
+    """0, or 1, which warns and is ignored as in the original (rc_cfg[1])"""
+    window_floor: UnitInterval = 0.0
+    """the window's floor (rc_cfg[2])"""
+    window_order: Scalar = 2.0
+    """the window's order, > 0 (rc_cfg[3])"""
+    window_full: Flag = False
+    """a full window instead of a half one (rc_cfg[4] == 0)"""
+    window_epochs: Count = 1000
+    """the window's period in epochs (rc_cfg[5])"""
+    window_steps_per_epoch: Count = 1
+    """steps per epoch (rc_cfg[6])"""
+    window_unit: Count = 1
+    """the window's time unit (rc_cfg[7])"""
+    window_flat_top: UnitInterval = 0.0
+    """fraction of the window held flat at its top (rc_cfg[8])"""
+
+    @field_validator("window_order")
+    @classmethod
+    def _order_positive(cls, value):
+        if not isinstance(value, Tensor) and not value > 0:
+            raise ValueError(f"must be > 0, got {value!r}")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value):
+        return check_kind(
+            value, 7, "0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic"
+        )
+
+    @field_validator("window_sequence")
+    @classmethod
+    def _sequence(cls, value):
+        check_kind(value, 2, "0 uniform, 1 Kronecker")
+        if value == 1:
+            warnings.warn(
+                "autosgm: window_sequence (inseq) = 1 is ignored, as in the original: the uniform sequence is used",
+                UserWarning,
+                stacklevel=2,
+            )
+        return value
+
+    @field_validator("window_epochs", "window_steps_per_epoch")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @field_validator("window_unit")
+    @classmethod
+    def _unit(cls, value):
+        if value < 0:
+            raise ValueError(
+                f"must be >= 0 (0 epochs, 1 steps, 2 steps restarting each epoch, >= 3 steps in that many stairs), got {value}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_window(self):
+        if self.window_epochs * self.window_steps_per_epoch < 2:
+            raise ValueError(
+                f"window_epochs * window_steps_per_epoch (tau * spe) must be >= 2, got {self.window_epochs} * {self.window_steps_per_epoch}"
+            )
+        if self.window_unit == 0 and self.window_epochs <= 1:
+            raise ValueError("window_unit 0 (frames counted in epochs) needs window_epochs (tau) > 1")
+        if self.window == 3 and not isinstance(self.window_order, Tensor) and self.window_order == 1:
+            raise ValueError("window 3 (exponential) needs window_order (its base n) != 1")
+        if self.window in (5, 6) and not isinstance(self.window_order, Tensor):
+            stairs = self.window_unit if self.window_unit >= 3 else 1
+            power = 2 * stairs * self.window_order if self.window == 5 else self.window_order
+            if power >= 1024:  # the logistic computes 2 ** power, which overflows float64 from 1024 on
+                raise ValueError(
+                    f"window {self.window} (logistic) raises 2 to {'2 * stairs * window_order' if self.window == 5 else 'window_order'}, "
+                    f"which must be below 1024 (2 ** 1024 overflows float64), got {power:g}"
+                )
+        return self
 
 
 def _ceil(v: Any) -> Any:
@@ -47,7 +136,7 @@ def _shape(kind: int, f: Any, n: Any, stairs: int) -> Any:
     i = _at_least_one(_ceil(stairs * f))
     r = stairs * f - i + 1
     if kind == 1:  # raised cosine
-        s = _cos(math.pi * r / 2) ** n
+        s = cos(math.pi * r / 2) ** n
     elif kind == 3:  # exponential, base n
         s = (n**r - n) / (1 - n)
     elif kind == 4:  # simple polynomial

@@ -381,16 +381,7 @@ def _turn(result: Result, run) -> bool:
 
 def _optimizer(spec: Spec, model: nn.Module, engine: str):
     # named params: a param_groups entry matches names
-    parsed = spec.parsed
-    return assemble(
-        model.named_parameters(),
-        parsed.algorithm,
-        parsed.config,
-        engine=engine,
-        schedules=parsed.schedules,
-        settings=parsed.settings,
-        rules=parsed.rules,
-    )
+    return assemble(model.named_parameters(), spec.parsed, engine=engine)
 
 
 def _train(

@@ -4,7 +4,7 @@ Every check runs one algorithm and one config on a small problem and compares pa
 step by step (the largest absolute difference over all steps and all params):
 
 * the reference: torch.optim's own class with its default execution, or where torch.optim has none an
-  independent implementation (``Algorithm.reference``: torch-adopt, pytorch_optimizer's LARS), or the
+  independent implementation (:mod:`optorch.tools.references`: torch-adopt, pytorch_optimizer's LARS), or the
   torch.optim optimizer a config reduces to (``Algorithm.reductions``: AutoSGM, decoupled Adam), or the
   trajectory recorded from the original (:mod:`optorch.recorded`: ADOPT, DAG, AutoSGM);
 * the candidate: the pure stepper ``optorch.<name>.step`` (path ``pure``), the shim

@@ -4,6 +4,7 @@ kernel, a reduction, a recording, an estimate in low precision."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -13,8 +14,8 @@ from ..algorithms import registry
 from ..builder import build
 from . import recorded
 from .verify_grids import label
-from .verify_problem import Setting, Trajectory, _one_group, _one_group_pure, _path_runner, _run_torch
-from .verify_rule import FLOAT64_COMPILED_REDUCTION_TOLERANCE, FLOAT64_TOLERANCE, _judge, max_abs_diff
+from .verify_problem import Setting, Trajectory, path_runner, pure_one_group, run_reference, train_one_group
+from .verify_rule import FLOAT64_COMPILED_REDUCTION_TOLERANCE, FLOAT64_TOLERANCE, Judgement, judge, max_abs_diff
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,18 @@ class Result:
         return self.verdict != "FAIL"
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``"float32"`` or ``torch.float32`` as ``torch.float32``."""
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` as ``"float32"``, as the results show it."""
     return str(dtype).removeprefix("torch.")
 
 
-def _path(engine: str) -> str:
+def path_label(engine: str) -> str:
+    """A candidate's path as the results show it: ``pure`` or ``shim:<engine>``."""
     return "pure" if engine == "pure" else f"shim:{engine}"
 
 
@@ -96,21 +100,24 @@ def check(
     algorithm = registry.get(name)
     config = {k: v for k, v in config.items() if k != "name"}
     items = tuple(sorted(config.items()))
-    setting = Setting(steps, _dtype(dtype), device, intermittent)
+    setting = Setting(steps, as_dtype(dtype), device, intermittent)
     limit = _float64_limit(algorithm, engine, config)
-    run = _path_runner(algorithm.name, engine)
-    judgement = _judge(
-        lambda s: run(config, s), _GridReference(algorithm.name, items), setting, float64_tolerance=limit
+    run = path_runner(algorithm.name, engine)
+    judgement = judge(lambda s: run(config, s), _GridReference(algorithm.name, items), setting, float64_tolerance=limit)
+    return _result(
+        algorithm.name, label({"name": algorithm.name, **config}, intermittent), setting, path_label(engine), judgement
     )
-    return Result(
-        algorithm.name,
-        label({"name": algorithm.name, **config}, intermittent),
-        steps,
-        _name(setting.dtype),
-        device,
-        _path(engine),
-        *judgement,
-    )
+
+
+def _result(name: str, flags: str, setting: Setting, path: str, judgement: Judgement) -> Result:
+    return Result(name, flags, setting.steps, dtype_name(setting.dtype), setting.device, path, *judgement)
+
+
+def _one_group_candidate(name: str, config: dict[str, Any], engine: str) -> Callable[[Setting], Trajectory]:
+    """The pure stepper or the shim's ``engine`` on all trainable params as one param group."""
+    if engine == "pure":
+        return functools.partial(pure_one_group, name, config)
+    return functools.partial(train_one_group, lambda ps: build({"name": name, **config}, ps, engine=engine), None)
 
 
 def _float64_limit(algorithm, engine: str, config: dict[str, Any]) -> float:
@@ -126,7 +133,7 @@ class _GridReference(NamedTuple):
     config: tuple
 
     def __call__(self, setting: Setting) -> Trajectory:
-        return _run_torch(self.name, dict(self.config), setting)
+        return run_reference(self.name, dict(self.config), setting)
 
 
 def check_kernel(
@@ -141,19 +148,13 @@ def check_kernel(
     """torch's fused kernel against torch's default one, where ``engines.TORCH_KERNELS`` lets the shim's
     ``auto`` engine pick it: the list's claim, checked on this device."""
     config = {k: v for k, v in config.items() if k != "name"}
-    setting = Setting(steps, _dtype(dtype), device, intermittent)
-    judgement = _judge(
-        lambda s: _run_torch(name, config, s, fused=True), _GridReference(name, tuple(sorted(config.items()))), setting
+    setting = Setting(steps, as_dtype(dtype), device, intermittent)
+    judgement = judge(
+        lambda s: run_reference(name, config, s, fused=True),
+        _GridReference(name, tuple(sorted(config.items()))),
+        setting,
     )
-    return Result(
-        name,
-        label({"name": name, **config}, intermittent),
-        steps,
-        _name(setting.dtype),
-        device,
-        "torch:fused",
-        *judgement,
-    )
+    return _result(name, label({"name": name, **config}, intermittent), setting, "torch:fused", judgement)
 
 
 class _ReductionReference(NamedTuple):
@@ -161,12 +162,13 @@ class _ReductionReference(NamedTuple):
     label: str
 
     def __call__(self, setting: Setting) -> Trajectory:
-        reduction = _reduction(self.name, self.label)
+        reduction = find_reduction(self.name, self.label)
         torch_class = getattr(torch.optim, reduction.optimizer)
-        return _one_group(lambda params: torch_class(params, **reduction.kwargs), reduction.scheduler, setting)
+        return train_one_group(lambda params: torch_class(params, **reduction.kwargs), reduction.scheduler, setting)
 
 
-def _reduction(name: str, label: str):
+def find_reduction(name: str, label: str):
+    """The reduction ``label`` of algorithm ``name`` (an error lists its reductions when there is none)."""
     algorithm = registry.get(name)
     found = [r for r in algorithm.reductions if r.label == label]
     if not found:
@@ -188,24 +190,12 @@ def check_reduction(
     """Run the reduction ``label`` of algorithm ``name`` (a config of it that equals a torch.optim
     optimizer and scheduler) against that torch.optim optimizer, all trainable params in one group."""
     algorithm = registry.get(name)
-    reduction = _reduction(algorithm.name, label)
-    setting = Setting(steps, _dtype(dtype), device)
-    if engine == "pure":
-        candidate = functools.partial(_one_group_pure, algorithm.name, dict(reduction.config))
-    else:
-        config = {"name": algorithm.name, **reduction.config}
-        candidate = functools.partial(_one_group, lambda ps: build(config, ps, engine=engine), None)
+    reduction = find_reduction(algorithm.name, label)
+    setting = Setting(steps, as_dtype(dtype), device)
+    candidate = _one_group_candidate(algorithm.name, dict(reduction.config), engine)
     limit = _float64_limit(algorithm, engine, reduction.config)
-    judgement = _judge(candidate, _ReductionReference(algorithm.name, label), setting, float64_tolerance=limit)
-    return Result(
-        algorithm.name,
-        f"= {reduction.optimizer}: {label}",
-        steps,
-        _name(setting.dtype),
-        device,
-        _path(engine),
-        *judgement,
-    )
+    judgement = judge(candidate, _ReductionReference(algorithm.name, label), setting, float64_tolerance=limit)
+    return _result(algorithm.name, f"= {reduction.optimizer}: {label}", setting, path_label(engine), judgement)
 
 
 def check_recorded(name: str, case_id: str, *, engine: str = "pure") -> Result:
@@ -218,14 +208,14 @@ def check_recorded(name: str, case_id: str, *, engine: str = "pure") -> Result:
         recorded.replay(algorithm.name, case, engine),
         recorded.expected(algorithm.name, case, torch.get_default_dtype()),
     )
-    limit = _float64_limit(algorithm, engine, {k: v for k, v in recorded.config(case).items() if k != "name"})
+    limit = _float64_limit(algorithm, engine, _recorded_config(algorithm.name, case_id))
     return Result(
         algorithm.name,
         f"recorded: {case_id}",
         case["steps"],
         "float64",
         "cpu",
-        _path(engine),
+        path_label(engine),
         error,
         None,
         limit,
@@ -241,7 +231,7 @@ class _PureReference(NamedTuple):
     case_id: str
 
     def __call__(self, setting: Setting) -> Trajectory:
-        return _one_group_pure(self.name, _recorded_config(self.name, self.case_id), setting)
+        return pure_one_group(self.name, _recorded_config(self.name, self.case_id), setting)
 
 
 def _recorded_config(name: str, case_id: str) -> dict[str, Any]:
@@ -265,18 +255,13 @@ def check_estimated(
     error."""
     algorithm = registry.get(name)
     config = _recorded_config(algorithm.name, case_id)
-    setting = Setting(steps, _dtype(dtype), device, intermittent)
+    setting = Setting(steps, as_dtype(dtype), device, intermittent)
     if setting.dtype == torch.float64:
         raise ValueError("check_estimated judges low precision; in float64, check_recorded compares with the recording")
-    if engine == "pure":
-        candidate = functools.partial(_one_group_pure, algorithm.name, config)
-    else:
-        candidate = functools.partial(
-            _one_group, lambda ps: build({"name": algorithm.name, **config}, ps, engine=engine), None
-        )
-    judgement = _judge(candidate, _PureReference(algorithm.name, case_id), setting, live=False)
+    candidate = _one_group_candidate(algorithm.name, config, engine)
+    judgement = judge(candidate, _PureReference(algorithm.name, case_id), setting, live=False)
     flags = f"recorded: {case_id}{' +none-grads' if intermittent else ''}"
-    return Result(algorithm.name, flags, steps, _name(setting.dtype), device, _path(engine), *judgement)
+    return _result(algorithm.name, flags, setting, path_label(engine), judgement)
 
 
 def available_devices() -> list[str]:

@@ -8,14 +8,11 @@ from typing import Any
 import pydantic
 
 from ..algorithms import registry
+from .references import reference_optimizer
 
 
 class NoGridError(ValueError):
     """The algorithm has no verification grid (it has no torch.optim counterpart to compare with)."""
-
-
-REFERENCE_PACKAGES = {"adopt": "torch-adopt==0.1.0", "lars": "pytorch_optimizer"}
-"""Where the independent references come from, for the message when one is missing."""
 
 
 def gridded_algorithms() -> list[str]:
@@ -28,7 +25,7 @@ def grid_algorithms() -> list[str]:
     """Registered algorithms with a reference implementation installed (torch.optim's counterpart or an
     independent one): what can be verified. Each must have a grid (``flag_grid`` says so loudly if one
     is missing)."""
-    return [name for name in registry.names() if registry.get(name).reference_optimizer() is not None]
+    return [name for name in registry.names() if reference_optimizer(registry.get(name)) is not None]
 
 
 def flag_grid(name: str) -> list[dict[str, Any]]:
@@ -38,7 +35,7 @@ def flag_grid(name: str) -> list[dict[str, Any]]:
     so the grid follows the Config's own rules.
     """
     algorithm = registry.get(name)
-    if algorithm.reference_optimizer() is None:
+    if reference_optimizer(algorithm) is None:
         raise NoGridError(
             f"{algorithm.name} has no reference implementation installed, so no verification grid; verifiable: {', '.join(grid_algorithms())}"
         )

@@ -16,19 +16,20 @@ import torch
 from ..algorithms import registry
 from ..shim import engines
 from . import recorded, verify_checks
+from .references import REFERENCES, reference_optimizer
 from .verify_checks import (
     Result,
-    _dtype,
-    _name,
-    _path,
-    _reduction,
+    as_dtype,
     available_devices,
     check_estimated,
     check_kernel,
     check_recorded,
     check_reduction,
+    dtype_name,
+    find_reduction,
+    path_label,
 )
-from .verify_grids import REFERENCE_PACKAGES, cover, flag_grid, label, most_flags
+from .verify_grids import cover, flag_grid, label, most_flags
 from .verify_problem import PATHS, paths_for
 from .verify_rule import DTYPES
 
@@ -75,21 +76,21 @@ class Check:
         if self.kind in ("grid", "kernel"):
             flags = label({"name": self.algorithm, **dict(self.case)}, self.intermittent)
         elif self.kind == "reduction":
-            flags = f"= {_reduction(self.algorithm, self.case).optimizer}: {self.case}"
+            flags = f"= {find_reduction(self.algorithm, self.case).optimizer}: {self.case}"
         else:
             flags = f"recorded: {self.case}" + (" +none-grads" if self.intermittent else "")
         return flags + (f" ({DEFAULT_FLOAT64})" if self.default_dtype == "float64" else "")
 
     @property
     def shown_path(self) -> str:
-        return "torch:fused" if self.kind == "kernel" else _path(self.path)
+        return "torch:fused" if self.kind == "kernel" else path_label(self.path)
 
     @property
     def id(self) -> str:
         return f"{self.algorithm}[{self.flags}]-{self.shown_path}-{self.dtype}-{self.device}".replace(" ", "")
 
     def run(self) -> Result:
-        with _default_dtype(_dtype(self.default_dtype)):
+        with _default_dtype(as_dtype(self.default_dtype)):
             result = self._run()
         return dataclasses.replace(result, flags=self.flags, expected_failure=self.expected_failure)
 
@@ -150,7 +151,7 @@ def plan(
     run per algorithm with float64 as torch's default dtype (its scalar dtypes follow it).
     """
     names = [registry.get(name).name for name in algorithms] if algorithms is not None else registry.names()
-    dtypes, paths = [_name(_dtype(d)) for d in dtypes], list(paths)
+    dtypes, paths = [dtype_name(as_dtype(d)) for d in dtypes], list(paths)
     skipped, subset = [], []
     if devices is None:
         devices = available_devices()
@@ -196,8 +197,9 @@ def _plan_algorithm(
             checks.append(Check(kind, name, case, path, dtype, device, steps, intermittent))
 
     missing = None
-    if algorithm.grid is not None and algorithm.reference_optimizer() is None:
-        missing = f"reference not installed (pip install {REFERENCE_PACKAGES.get(name, 'its reference package')}): its grid is not checked"
+    if algorithm.grid is not None and reference_optimizer(algorithm) is None:
+        package = REFERENCES[name].package if name in REFERENCES else "its reference package"
+        missing = f"reference not installed (pip install {package}): its grid is not checked"
     elif algorithm.grid is not None:
         cases = [
             (tuple(sorted((k, v) for k, v in config.items() if k != "name")), intermittent)
@@ -208,7 +210,7 @@ def _plan_algorithm(
         on("grid", cases, dtypes, paths_for(name, paths))
         for device in devices:
             kernel_dtypes = [
-                d for d in dtypes if _dtype(d) in engines.TORCH_KERNELS.get((name, torch.device(device).type), ())
+                d for d in dtypes if as_dtype(d) in engines.TORCH_KERNELS.get((name, torch.device(device).type), ())
             ]
             for (case, intermittent), dtype in itertools.product(cases if full else cases[:1], kernel_dtypes):
                 checks.append(Check("kernel", name, case, "fused", dtype, device, steps, intermittent))

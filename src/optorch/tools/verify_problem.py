@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..algorithms import registry
 from ..builder import build
+from .references import reference_optimizer
 
 
 class Setting(NamedTuple):
@@ -91,7 +92,8 @@ class _Nudge:
         return value * (1 + (uniform - 0.5) * self.eps)
 
 
-def _problem(setting: Setting) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+def problem_for(setting: Setting) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The :func:`problem` a trajectory made under ``setting`` starts from."""
     return problem(setting.dtype, setting.device, inputs=setting.inputs, nudge=setting.nudge)
 
 
@@ -143,7 +145,7 @@ Trajectory = list[dict[str, Tensor]]
 def _train_live(make_optimizer, make_scheduler, setting: Setting) -> Trajectory:
     """``make_optimizer(params by name)`` trains the problem's leaf params, setting ``.grad`` from the
     current params each step (and stepping ``make_scheduler(optimizer)`` after, if given)."""
-    initial, x, y = _problem(setting)
+    initial, x, y = problem_for(setting)
     params = {name: p.clone().requires_grad_(name in TRAINABLE) for name, p in initial.items()}
     optimizer = make_optimizer(params)
     scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
@@ -177,8 +179,10 @@ def _run_groups(make_optimizer, config: dict[str, Any], setting: Setting) -> Tra
     return _train_live(lambda params: make_optimizer(groups_of(params)), None, setting)
 
 
-def _run_torch(name: str, config: dict[str, Any], setting: Setting, **flags: Any) -> Trajectory:
-    torch_class = registry.get(name).reference_optimizer()
+def run_reference(name: str, config: dict[str, Any], setting: Setting, **flags: Any) -> Trajectory:
+    """The optimizer ``name`` is verified against (:func:`~optorch.tools.references.reference_optimizer`)
+    in verify's two param groups, with its default execution unless ``flags`` ask for another."""
+    torch_class = reference_optimizer(registry.get(name))
     if torch_class is None:
         raise ValueError(f"{name} has no reference implementation installed to verify against")
     hyperparameters = {k: v for k, v in config.items() if k != "name"}
@@ -199,7 +203,7 @@ def _run_pure(name: str, config: dict[str, Any], setting: Setting) -> Trajectory
 def _pure(name: str, groups: list[tuple[tuple[str, ...], dict[str, Any]]], setting: Setting) -> Trajectory:
     """The pure stepper on ``groups``: the names of each group's params, and its config."""
     algorithm = registry.get(name)
-    params, x, y = _problem(setting)
+    params, x, y = problem_for(setting)
     configs = [algorithm.config(**hyperparameters) for _, hyperparameters in groups]
     states = [algorithm.init({n: params[n] for n in names}, c) for (names, _), c in zip(groups, configs)]
     nudged = _stepwise_nudge(setting)
@@ -226,7 +230,8 @@ def paths_for(name: str, paths: Iterable[str] = PATHS) -> list[str]:
     return [path for path in paths if path != "torch" or has_torch]
 
 
-def _path_runner(name: str, path: str) -> Callable[[dict[str, Any], Setting], Trajectory]:
+def path_runner(name: str, path: str) -> Callable[[dict[str, Any], Setting], Trajectory]:
+    """The candidate of one of :data:`PATHS`: ``run(config, setting)``."""
     if path == "pure":
         return functools.partial(_run_pure, name)
     return lambda config, setting: _run_shim(name, config, setting, path)
@@ -244,7 +249,7 @@ def run_torch(
 ) -> Trajectory:
     """The reference: torch.optim's class (or the independent reference) with its default execution
     (``flags`` may ask for another)."""
-    return _run_torch(name, config, Setting(steps, dtype, device, intermittent), **flags)
+    return run_reference(name, config, Setting(steps, dtype, device, intermittent), **flags)
 
 
 def run_shim(
@@ -268,12 +273,13 @@ def run_pure(
     return _run_pure(name, config, Setting(steps, dtype, device, intermittent))
 
 
-def _one_group(make_optimizer, make_scheduler, setting: Setting) -> Trajectory:
+def train_one_group(make_optimizer, make_scheduler, setting: Setting) -> Trajectory:
+    """``make_optimizer(trainable params)`` on all trainable params as one param group."""
     trainable = lambda params: [params[name] for name in TRAINABLE]  # noqa: E731
     return _train_live(lambda params: make_optimizer(trainable(params)), make_scheduler, setting)
 
 
-def _one_group_pure(name: str, config: dict[str, Any], setting: Setting) -> Trajectory:
+def pure_one_group(name: str, config: dict[str, Any], setting: Setting) -> Trajectory:
     """The pure stepper on all trainable params as one pytree (one param group, as the reductions'
     optimizers and algorithms whose state is shared by all params see them)."""
     return _pure(name, [(TRAINABLE, config)], setting)
@@ -286,5 +292,6 @@ def _cached(run: Callable[..., Trajectory], *args: Any, default_dtype: torch.dty
     return run(*args)
 
 
-def _reference(run: Callable[..., Trajectory], *args: Any) -> Trajectory:
+def cached_reference(run: Callable[..., Trajectory], *args: Any) -> Trajectory:
+    """``run(*args)``, a reference's trajectory, computed once per case under the current default dtype."""
     return _cached(run, *args, default_dtype=torch.get_default_dtype())

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..core.compat import pytree
-from .verify_problem import Setting, Trajectory, _problem, _reference
+from .verify_problem import Setting, Trajectory, cached_reference, problem_for
 
 
 def worst(values: Iterable[float]) -> float:
@@ -128,7 +128,9 @@ def sensitivity(
     and every stepped param after each step, take a random error of up to half an ulp of the low
     precision (``truth_setting.inputs``), as rounding would, over :data:`NUDGES` draws. A correct
     low-precision run's error is of this size (docs/verification.md has the measured ratios)."""
-    return worst(max_abs_diff(_reference(run, truth_setting._replace(nudge=seed)), truth) for seed in range(draws))
+    return worst(
+        max_abs_diff(cached_reference(run, truth_setting._replace(nudge=seed)), truth) for seed in range(draws)
+    )
 
 
 class Judgement(NamedTuple):
@@ -141,10 +143,10 @@ class Judgement(NamedTuple):
 
 def _movement(trajectory: Trajectory, setting: Setting) -> float:
     """How far ``trajectory`` moves from its initial params: the error of an optimizer that does nothing."""
-    return max_abs_diff(trajectory, [_problem(setting)[0]] * len(trajectory))
+    return max_abs_diff(trajectory, [problem_for(setting)[0]] * len(trajectory))
 
 
-def _judge(
+def judge(
     candidate: Callable[[Setting], Trajectory],
     reference: Callable[[Setting], Trajectory],
     setting: Setting,
@@ -156,7 +158,7 @@ def _judge(
     below against the float64 truth, with the reference's own error and how far the truth moves."""
     if setting.dtype == torch.float64:
         limit = FLOAT64_TOLERANCE if float64_tolerance is None else float64_tolerance
-        expected = _reference(reference, setting)
+        expected = cached_reference(reference, setting)
         error = max_abs_diff(candidate(setting), expected)
         if error > limit > FLOAT64_TOLERANCE:
             # A path that rounds otherwise (Inductor's reductions) on a chaotic configuration: its
@@ -167,13 +169,13 @@ def _judge(
                 return Judgement(error, spread, FACTOR * spread, movement, "sensitivity")
         return Judgement(error, None, limit, None)
     truth_setting = setting._replace(dtype=torch.float64, inputs=setting.dtype)
-    truth = _reference(reference, truth_setting)
+    truth = cached_reference(reference, truth_setting)
     error, scale = max_abs_diff(candidate(setting), truth), magnitude(truth)
     movement = _movement(truth, truth_setting)
     if not live:
         reference_error, basis = SPREAD_TO_ERROR * sensitivity(reference, truth_setting, truth), "sensitivity"
     else:
-        reference_error, basis = max_abs_diff(_reference(reference, setting), truth), "reference"
+        reference_error, basis = max_abs_diff(cached_reference(reference, setting), truth), "reference"
         if error > tolerance(setting.dtype, reference_error, scale):
             # The reference's error is one draw of the rounding noise, sometimes a lucky one (torch's
             # float32 Adafactor: 1.1e-6 where that noise spreads the trajectory by 4.6e-5); the spread
