@@ -113,6 +113,16 @@ def test_joined_results_save_with_safetensors():
     assert loaded.keys() == new.keys() and all(torch.equal(loaded[k], new[k]) for k in new)
 
 
+def test_a_models_parameters_are_joined_under_no_grad():
+    algorithm, calls = _counting(registry.get("adam"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    params = dict(model.named_parameters())
+    state = algorithm.init(params, None)
+    with torch.no_grad():
+        algorithm.step(params, {k: torch.ones_like(v) for k, v in params.items()}, state, None)
+    assert len(calls) == 1
+
+
 def test_not_joined_while_recording_or_transformed():
     """A step autograd records, or one inside a torch.func transform, runs the plain per-tensor ops."""
     algorithm, calls = _counting(registry.get("adam"))

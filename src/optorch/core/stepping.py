@@ -35,6 +35,7 @@ from .config import Config
 __all__ = [
     "BLOCK",
     "JOIN_BELOW",
+    "PLAIN",
     "eligible",
     "equal_scalars",
     "runs",
@@ -44,13 +45,16 @@ __all__ = [
 ]
 
 BLOCK = 1 << 18
-"""The most elements one joined update steps (1 MB of float32 per buffer): past ~30k elements a
-tensor's own update costs less than copying it in and out of a joined one."""
+"""The most elements one joined update steps (1 MB of float32 per buffer); also the most the shim's
+compiled engine gathers into its scratch space for one call."""
 
 JOIN_BELOW = 1 << 15
 """Params with fewer elements than this are joined: below ~25k elements the copies (~1.5 ns per element
 for Adam's param, grad and state) cost less than an update call of their own (~30 us; measured, one
 thread, torch 2.13)."""
+
+PLAIN = (Tensor, torch.nn.Parameter)
+"""The tensor types the fast paths take (subclasses such as DTensor keep the per-tensor loop)."""
 
 LeafState = dict[str, Tensor]
 One = Callable[[Tensor, Tensor, LeafState], tuple]
@@ -60,12 +64,9 @@ def eligible(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence
     """Whether a pure step over these leaves may join them (see the module docs)."""
     if torch.compiler.is_compiling() or in_functorch_transform() or not params:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for s in states for t in (*s.values(),)):
-        return False
-    return all(
-        type(p) is Tensor and type(g) is Tensor and p.is_cpu and not (p.requires_grad and torch.is_grad_enabled())
-        for p, g in zip(params, grads)
-    )
+    recording = torch.is_grad_enabled()
+    tensors = [*params, *grads, *(v for state in states for v in state.values())]
+    return all(type(t) in PLAIN and t.is_cpu and not (recording and t.requires_grad) for t in tensors)
 
 
 def _joinable(param: Tensor, grad: Tensor, state: LeafState) -> bool:
@@ -170,7 +171,7 @@ def _region(
 def traceable_once(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
     """Whether a compiled pure step may trace its update once (see the module docs)."""
     return torch.compiler.is_compiling() and all(
-        type(t) is Tensor and all(isinstance(d, int) for d in t.shape) for t in (*params, *grads)
+        type(t) in PLAIN and all(isinstance(d, int) for d in t.shape) for t in (*params, *grads)
     )
 
 
