@@ -226,3 +226,24 @@ def test_compiled_pure_step_takes_tensor_hyperparameters_as_inputs():
     assert not counters["recompiles"]
     for new, old in zip(params, eager_params):
         torch.testing.assert_close(new, old, rtol=0, atol=1e-15)
+
+
+def test_two_configs_in_one_graph_never_share_a_region():
+    """A partition of the params (two steps with other configs, and another algorithm, in one compiled
+    function): each step's region is its own, and every result is eager's."""
+    adam, sgd = registry.get("adam"), registry.get("sgd")
+    generator = torch.Generator().manual_seed(0)
+    x, y, g = ([torch.randn(5, generator=generator) for _ in range(2)] for _ in range(3))
+    a, b, c = adam.config(lr=0.1), adam.config(lr=0.5, weight_decay=0.3), sgd.config(lr=0.2)
+    states = adam.init(x, a), adam.init(y, b), sgd.init(y, c)
+
+    def three(x, y, g, sa, sb, sc):
+        return adam.step(x, g, sa, a)[0], adam.step(y, g, sb, b)[0], sgd.step(y, g, sc, c)[0]
+
+    with torch.no_grad():
+        graph, compiled = _graph_of(three, x, y, g, *states)
+        eager = three(x, y, g, *states)
+    assert _regions(graph) == (6, 3)
+    for new, old in zip(compiled, eager):
+        for p, q in zip(new, old):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)

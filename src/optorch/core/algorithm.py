@@ -28,7 +28,6 @@ Two extensions cover algorithms that are not purely element-wise:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops, stepping
+from . import stepping
 from .compat import pytree
 from .config import Config
 from .distributed import full
+from .stepping import apply_update
 
 __all__ = ["Algorithm", "Grid", "LeafState", "Reduction", "Shared", "State", "SHARED_KEY"]
 
@@ -57,28 +57,6 @@ def _is_none(x: Any) -> bool:
 
 def _describe(path: tuple) -> str:
     return pytree.keystr(path) or "<root>"
-
-
-def _as_real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def apply_update(update: Update, param: Tensor, grad: Tensor, leaf_state: LeafState, config: Config, *shared: Any):
-    """Run ``update`` on one tensor; complex tensors are stepped as pairs of reals, as torch.optim does.
-
-    Returns ``(new_param, new_leaf_state)``, and the contributions too when a shared state is passed.
-    """
-    if not param.is_complex():
-        new_param, new_state, *contributions = update(param, grad, leaf_state, config, *shared)
-        # A 0-dim param meeting a 0-dim float64 hyperparameter would be promoted: keep each dtype.
-        new_state = {k: ops.like(v, leaf_state[k]) for k, v in new_state.items()}
-        return (ops.like(new_param, param), new_state, *contributions)
-    real_state = {k: _as_real(v) for k, v in leaf_state.items()}
-    new_param, new_state, *contributions = update(
-        torch.view_as_real(param), _as_real(grad), real_state, config, *shared
-    )
-    to_complex = {k: torch.view_as_complex(v) if leaf_state[k].is_complex() else v for k, v in new_state.items()}
-    return (torch.view_as_complex(new_param), to_complex, *contributions)
 
 
 @dataclass(frozen=True)
@@ -231,9 +209,9 @@ class Algorithm:
         moving = [i for i, grad in enumerate(grad_leaves) if grad is not None]
         work = ([params[i] for i in moving], [grad_leaves[i] for i in moving], [leaf_states[i] for i in moving])
         if self.shared is None and self.is_elementwise(config) and stepping.eligible(*work):
-            results = stepping.step_in_blocks(*work, lambda p, g, s: apply_update(self.update, p, g, s, config))
+            results = stepping.step_in_blocks(self.update, *work, config)
         elif self.shared is None and stepping.traceable_once(*work[:2]):
-            results = stepping.step_traced_once(*work, functools.partial(apply_update, self.update), config)
+            results = stepping.step_traced_once(self.update, *work, config)
         else:
             results = [apply_update(self.update, p, g, s, config, *shared) for p, g, s in zip(*work)]
         new_params, new_leaf_states, contributions = list(params), list(leaf_states), []

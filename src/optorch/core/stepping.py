@@ -29,11 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import ops
 from .compat import flatten_dense_tensors, in_functorch_transform, pytree, unflatten_dense_tensors
 from .config import Config
 
 __all__ = [
     "BLOCK",
+    "apply_update",
     "JOIN_BELOW",
     "PLAIN",
     "eligible",
@@ -58,6 +60,29 @@ PLAIN = (Tensor, torch.nn.Parameter)
 
 LeafState = dict[str, Tensor]
 One = Callable[[Tensor, Tensor, LeafState], tuple]
+Update = Callable[..., tuple]
+
+
+def _as_real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def apply_update(update: Update, param: Tensor, grad: Tensor, leaf_state: LeafState, config: Config, *shared: Any):
+    """Run ``update`` on one tensor; complex tensors are stepped as pairs of reals, as torch.optim does.
+
+    Returns ``(new_param, new_leaf_state)``, and the contributions too when a shared state is passed.
+    """
+    if not param.is_complex():
+        new_param, new_state, *contributions = update(param, grad, leaf_state, config, *shared)
+        # A 0-dim param meeting a 0-dim float64 hyperparameter would be promoted: keep each dtype.
+        new_state = {k: ops.like(v, leaf_state[k]) for k, v in new_state.items()}
+        return (ops.like(new_param, param), new_state, *contributions)
+    real_state = {k: _as_real(v) for k, v in leaf_state.items()}
+    new_param, new_state, *contributions = update(
+        torch.view_as_real(param), _as_real(grad), real_state, config, *shared
+    )
+    to_complex = {k: torch.view_as_complex(v) if leaf_state[k].is_complex() else v for k, v in new_state.items()}
+    return (torch.view_as_complex(new_param), to_complex, *contributions)
 
 
 def eligible(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState]) -> bool:
@@ -78,10 +103,13 @@ def _joinable(param: Tensor, grad: Tensor, state: LeafState) -> bool:
 
 
 def step_in_blocks(
-    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState], one: One
+    update: Update, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState], config: Config
 ) -> list[tuple[Tensor, LeafState]]:
-    """New ``(param, state)`` of each leaf, as ``one(param, grad, state)`` (an element-wise update on one
-    tensor) gives them; ``one`` also steps each joined block."""
+    """New ``(param, state)`` of each leaf, as the element-wise ``update`` gives them tensor by tensor."""
+
+    def one(param: Tensor, grad: Tensor, state: LeafState) -> tuple[Tensor, LeafState]:
+        return apply_update(update, param, grad, state, config)
+
     results: list = [None] * len(params)
     kinds: dict[tuple, list[int]] = {}
     for i, (param, grad, state) in enumerate(zip(params, grads, states)):
@@ -146,7 +174,7 @@ class _Slot(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.update: Callable[..., tuple] | None = None
+        self.update: Update | None = None
         self.config: Config | None = None
         self.tensor_fields: tuple[str, ...] = ()
         self.spec: Any = None
@@ -157,12 +185,12 @@ _SLOT = _Slot()
 
 @torch.compiler.nested_compile_region
 def _region(
-    slot: _Slot, keys: tuple[str, ...], n_hyper: int, param: Tensor, grad: Tensor, *inputs: Tensor
+    slot: _Slot, identity: tuple, keys: tuple[str, ...], n_hyper: int, param: Tensor, grad: Tensor, *inputs: Tensor
 ) -> tuple[Tensor, ...]:
     hyper, values = inputs[:n_hyper], inputs[n_hyper:]
     tensors = pytree.tree_unflatten(list(hyper), slot.spec) if n_hyper else {}
     config = slot.config.unchecked(**tensors) if tensors else slot.config
-    new_param, new_state = slot.update(param, grad, dict(zip(keys, values)), config)
+    new_param, new_state = apply_update(slot.update, param, grad, dict(zip(keys, values)), config)
     # a region may not return its inputs (an unchanged state entry): those come back as copies
     inputs = (param, grad, *inputs)
     return tuple(o.clone() if any(o is i for i in inputs) else o for o in (new_param, *(new_state[k] for k in keys)))
@@ -176,23 +204,23 @@ def traceable_once(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
 
 
 def step_traced_once(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    states: Sequence[LeafState],
-    update: Callable[..., tuple],
-    config: Config,
+    update: Update, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState], config: Config
 ) -> list[tuple[Tensor, LeafState]]:
-    """New ``(param, state)`` of each leaf, as ``update(param, grad, state, config)`` (without shared
-    state) gives them, each call a stamp of one traced region."""
+    """New ``(param, state)`` of each leaf, as ``update`` (without shared state) gives them tensor by
+    tensor, each call a stamp of one traced region."""
     # the fields' values as stored (Dynamo cannot trace pydantic's field table, hyperparameters())
     tensors = {k: v for k, v in vars(config).items() if _holds_tensor(v)}
     hyper, spec = pytree.tree_flatten(tensors)
     _SLOT.update, _SLOT.spec = update, spec
     _SLOT.config = config.unchecked(**dict.fromkeys(tensors)) if tensors else config
+    # Dynamo reuses a region for inputs alike, and the slot's contents are not inputs: the update and
+    # the config's numbers and flags are, as constants, so that two steps in one graph with other
+    # configs (a partition of the params) never share a region
+    identity = (id(update), *((k, v) for k, v in vars(config).items() if k not in tensors))
     results = []
     for param, grad, state in zip(params, grads, states):
         keys = tuple(state)
-        new_param, *values = _region(_SLOT, keys, len(hyper), param, grad, *hyper, *state.values())
+        new_param, *values = _region(_SLOT, identity, keys, len(hyper), param, grad, *hyper, *state.values())
         results.append((new_param, dict(zip(keys, values))))
     return results
 

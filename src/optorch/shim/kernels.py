@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from ..core import ops
-from ..core.algorithm import apply_update
 from ..core.config import Config
+from ..core.stepping import apply_update
 
 __all__ = ["run_stacked", "run_update"]
 
