@@ -210,7 +210,7 @@ class Algorithm:
         work = ([params[i] for i in moving], [grad_leaves[i] for i in moving], [leaf_states[i] for i in moving])
         if self.shared is None and self.is_elementwise(config) and stepping.eligible(*work):
             results = stepping.step_in_blocks(self.update, *work, config)
-        elif self.shared is None and stepping.traceable_once(*work[:2]):
+        elif self.shared is None and stepping.traceable_once(*work[:2], config):
             results = stepping.step_traced_once(self.update, *work, config)
         else:
             results = [apply_update(self.update, p, g, s, config, *shared) for p, g, s in zip(*work)]

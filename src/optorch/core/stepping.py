@@ -185,7 +185,7 @@ _SLOT = _Slot()
 
 @torch.compiler.nested_compile_region
 def _region(
-    slot: _Slot, identity: tuple, keys: tuple[str, ...], n_hyper: int, param: Tensor, grad: Tensor, *inputs: Tensor
+    slot: _Slot, identity: str, keys: tuple[str, ...], n_hyper: int, param: Tensor, grad: Tensor, *inputs: Tensor
 ) -> tuple[Tensor, ...]:
     hyper, values = inputs[:n_hyper], inputs[n_hyper:]
     tensors = pytree.tree_unflatten(list(hyper), slot.spec) if n_hyper else {}
@@ -196,10 +196,13 @@ def _region(
     return tuple(o.clone() if any(o is i for i in inputs) else o for o in (new_param, *(new_state[k] for k in keys)))
 
 
-def traceable_once(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
-    """Whether a compiled pure step may trace its update once (see the module docs)."""
-    return torch.compiler.is_compiling() and all(
-        type(t) in PLAIN and all(isinstance(d, int) for d in t.shape) for t in (*params, *grads)
+def traceable_once(params: Sequence[Tensor], grads: Sequence[Tensor], config: Config) -> bool:
+    """Whether a compiled pure step may trace its update once (see the module docs): static sizes,
+    and a config of numbers, flags and tensors (a nested setting has no exact constant form)."""
+    return (
+        torch.compiler.is_compiling()
+        and all(_is_constant(v) or _holds_tensor(v) for v in vars(config).values())
+        and all(type(t) in PLAIN and all(isinstance(d, int) for d in t.shape) for t in (*params, *grads))
     )
 
 
@@ -214,15 +217,22 @@ def step_traced_once(
     _SLOT.update, _SLOT.spec = update, spec
     _SLOT.config = config.unchecked(**dict.fromkeys(tensors)) if tensors else config
     # Dynamo reuses a region for inputs alike, and the slot's contents are not inputs: the update and
-    # the config's numbers and flags are, as constants, so that two steps in one graph with other
-    # configs (a partition of the params) never share a region
-    identity = (id(update), *((k, v) for k, v in vars(config).items() if k not in tensors))
+    # the config's numbers and flags are, as one exact string (repr round-trips floats; one constant
+    # is matched far faster than a tuple of them), so that two steps in one graph with other configs
+    # (a partition of the params) never share a region
+    identity = f"{id(update)} {[(k, v) for k, v in vars(config).items() if k not in tensors]!r}"
     results = []
     for param, grad, state in zip(params, grads, states):
         keys = tuple(state)
         new_param, *values = _region(_SLOT, identity, keys, len(hyper), param, grad, *hyper, *state.values())
         results.append((new_param, dict(zip(keys, values))))
     return results
+
+
+def _is_constant(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(map(_is_constant, value))
+    return value is None or type(value) in (bool, int, float, str)
 
 
 def _holds_tensor(value: Any) -> bool:
