@@ -740,10 +740,14 @@ def print_block(
 ) -> None:
     ref = next(r for r in results if r["row"] == "ref")
     print(
-        f"\n== {algo}  {shape}  ({n_params / 1e6:.2f}M params, {device})  reference Adam fused: {fmt(ref['ms'], '.2f')} ms/step ==",
+        f"\n== {algo}  {shape}  ({n_params / 1e6:.2f}M params, {device})  reference Adam fused: "
+        f"{fmt(ref['ms'], '.2f')} ms/step ==",
         file=out,
     )
-    header = f"{'row':<22}{'ms/step':>9}{'min ms':>9}{'x ref':>7}{'x min':>7}{'x bytes':>8}{'1st s':>7}{'recomp':>7}{'peak MiB':>9}{'tmp MiB':>8}{'faults':>8}  {'goal':<10} note"
+    header = (
+        f"{'row':<22}{'ms/step':>9}{'min ms':>9}{'x ref':>7}{'x min':>7}{'x bytes':>8}{'1st s':>7}{'recomp':>7}"
+        f"{'peak MiB':>9}{'tmp MiB':>8}{'faults':>8}  {'goal':<10} note"
+    )
     print(header, file=out)
     print("-" * len(header), file=out)
     by_row = {}
@@ -766,7 +770,8 @@ def print_block(
     if probe is not None:
         if probe.get("first_step_s") is not None:
             print(
-                f"shim compiled, fresh process, cold cache: first step {probe['first_step_s']:.2f} s, second {probe['second_step_s'] * 1e3:.1f} ms"
+                f"shim compiled, fresh process, cold cache: first step {probe['first_step_s']:.2f} s, second "
+                f"{probe['second_step_s'] * 1e3:.1f} ms"
                 + (f"; COMPILE FAILED: {probe['compile_failed']}" if probe.get("compile_failed") else ""),
                 file=out,
             )
@@ -871,7 +876,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-step-process",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help=f"for layouts of {FIRST_STEP_GOAL_TENSORS} tensors, also time the compiled first step in a fresh process (the goal's measure; default: on)",
+        help=(
+            f"for layouts of {FIRST_STEP_GOAL_TENSORS} tensors, also time the compiled first step in a fresh process "
+            "(the goal's measure; default: on)"
+        ),
     )
     parser.add_argument(
         "--block-budget",
@@ -933,11 +941,13 @@ def main(argv: list[str] | None = None) -> int:
         else "CPU allocator events from torch.profiler(profile_memory=True): peak of the running sum during one step",
     }
     print(
-        f"optorch step_speed: torch {meta['torch']}, {meta['device']}, {meta['cpu_count']} CPU cores, {meta['torch_threads']} torch threads, {args.dtype}, scale {args.scale}",
+        f"optorch step_speed: torch {meta['torch']}, {meta['device']}, {meta['cpu_count']} CPU cores, "
+        f"{meta['torch_threads']} torch threads, {args.dtype}, scale {args.scale}",
         file=out,
     )
     print(
-        f"steps {args.steps} (median), warmup {args.warmup}, cosine-schedule recompile window {max(args.steps, args.schedule_steps)} steps; rows interleaved per round",
+        f"steps {args.steps} (median), warmup {args.warmup}, cosine-schedule recompile window "
+        f"{max(args.steps, args.schedule_steps)} steps; rows interleaved per round",
         file=out,
     )
 

@@ -1,4 +1,5 @@
-"""``python -m optorch verify`` / ``python -m optorch compare``: the same command line as the ``optorch`` console script."""
+"""``python -m optorch verify`` / ``python -m optorch compare``: the same command line as the ``optorch``
+console script."""
 
 from .tools.cli import main
 

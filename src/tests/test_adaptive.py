@@ -833,7 +833,8 @@ def test_compare_steps_the_rules_and_records_the_adapted_knobs(tmp_path):
     pytest.importorskip("tqdm")
     path = tmp_path / "sgd_adaptive.yaml"
     path.write_text(
-        "name: sgd\nlr: 0.1\nmomentum: 0.9\nadapt:\n  lr_rule: trend+cosine_restart\n  momentum_rule: relative\n  cycle_length: 4\n"
+        "name: sgd\nlr: 0.1\nmomentum: 0.9\nadapt:\n  lr_rule: trend+cosine_restart\n  momentum_rule: relative\n  "
+        "cycle_length: 4\n"
     )
     (spec,) = compare.load_specs([path])
     (result,) = compare.compare([spec], steps=12, progress=False)

@@ -180,10 +180,13 @@ def test_torch_private_apis_are_used_in_compat_alone():
 PUBLIC_PATHS = [
     "import optorch.adam; assert optorch.adam.Config is optorch.algorithms.adam.Config",
     "from optorch.adam import Config; import optorch; assert Config is optorch.adam.Config",
-    "import optorch; assert optorch.sgd.algorithm.name == 'sgd' and callable(optorch.build) and callable(optorch.build_stepper)",
+    "import optorch; assert optorch.sgd.algorithm.name == 'sgd' and callable(optorch.build) and "
+    "callable(optorch.build_stepper)",
     "import optorch; assert optorch.adam.Config().lr == 1e-3",
-    "from optorch.combinators import Combinators, clip_by_global_norm, from_config; import optorch; assert from_config is optorch.build_stepper",
-    "from optorch.adaptive import AdaptiveConfig, AdaptiveOpt, flatten_state, update; import optorch; assert AdaptiveOpt is optorch.AdaptiveOpt",
+    "from optorch.combinators import Combinators, clip_by_global_norm, from_config; import optorch; assert from_config "
+    "is optorch.build_stepper",
+    "from optorch.adaptive import AdaptiveConfig, AdaptiveOpt, flatten_state, update; import optorch; assert "
+    "AdaptiveOpt is optorch.AdaptiveOpt",
     "from optorch.shim import Optimizer; import optorch; assert Optimizer is optorch.Optimizer",
     "import optorch.optim; assert optorch.optim.AdamW.__module__ == 'optorch.optim'",
     "from optorch.distributed import split_param_groups, is_dtensor",

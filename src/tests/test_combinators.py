@@ -612,7 +612,8 @@ def test_lr_schedulers_keep_working_with_combinators():
         (
             {"param_groups": [{"match": ["*.bias", "*nrom*"], "weight_decay": 0.0}]},
             "module",
-            r"param_groups\[0\]: pattern '\*nrom\*' matches no parameter; names are: linear.weight, linear.bias, norm.weight, norm.bias",
+            r"param_groups\[0\]: pattern '\*nrom\*' matches no parameter; names are: linear.weight, linear.bias, "
+            r"norm.weight, norm.bias",
         ),
         (
             {"param_groups": [{"match": "*.bias"}, {"match": "linear.bias"}]},
@@ -622,7 +623,8 @@ def test_lr_schedulers_keep_working_with_combinators():
         (
             {"param_groups": [{"match": "*.bias"}]},
             "tensors",
-            r"param_groups matches parameters by name: pass the model or model.named_parameters\(\), not unnamed tensors",
+            r"param_groups matches parameters by name: pass the model or model.named_parameters\(\), not unnamed "
+            r"tensors",
         ),
         ({"param_groups": [{"match": "*.bias"}]}, "groups", "not param-group dicts"),
         ({"amp": {"growth_factor": 0.5}}, None, r"amp.growth_factor: .*greater than 1"),

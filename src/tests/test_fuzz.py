@@ -312,7 +312,9 @@ def test_random_checkpoint_corruptions_load_correctly_or_fail_and_change_nothing
         if where == "param_groups" and how == "float16":
             how = "tensor"  # a hyperparameter as a tensor, in the params' dtype (see TENSORS)
         if name == "asgd" and key in ("lr", "lambd", "alpha", "t0") and how == "tensor":
-            continue  # documented (docs/algorithms/asgd.md): from a tensor torch computes eta and mu in its dtype, optorch as from a number
+            # documented (docs/algorithms/asgd.md): from a tensor torch computes eta and mu in its dtype, optorch as
+            # from a number
+            continue
         holder = checkpoint[where][index]
         if key not in holder:
             continue

@@ -707,7 +707,10 @@ def test_schedule_and_torch_scheduler_on_the_same_key_raise_at_the_next_step_and
     set_grads(optimizer, 5)
     with pytest.raises(
         RuntimeError,
-        match=r"'lr' is set by this optimizer's 'schedule' entry .*something else \(a torch lr_scheduler\?\) writes it too",
+        match=(
+            r"'lr' is set by this optimizer's 'schedule' entry .*something else \(a torch lr_scheduler\?\) "
+            r"writes it too"
+        ),
     ):
         optimizer.step()
     assert_same([p.detach() for p in optimizer.param_groups[0]["params"]], params_before)
@@ -1167,7 +1170,8 @@ CHECKPOINTS = [
         "ckpt-hyperparameter-dropped",
         load(drop("betas")),
         ValueError,
-        r"param group 0 of the state_dict has no 'betas', which torch.optim saves with every checkpoint: a checkpoint of another optimizer\?",
+        r"param group 0 of the state_dict has no 'betas', which torch.optim saves with every checkpoint: a checkpoint "
+        r"of another optimizer\?",
         trained(ALL),
     ),
     Bad(
@@ -1515,7 +1519,8 @@ def test_case_ids_are_unique():
 def test_yaml_reads_core_schema_scalars(tmp_path):
     path = tmp_path / "scalars.yaml"
     path.write_text(
-        "a: true\nb: False\nc: TRUE\nd: ~\ne: 0o17\nf: 0x1F\ng: 1e-3\nh: -.inf\ni: 010\nj: yes\nk: 1:30\nl: 2001-12-14\nm: 1.\n"
+        "a: true\nb: False\nc: TRUE\nd: ~\ne: 0o17\nf: 0x1F\ng: 1e-3\nh: -.inf\ni: 010\nj: yes\nk: 1:30\n"
+        "l: 2001-12-14\nm: 1.\n"
     )
     values = optorch.load_config(path)
     assert values == {

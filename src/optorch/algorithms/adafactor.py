@@ -81,7 +81,8 @@ def _factored(param: torch.Tensor) -> bool:
 def init_leaf(param: torch.Tensor, config: Config) -> LeafState:
     if param.is_complex():
         raise RuntimeError(
-            f"adafactor does not support complex parameters (got a {param.dtype} parameter), as torch.optim.Adafactor does not"
+            f"adafactor does not support complex parameters (got a {param.dtype} parameter), as torch.optim.Adafactor "
+            "does not"
         )
     empty = param.new_zeros(0)
     if _factored(param):

@@ -287,7 +287,8 @@ def _numerator(
             source = ops.like(lr, w) * torch.sign(x) * torch.minimum(x.abs(), 4 * h) / (csq + 1)
         p, new_state["pc"] = lowpass(state["pc"], source, t, c.beta_n, 0.0, 1.0)
         clipped = torch.minimum(p.abs(), ops.like(lr, w) * (csq + 1))
-    # sum / n is mean's own arithmetic (bit for bit); a sharded param's sum is one number reduced, not the tensor gathered
+    # sum / n is mean's own arithmetic (bit for bit); a sharded param's sum is one number reduced, not the tensor
+    # gathered
     smoothed, new_state["lr_num"] = lowpass(state["lr_num"], full(clipped.sum()) / clipped.numel(), t, 0.1, 0.0, 0.9)
     return smoothed
 
@@ -306,31 +307,46 @@ def _lambda(factor: Callable[[int], float]) -> Callable[[torch.optim.Optimizer],
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# a table: one reduction a row reads best
+# a table: one reduction a row, each wrapped as name, config; torch optimizer, its settings; any scheduler
 # fmt: off
 REDUCTIONS: tuple[Reduction, ...] = (
     Reduction("sgd", _PLAIN, "SGD", {"lr": _LR}),
     Reduction("sgd-l2", {**_PLAIN, "weight_decay": 0.0625}, "SGD", {"lr": _LR, "weight_decay": 0.0625}),
-    Reduction("heavy-ball", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False}, "SGD", {"lr": _LR, "momentum": _MU}),
-    Reduction("heavy-ball-l2-maximize", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False, "weight_decay": 0.0625, "maximize": True},
+    Reduction("heavy-ball", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False},
+              "SGD", {"lr": _LR, "momentum": _MU}),
+    Reduction("heavy-ball-l2-maximize",
+              {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False, "weight_decay": 0.0625, "maximize": True},
               "SGD", {"lr": _LR, "momentum": _MU, "weight_decay": 0.0625, "maximize": True}),
-    Reduction("heavy-ball-eta", {**_PLAIN, "beta_i": _MU, "debias": False}, "SGD", {"lr": _LR * (1 - _MU), "momentum": _MU}),
+    Reduction("heavy-ball-eta", {**_PLAIN, "beta_i": _MU, "debias": False},
+              "SGD", {"lr": _LR * (1 - _MU), "momentum": _MU}),
     Reduction("heavy-ball-debiased", {**_PLAIN, "beta_i": _MU}, "SGD", {"lr": _LR, "momentum": _MU},
               _lambda(lambda s: (1 - _MU) / (1 - _MU ** (s + 1)))),
     Reduction("nesterov", {**_PLAIN, "beta_i": _MU, "gamma_i": _MU / (1 + _MU), "eta_i": 1.0, "debias": False},
-              "SGD", {"lr": _LR, "momentum": _MU, "nesterov": True}, _lambda(lambda s: 1 / (1 + _MU) if s == 0 else 1.0)),
+              "SGD", {"lr": _LR, "momentum": _MU, "nesterov": True},
+              _lambda(lambda s: 1 / (1 + _MU) if s == 0 else 1.0)),
     Reduction("adam", _ADAM, "Adam", _ADAM_TORCH),
-    Reduction("adam-l2-maximize", {**_ADAM, "weight_decay": 0.0625, "maximize": True}, "Adam", {**_ADAM_TORCH, "weight_decay": 0.0625, "maximize": True}),
-    Reduction("adamw", {**_ADAM, "weight_decay": 0.25 * (1 - 0.0) / (1 - 0.9), "decoupled_weight_decay": True}, "AdamW", {**_ADAM_TORCH, "weight_decay": 0.25}),
+    Reduction("adam-l2-maximize", {**_ADAM, "weight_decay": 0.0625, "maximize": True},
+              "Adam", {**_ADAM_TORCH, "weight_decay": 0.0625, "maximize": True}),
+    Reduction("adamw", {**_ADAM, "weight_decay": 0.25 * (1 - 0.0) / (1 - 0.9), "decoupled_weight_decay": True},
+              "AdamW", {**_ADAM_TORCH, "weight_decay": 0.25}),
     Reduction("adam-beta1-0", {**_ADAM, "beta_i": 0.0}, "Adam", {**_ADAM_TORCH, "betas": (0.0, 0.999)}),
-    Reduction("rmsprop", {**_ADAM, "beta_a": 0.99, "beta_i": 0.0, "debias": False}, "RMSprop", {"lr": 2.0**-7, "alpha": 0.99, "eps": 1e-30}),
-    Reduction("sgd-cosine-frame", {**_PLAIN, "window": 1, "window_order": 2.0, "window_floor": 0.125, "window_epochs": 1, "window_steps_per_epoch": 150},
-              "SGD", {"lr": _LR}, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=150, eta_min=0.125 * _LR)),
-    Reduction("adam-cosine-restarts", {**_ADAM, "window": 1, "window_order": 2.0, "window_floor": 0.125, "window_epochs": 5, "window_steps_per_epoch": 6},
-              "Adam", _ADAM_TORCH, lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=30, eta_min=0.125 * 2.0**-7)),
-    Reduction("sgd-linear-frame", {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False, "window": 2, "window_order": 1.0, "window_floor": 0.25,
-                                   "window_epochs": 1, "window_steps_per_epoch": 150},
-              "SGD", {"lr": _LR, "momentum": _MU}, lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.25, total_iters=150)),
+    Reduction("rmsprop", {**_ADAM, "beta_a": 0.99, "beta_i": 0.0, "debias": False},
+              "RMSprop", {"lr": 2.0**-7, "alpha": 0.99, "eps": 1e-30}),
+    Reduction("sgd-cosine-frame",
+              {**_PLAIN, "window": 1, "window_order": 2.0, "window_floor": 0.125,
+               "window_epochs": 1, "window_steps_per_epoch": 150},
+              "SGD", {"lr": _LR},
+              lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=150, eta_min=0.125 * _LR)),
+    Reduction("adam-cosine-restarts",
+              {**_ADAM, "window": 1, "window_order": 2.0, "window_floor": 0.125,
+               "window_epochs": 5, "window_steps_per_epoch": 6},
+              "Adam", _ADAM_TORCH,
+              lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=30, eta_min=0.125 * 2.0**-7)),
+    Reduction("sgd-linear-frame",
+              {**_PLAIN, "beta_i": _MU, "eta_i": 1.0, "debias": False, "window": 2, "window_order": 1.0,
+               "window_floor": 0.25, "window_epochs": 1, "window_steps_per_epoch": 150},
+              "SGD", {"lr": _LR, "momentum": _MU},
+              lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.25, total_iters=150)),
 )
 # fmt: on
 """Spec section 7: each AutoSGM config and the torch.optim optimizer (and scheduler) it reduces to

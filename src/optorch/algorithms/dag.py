@@ -168,7 +168,8 @@ class Hyper(_Settings):
         for name in ("alpha_max", "eps"):
             if not representable(getattr(self, name), torch.float32):
                 raise ValueError(
-                    f"{name} must be finite and non-zero in float32, where alpha is kept for float32 params, got {getattr(self, name)}"
+                    f"{name} must be finite and non-zero in float32, where alpha is kept for float32 params, got "
+                    f"{getattr(self, name)}"
                 )
         if self.kappa is None:  # computed once, as the original's constructor does
             object.__setattr__(self, "kappa", kappa(self.tau, self.p_star))

@@ -31,11 +31,12 @@ how to exclude by name: put those parameters in a param group with ``"exclude": 
 (:func:`param_groups` does the split from ``model.named_parameters()``).
 
 Conventions where pytorch_optimizer's ``LARS`` (the independent reference, adapted to these keys by
-:func:`optorch.tools.references.pytorch_optimizer_lars`) differs, each tested in ``tests/test_lars.py``: it has no ``eps`` (ours with ``eps=0`` matches); it always excludes tensors
-with ``ndim <= 1`` (ours: ``exclude_1d``); its ratio falls back to 1 only when
-:math:`\|\theta\| = 0` or the whole denominator is zero, so a zero gradient with :math:`\lambda > 0`
-gets :math:`\eta/\lambda` there and 1 here; its buffer starts at zero, so with dampening its first
-step is :math:`(1 - \tau)` times ours (torch.optim.SGD's convention, kept here).
+:func:`optorch.tools.references.pytorch_optimizer_lars`) differs, each tested in ``tests/test_lars.py``: it
+has no ``eps`` (ours with ``eps=0`` matches); it always excludes tensors with ``ndim <= 1`` (ours:
+``exclude_1d``); its ratio falls back to 1 only when :math:`\|\theta\| = 0` or the whole denominator is
+zero, so a zero gradient with :math:`\lambda > 0` gets :math:`\eta/\lambda` there and 1 here; its buffer
+starts at zero, so with dampening its first step is :math:`(1 - \tau)` times ours (torch.optim.SGD's
+convention, kept here).
 
 State per parameter: ``step`` and, when momentum is non-zero, ``momentum_buffer`` (as torch.optim.SGD).
 """

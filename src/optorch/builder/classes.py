@@ -61,7 +61,8 @@ def _class(name: str) -> type[Optimizer]:
             "algorithm_name": name,
             "__module__": "optorch.optim",  # the public path (an alias of this module)
             "__doc__": f"optorch's {name} as a torch.optim-style class: ``{NAMES[name]}(params, **config)`` is "
-            f"``optorch.build({{'name': {name!r}, **config}}, params)``; keys: {', '.join(algorithm.config.model_fields)}.",
+            f"``optorch.build({{'name': {name!r}, **config}}, params)``; keys: "
+            f"{', '.join(algorithm.config.model_fields)}.",
         },
     )
 

@@ -165,7 +165,8 @@ def _schedules(raw: Mapping[str, Any], parsed: Config) -> dict[str, Schedule]:
         if name not in values or isinstance(values[name], bool) or not isinstance(values[name], (int, float)):
             scalars = [k for k, v in values.items() if isinstance(v, float)]
             raise ConfigError(
-                f"'{SCHEDULE_KEY}': {shown(name)} is not a scalar hyperparameter of this optimizer; schedulable: {', '.join(scalars)}",
+                f"'{SCHEDULE_KEY}': {shown(name)} is not a scalar hyperparameter of this optimizer; schedulable: "
+                f"{', '.join(scalars)}",
                 key=(SCHEDULE_KEY, name),
             )
     result = {}
@@ -216,7 +217,8 @@ def _adaptive(raw: Mapping[str, Any], parsed: Config) -> adaptive.AdaptiveConfig
     for knob in rules.rules():
         if knob not in places:
             raise ConfigError(
-                f"'{ADAPTIVE_KEY}': a rule for {knob}, which this optimizer does not have (it has {', '.join(places) or 'none'})",
+                f"'{ADAPTIVE_KEY}': a rule for {knob}, which this optimizer does not have (it has "
+                f"{', '.join(places) or 'none'})",
                 key=(ADAPTIVE_KEY,),
             )
         if places[knob][0] in scheduled:

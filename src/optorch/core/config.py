@@ -59,7 +59,8 @@ def check_tensor_hyperparameter(value: torch.Tensor) -> torch.Tensor:
     truncate."""
     if value.dim() != 0:
         raise ValueError(
-            f"a tensor hyperparameter must be 0-dim, got shape {tuple(value.shape)} (use tensor.reshape(()) for one value)"
+            f"a tensor hyperparameter must be 0-dim, got shape {tuple(value.shape)} (use tensor.reshape(()) for one "
+            "value)"
         )
     if not value.is_floating_point():
         raise ValueError(f"a tensor hyperparameter must be a floating-point tensor, got {value.dtype}")
@@ -198,14 +199,15 @@ class Config(BaseModel):
         """A copy with some numeric fields replaced by tensors (or tuples of tensors), unvalidated.
 
         Tensors are never range-checked (they may be traced or batched), so only their shape and dtype
-        are checked (0-dim, floating point); skipping pydantic keeps this traceable, so a compiled step can build the config it
-        steps with from hyperparameters it receives as tensors (:mod:`optorch.inject`, the shim).
+        are checked (0-dim, floating point); skipping pydantic keeps this traceable, so a compiled step can build
+        the config it steps with from hyperparameters it receives as tensors (:mod:`optorch.inject`, the shim).
         """
         for name, value in values.items():
             parts = value if isinstance(value, tuple) else (value,)
             if not all(isinstance(part, torch.Tensor) for part in parts):
                 raise TypeError(
-                    f"with_tensors: {name!r} must be a field of {type(self).__name__} given as a tensor or a tuple of tensors"
+                    f"with_tensors: {name!r} must be a field of {type(self).__name__} given as a tensor or a tuple of "
+                    "tensors"
                 )
             try:
                 for part in parts:

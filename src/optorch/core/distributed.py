@@ -109,8 +109,8 @@ def check_layout(name: str, key: str, value: Tensor, reference: Tensor) -> None:
     expected = f"a DTensor with placements {tuple(reference.placements)}" if is_dtensor(reference) else "a plain tensor"
     got = f"a DTensor with placements {tuple(value.placements)}" if is_dtensor(value) else "a plain tensor"
     raise ValueError(
-        f"{name}: state {key!r} is {got}, expected {expected} like its parameter's fresh state. A checkpoint of the whole "
-        "model loads into a sharded one through torch.distributed.checkpoint (set_optimizer_state_dict with "
+        f"{name}: state {key!r} is {got}, expected {expected} like its parameter's fresh state. A checkpoint of the "
+        "whole model loads into a sharded one through torch.distributed.checkpoint (set_optimizer_state_dict with "
         "StateDictOptions(full_state_dict=True)), which shards each state tensor as its parameter."
     )
 
@@ -210,8 +210,8 @@ class Partition:
         ours, theirs = dist.get_process_group_ranks(self.group), dist.get_process_group_ranks(zero.process_group)
         if ours != theirs:
             raise ValueError(
-                f"partition_group spans ranks {ours}, but ZeroRedundancyOptimizer partitions the params over ranks {theirs}: "
-                "pass it the same process group"
+                f"partition_group spans ranks {ours}, but ZeroRedundancyOptimizer partitions the params over ranks "
+                f"{theirs}: pass it the same process group"
             )
 
 
@@ -243,8 +243,9 @@ def check_partition(name: str, reductions: Sequence[str], partition: Partition |
         partition.check(zero)
     elif reductions:
         raise ValueError(
-            f"{name}: {', '.join(reductions)} reduce(s) over all parameters, but inside ZeroRedundancyOptimizer this optimizer "
-            "holds only this rank's share of them, and would compute a partial result. Build it with the ZeRO process group: "
-            "optimizer_class=functools.partial(optorch.build, config, partition_group=dist.group.WORLD) (or "
-            "functools.partial(optorch.optim.<Name>, partition_group=...)); its reductions then span every rank's share."
+            f"{name}: {', '.join(reductions)} reduce(s) over all parameters, but inside ZeroRedundancyOptimizer this "
+            "optimizer holds only this rank's share of them, and would compute a partial result. Build it with the "
+            "ZeRO process group: optimizer_class=functools.partial(optorch.build, config, "
+            "partition_group=dist.group.WORLD) (or functools.partial(optorch.optim.<Name>, partition_group=...)); its "
+            "reductions then span every rank's share."
         )

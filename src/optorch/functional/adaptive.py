@@ -12,11 +12,14 @@ rule                    state                           factor :math:`f_t`
 ``variance``            none                            :math:`1 / (1 + \lambda_v \mathrm{CV}_t)`
 ``inverse``             none                            :math:`\ell_0 / \max(F_t, 10^{-12})` (1 if
                                                         :math:`\ell_0 \le 0` or :math:`F_t \le 0`)
-``relative``            :math:`Q_0 = 1`                 :math:`Q_t = \mathrm{clip}(Q_{t-1}(1 + \kappa\,\mathrm{clip}(r_t, -c, c)))`
-``stable``              :math:`E_0 = 1`                 :math:`E_t = \mathrm{clip}(\beta_{st} E_{t-1} + (1-\beta_{st}) / (1 + \lambda_v \mathrm{CV}_t))`
+``relative``            :math:`Q_0 = 1`                 :math:`Q_t = \mathrm{clip}(Q_{t-1}(1 +
+                                                        \kappa\,\mathrm{clip}(r_t, -c, c)))`
+``stable``              :math:`E_0 = 1`                 :math:`E_t = \mathrm{clip}(\beta_{st} E_{t-1} + (1-\beta_{st}) /
+                                                        (1 + \lambda_v \mathrm{CV}_t))`
 ``cosine``              none (uses :math:`t`)           :math:`\varphi + (1-\varphi)\tfrac12(1 + \cos(\pi t / T_0))`
-``cosine_restart``      :math:`t_{cur} = 0, T_i = T_0`  :math:`\varphi + (1-\varphi)\tfrac12(1 + \cos(\pi t_{cur} / T_i))`, then
-                                                        :math:`t_{cur} \mathrel{+}= 1`; at :math:`t_{cur} \ge T_i`:
+``cosine_restart``      :math:`t_{cur} = 0, T_i = T_0`  :math:`\varphi + (1-\varphi)\tfrac12(1 +
+                                                        \cos(\pi t_{cur} / T_i))`, then :math:`t_{cur} \mathrel{+}= 1`;
+                                                        at :math:`t_{cur} \ge T_i`:
                                                         :math:`t_{cur} = 0,\ T_i = \lfloor T_i m \rfloor`
 ======================  ==============================  ============================================
 
@@ -88,7 +91,8 @@ def _parse_rule(value: Any, where: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ValueError(
-            f"the rule for {where} must be a string such as 'trend+cosine' (or None), got {type(value).__name__} {value!r}"
+            f"the rule for {where} must be a string such as 'trend+cosine' (or None), got {type(value).__name__} "
+            f"{value!r}"
         )
     if value.strip().lower() in ("", "none"):
         return None
@@ -97,7 +101,8 @@ def _parse_rule(value: Any, where: str) -> str | None:
     for term in terms:
         if term not in TERMS:
             raise ValueError(
-                f"unknown term {term!r} in the rule {value!r} for {where}{suggest(term, TERMS)}; terms: {', '.join(TERMS)}"
+                f"unknown term {term!r} in the rule {value!r} for {where}{suggest(term, TERMS)}; terms: "
+                f"{', '.join(TERMS)}"
             )
         if term in seen:
             raise ValueError(f"term {term!r} appears twice in the rule {value!r} for {where}")
@@ -193,7 +198,8 @@ class AdaptiveConfig(BaseModel):
         low, high = value
         if not (0.0 <= low <= 1.0 <= high < math.inf) or (info.field_name == "factor_bounds" and low == 0.0):
             raise ValueError(
-                f"must be (low, high) with {'0 <' if info.field_name == 'factor_bounds' else '0 <='} low <= 1 <= high, finite; got {value!r}"
+                f"must be (low, high) with {'0 <' if info.field_name == 'factor_bounds' else '0 <='} low <= 1 <= high, "
+                f"finite; got {value!r}"
             )
         return value
 
@@ -216,7 +222,8 @@ class AdaptiveConfig(BaseModel):
     def _positive_relative(self) -> AdaptiveConfig:
         if self.relative_gain * self.relative_clip >= 1.0:
             raise ValueError(
-                f"relative_gain * relative_clip must be below 1 (so a worsening step keeps the factor positive), got {self.relative_gain} * {self.relative_clip}"
+                "relative_gain * relative_clip must be below 1 (so a worsening step keeps the factor positive), got "
+                f"{self.relative_gain} * {self.relative_clip}"
             )
         return self
 

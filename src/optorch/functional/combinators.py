@@ -33,7 +33,8 @@ The builder's top-level entries ``clip_grad_norm``, ``skip_nonfinite``, ``accumu
 and ``param_groups`` are validated by :class:`optorch.functional.settings.Combinators`.
 :func:`optorch.build_stepper` turns a config into the composed pure stepper, and ``optorch.build`` runs
 the same logic around the shim's step (through :class:`optorch.shim.runtime.InPlace`, which calls the
-functions here on ``.grad``), in this order: accumulate, skip if non-finite, clip, step, EMA. That is ``multi_steps(apply_if_finite(clip_by_global_norm(ema(inner))))``.
+functions here on ``.grad``), in this order: accumulate, skip if non-finite, clip, step, EMA. That is
+``multi_steps(apply_if_finite(clip_by_global_norm(ema(inner))))``.
 """
 
 from __future__ import annotations
@@ -325,7 +326,8 @@ class Partition:
         missing = sorted({label for label in label_leaves if label not in self.steppers})
         if missing:
             raise ValueError(
-                f"partition: no stepper for label(s) {', '.join(map(repr, missing))}; steppers are given for {', '.join(map(repr, self.steppers))}"
+                f"partition: no stepper for label(s) {', '.join(map(repr, missing))}; steppers are given for "
+                f"{', '.join(map(repr, self.steppers))}"
             )
         return [_path_name(path) for path, _ in path_leaves], label_leaves, spec
 

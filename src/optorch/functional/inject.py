@@ -107,7 +107,8 @@ def inject_hyperparams(
                 or not all(s is None or callable(s) for s in schedule)
             ):
                 raise ValueError(
-                    f"{name!r} is a tuple of {len(values[name])}: give a tuple of as many schedules (None keeps one fixed)"
+                    f"{name!r} is a tuple of {len(values[name])}: give a tuple of as many schedules (None keeps one "
+                    "fixed)"
                 )
         elif not callable(schedule):
             raise ValueError(

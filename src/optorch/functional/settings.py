@@ -101,7 +101,8 @@ class Combinators(_Settings):
             if unknown:
                 hints = [f"{shown(key)}{suggest(key, fields)}" for key in unknown]
                 raise ConfigError(
-                    f"param_groups[{i}]: unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: match, {', '.join(fields)}",
+                    f"param_groups[{i}]: unknown key(s) for {algorithm.name}: {', '.join(hints)}. Valid keys: match, "
+                    f"{', '.join(fields)}",
                     key=("param_groups", i, unknown[0]),
                 )
             try:

@@ -122,7 +122,9 @@ FIELD_DESCRIPTIONS: dict[str, str] = {
     "schedules": "the schedules to join, each a schedule config",
     "boundaries": "steps at which the next schedule starts (one fewer than schedules)",
     "timescale": "the value is init_value / sqrt(1 + step / timescale)",
-    "window": "the window's kind: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic",
+    "window": (
+        "the window's kind: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic"
+    ),
     "window_floor": "the window's floor",
     "window_order": "the window's order, > 0",
     "window_full": "a full window instead of a half one",

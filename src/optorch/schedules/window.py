@@ -33,7 +33,8 @@ class WindowKeys(Config):
     """AutoSGM's window keys, the original's ``rc_cfg`` tuple by name, and what makes a window valid."""
 
     window: Count = 0
-    """learning-rate window: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6 logistic (rc_cfg[0])"""
+    """learning-rate window: 0 flat, 1 raised cosine, 2 polynomial, 3 exponential, 4 simple polynomial, 5-6
+    logistic (rc_cfg[0])"""
     window_sequence: Count = 0
     """0, or 1, which warns and is ignored as in the original (rc_cfg[1])"""
     window_floor: UnitInterval = 0.0
@@ -89,7 +90,8 @@ class WindowKeys(Config):
     def _unit(cls, value):
         if value < 0:
             raise ValueError(
-                f"must be >= 0 (0 epochs, 1 steps, 2 steps restarting each epoch, >= 3 steps in that many stairs), got {value}"
+                "must be >= 0 (0 epochs, 1 steps, 2 steps restarting each epoch, >= 3 steps in that many stairs), got "
+                f"{value}"
             )
         return value
 
@@ -97,7 +99,8 @@ class WindowKeys(Config):
     def _consistent_window(self):
         if self.window_epochs * self.window_steps_per_epoch < 2:
             raise ValueError(
-                f"window_epochs * window_steps_per_epoch (tau * spe) must be >= 2, got {self.window_epochs} * {self.window_steps_per_epoch}"
+                f"window_epochs * window_steps_per_epoch (tau * spe) must be >= 2, got {self.window_epochs} * "
+                f"{self.window_steps_per_epoch}"
             )
         if self.window_unit == 0 and self.window_epochs <= 1:
             raise ValueError("window_unit 0 (frames counted in epochs) needs window_epochs (tau) > 1")
@@ -108,8 +111,9 @@ class WindowKeys(Config):
             power = 2 * stairs * self.window_order if self.window == 5 else self.window_order
             if power >= 1024:  # the logistic computes 2 ** power, which overflows float64 from 1024 on
                 raise ValueError(
-                    f"window {self.window} (logistic) raises 2 to {'2 * stairs * window_order' if self.window == 5 else 'window_order'}, "
-                    f"which must be below 1024 (2 ** 1024 overflows float64), got {power:g}"
+                    f"window {self.window} (logistic) raises 2 to "
+                    f"{'2 * stairs * window_order' if self.window == 5 else 'window_order'}, which must be below 1024 "
+                    f"(2 ** 1024 overflows float64), got {power:g}"
                 )
         return self
 

@@ -194,13 +194,15 @@ class AdaptiveOpt:
         if spec != expected_spec:
             raise ValueError(
                 f"AdaptiveOpt: the saved rule state has another layout (other rules or var_window?): "
-                f"saved {pytree.tree_unflatten([0] * len(leaves), spec)}, expected {pytree.tree_unflatten([0] * len(expected_leaves), expected_spec)}"
+                f"saved {pytree.tree_unflatten([0] * len(leaves), spec)}, expected "
+                f"{pytree.tree_unflatten([0] * len(expected_leaves), expected_spec)}"
             )
         for saved, expected in zip(leaves, expected_leaves):
             if not isinstance(saved, Tensor) or saved.shape != expected.shape:
                 shape = tuple(saved.shape) if isinstance(saved, Tensor) else type(saved).__name__
                 raise ValueError(
-                    f"AdaptiveOpt: the saved rule state has another layout (another var_window?): an entry of shape {shape}, expected {tuple(expected.shape)}"
+                    "AdaptiveOpt: the saved rule state has another layout (another var_window?): an entry of shape "
+                    f"{shape}, expected {tuple(expected.shape)}"
                 )
         bases_ = state_dict["bases"]
         if not isinstance(bases_, list) or len(bases_) > len(self.optimizer.param_groups):

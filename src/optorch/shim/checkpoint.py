@@ -146,7 +146,8 @@ def _at(order: list[Any], position: Any, where: str) -> Any:
     """The parameter at ``position`` of a format-1 checkpoint's param groups."""
     if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < len(order):
         raise ValueError(
-            f"a format-1 checkpoint's {where!r} names position {shown(position)}, but its param groups list {len(order)} params"
+            f"a format-1 checkpoint's {where!r} names position {shown(position)}, but its param groups list "
+            f"{len(order)} params"
         )
     return order[position]
 

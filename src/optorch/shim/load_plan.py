@@ -69,8 +69,8 @@ class Plan:
             version = saved.get(FORMAT_KEY, 0)
             if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= FORMAT:
                 self.fail(
-                    f"param group {i} has {FORMAT_KEY}={shown(version)}: not a format this optorch reads (0 to {FORMAT}; "
-                    "a newer one writes higher)"
+                    f"param group {i} has {FORMAT_KEY}={shown(version)}: not a format this optorch reads (0 to "
+                    f"{FORMAT}; a newer one writes higher)"
                 )
             fields = optimizer.algorithm.config.model_fields
             # torch.optim saves every hyperparameter and fails at its next step without one; a
@@ -79,8 +79,8 @@ class Plan:
             missing = [k for k in fields if k not in saved and not isinstance(fields[k].default, bool)]
             if missing and optimizer.algorithm.torch_optimizer is not None:
                 self.fail(
-                    f"param group {i} of the state_dict has no {', '.join(map(repr, missing))}, which torch.optim saves with every "
-                    "checkpoint: a checkpoint of another optimizer?"
+                    f"param group {i} of the state_dict has no {', '.join(map(repr, missing))}, which torch.optim "
+                    "saves with every checkpoint: a checkpoint of another optimizer?"
                 )
             # a flag an older torch did not save takes its default, as torch's own load gives it
             self.flags.append(
@@ -107,13 +107,15 @@ class Plan:
                 ]
             ):
                 self.fail(
-                    f"param group {i} of the state_dict sets {', '.join(map(repr, differing))}, which hold one value for all param groups, unlike group 0"
+                    f"param group {i} of the state_dict sets {', '.join(map(repr, differing))}, which hold one value "
+                    "for all param groups, unlike group 0"
                 )
             self.configs.append(config)
             for index, param in zip(saved["params"], group["params"]):
                 if isinstance(index, bool) or not isinstance(index, (int, str)):
                     self.fail(
-                        f"param group {i} lists {shown(index)} as a parameter: a checkpoint numbers its parameters (or names them)"
+                        f"param group {i} lists {shown(index)} as a parameter: a checkpoint numbers its parameters (or "
+                        "names them)"
                     )
                 if index in self.params:
                     self.fail(f"the state_dict lists parameter {index!r} twice in its param groups")
@@ -128,8 +130,8 @@ class Plan:
         if optimizer.schedules:
             if SCHEDULE_KEY not in saved:
                 self.fail(
-                    f"param group {i} of the state_dict has no {SCHEDULE_KEY!r}, which this optimizer's 'schedule' entry needs "
-                    "(a torch.optim checkpoint?); to continue the schedule from a known step, load "
+                    f"param group {i} of the state_dict has no {SCHEDULE_KEY!r}, which this optimizer's 'schedule' "
+                    "entry needs (a torch.optim checkpoint?); to continue the schedule from a known step, load "
                     "optorch.complete_state_dict(optimizer, state_dict, schedule_step=N)"
                 )
             position = as_float(saved[SCHEDULE_KEY])
@@ -168,8 +170,8 @@ class Plan:
             values = check_value(self, repr(key), saved[key], canonical, range_of(key))
             if key == "accumulate.micro_step" and bool((values >= optimizer._settings.accumulate_steps).any()):
                 self.fail(
-                    f"'accumulate.micro_step' is {values.tolist()}, but accumulate_steps is {optimizer._settings.accumulate_steps}: "
-                    "a checkpoint of another config?"
+                    f"'accumulate.micro_step' is {values.tolist()}, but accumulate_steps is "
+                    f"{optimizer._settings.accumulate_steps}: a checkpoint of another config?"
                 )
 
     def _check_linked_agree(self, saved_groups: list[Mapping[str, Any]]) -> None:
@@ -178,7 +180,8 @@ class Plan:
             for i, saved in enumerate(saved_groups[1:], 1):
                 if not agree(first, saved[key]):
                     self.fail(
-                        f"param groups 0 and {i} of the state_dict disagree on {key!r}, which holds one value for all of them"
+                        f"param groups 0 and {i} of the state_dict disagree on {key!r}, which holds one value for all "
+                        "of them"
                     )
 
     def _check_state(self, index: Any, leaf: Any) -> dict[str, Any]:
@@ -210,8 +213,9 @@ class Plan:
             missing = sorted(optimizer._extras - set(extras))
             if missing:
                 self.fail(
-                    f"the state of parameter {index} lacks {', '.join(map(repr, missing))}, which this optimizer keeps per parameter "
-                    "(a torch.optim checkpoint?); load optorch.complete_state_dict(optimizer, state_dict) to start it fresh"
+                    f"the state of parameter {index} lacks {', '.join(map(repr, missing))}, which this optimizer keeps "
+                    "per parameter (a torch.optim checkpoint?); load optorch.complete_state_dict(optimizer, "
+                    "state_dict) to start it fresh"
                 )
             own, expected = self._check_own(index, param, config, own)
             return {"own": own, "expected": expected, "extras": extras}
@@ -225,8 +229,9 @@ class Plan:
         internal = algorithm.state_from_torch(dict(own))
         if set(internal) != set(expected):
             self.fail(
-                f"state of parameter {index} has keys {sorted(own)}, expected {sorted(algorithm.state_to_torch(dict(expected)))}; "
-                "is this a checkpoint of another optimizer or with other flags?"
+                f"state of parameter {index} has keys {sorted(own)}, expected "
+                f"{sorted(algorithm.state_to_torch(dict(expected)))}; is this a checkpoint of another optimizer or "
+                "with other flags?"
             )
         for key, reference in expected.items():
             value = internal[key]
@@ -234,26 +239,30 @@ class Plan:
                 number = as_float(value)
                 if number is None:
                     self.fail(
-                        f"{key!r} of parameter {index} must be a number or a one-element tensor, got {describe_value(value)}"
+                        f"{key!r} of parameter {index} must be a number or a one-element tensor, got "
+                        f"{describe_value(value)}"
                     )
                 if key == "step" and isinstance(value, Tensor) and value.dtype not in (torch.float32, torch.float64):
                     self.fail(
-                        f"'step' of parameter {index} is {value.dtype}: a step count is float32 or float64 (as torch keeps it)"
+                        f"'step' of parameter {index} is {value.dtype}: a step count is float32 or float64 (as torch "
+                        "keeps it)"
                     )
             elif not isinstance(value, Tensor) or value.shape != reference.shape:
                 self.fail(
-                    f"state {key!r} of parameter {index} has shape {describe_value(value)}, expected {tuple(reference.shape)} "
-                    f"(the parameter has {tuple(param.shape)})"
+                    f"state {key!r} of parameter {index} has shape {describe_value(value)}, expected "
+                    f"{tuple(reference.shape)} (the parameter has {tuple(param.shape)})"
                 )
             if isinstance(value, Tensor):
                 self._check_dense(index, key, value)
                 if value.is_complex() and not reference.is_complex():
                     self.fail(
-                        f"state {key!r} of parameter {index} is {value.dtype}, its parameter {param.dtype}: loading would drop the imaginary part"
+                        f"state {key!r} of parameter {index} is {value.dtype}, its parameter {param.dtype}: loading "
+                        "would drop the imaginary part"
                     )
                 if reference.is_complex() and not value.is_complex() and reference.dim():
                     self.fail(
-                        f"state {key!r} of parameter {index} is {value.dtype}, its parameter {param.dtype}: a complex parameter keeps complex state"
+                        f"state {key!r} of parameter {index} is {value.dtype}, its parameter {param.dtype}: a complex "
+                        "parameter keeps complex state"
                     )
                 if not (value.is_floating_point() or value.is_complex()) and reference.is_floating_point():
                     self.fail(f"state {key!r} of parameter {index} is {value.dtype}, expected a floating-point tensor")
@@ -299,7 +308,8 @@ class Plan:
                     self.new_state[param] = StateDict(leaf)
         except (RuntimeError, NotImplementedError) as error:  # e.g. "Cannot copy out of meta tensor"
             self.fail(
-                f"the state of parameter {index} cannot be moved to its parameter's device and dtype: {str(error).splitlines()[0]}"
+                f"the state of parameter {index} cannot be moved to its parameter's device and dtype: "
+                f"{str(error).splitlines()[0]}"
             )
         self.new_groups = []
         for saved, group, flags in zip(self.state_dict["param_groups"], optimizer.param_groups, self.flags):

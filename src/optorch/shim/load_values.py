@@ -168,12 +168,14 @@ def check_values(plan: Plan, index: Any, key: str, value: Any) -> None:
         return
     if not bool(torch.isfinite(values).all()):
         plan.fail(
-            f"state {key!r} of parameter {index} holds values that are not finite (NaN or inf): every later step would give NaN"
+            f"state {key!r} of parameter {index} holds values that are not finite (NaN or inf): every later step would "
+            "give NaN"
         )
     allowed = range_of(key)
     if allowed is not None and not allowed.holds(values):
         plan.fail(
-            f"state {key!r} of parameter {index} must hold {allowed}; it holds {shown(values.flatten()[:6].tolist())}..."
+            f"state {key!r} of parameter {index} must hold {allowed}; it holds "
+            f"{shown(values.flatten()[:6].tolist())}..."
         )
 
 

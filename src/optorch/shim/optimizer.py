@@ -304,9 +304,9 @@ class Optimizer(Persistent, torch.optim.Optimizer):
         if not torch.compiler.is_compiling():
             if distributed.in_backward() and (reductions := self.cross_parameter_reductions()):
                 raise RuntimeError(
-                    f"{self.algorithm.name}: step() runs inside backward (an optimizer stepped per parameter from a gradient hook?), "
-                    f"but {', '.join(reductions)} reduce(s) over all parameters, which have no gradients yet; step the whole "
-                    "optimizer after backward() instead"
+                    f"{self.algorithm.name}: step() runs inside backward (an optimizer stepped per parameter from a "
+                    f"gradient hook?), but {', '.join(reductions)} reduce(s) over all parameters, which have no "
+                    "gradients yet; step the whole optimizer after backward() instead"
                 )
             if not isinstance(self.state, defaultdict) or self.state.default_factory is not StateDict:
                 self.state = defaultdict(StateDict, self.state)  # replaced from outside: new entries get noted
@@ -361,7 +361,8 @@ class Optimizer(Persistent, torch.optim.Optimizer):
                     raise RuntimeError(f"{self.algorithm.name} does not support sparse gradients")
                 if grad.shape != param.shape:  # only `.grad.data = ...` gets one past autograd's own check
                     raise RuntimeError(
-                        f"{self.algorithm.name}: a parameter of shape {tuple(param.shape)} has a gradient of shape {tuple(grad.shape)}"
+                        f"{self.algorithm.name}: a parameter of shape {tuple(param.shape)} has a gradient of shape "
+                        f"{tuple(grad.shape)}"
                     )
                 params.append(param)
                 grads.append(grad)
@@ -439,9 +440,10 @@ class Optimizer(Persistent, torch.optim.Optimizer):
                 )
                 if not same:
                     raise RuntimeError(
-                        f"{self.algorithm.name}: {name!r} is set by this optimizer's 'schedule' entry ({expected!r} at step "
-                        f"{int(group[SCHEDULE_KEY])}), but the param group holds {group[name]!r}: something else (a torch "
-                        f"lr_scheduler?) writes it too. Use one of them: drop the 'schedule' entry, or the other writer."
+                        f"{self.algorithm.name}: {name!r} is set by this optimizer's 'schedule' entry ({expected!r} at "
+                        f"step {int(group[SCHEDULE_KEY])}), but the param group holds {group[name]!r}: something else "
+                        "(a torch lr_scheduler?) writes it too. Use one of them: drop the 'schedule' entry, or the "
+                        "other writer."
                     )
 
     def _apply_schedules(self) -> None:

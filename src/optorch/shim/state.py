@@ -180,7 +180,8 @@ class StateCheck:
             if reference.dim() == 0 and not isinstance(value, Tensor):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(
-                        f"{name}: state {key!r} of a parameter must be a number or a 0-dim tensor, got {type(value).__name__}"
+                        f"{name}: state {key!r} of a parameter must be a number or a 0-dim tensor, got "
+                        f"{type(value).__name__}"
                     )
                 value = own[key] = torch.tensor(
                     float(value),
@@ -213,16 +214,19 @@ class StateCheck:
 def check_tensor(name: str, param: Tensor, key: str, value: Any, shape: torch.Size, dtypes: set, devices: set) -> None:
     if not isinstance(value, Tensor):
         raise ValueError(
-            f"{name}: state {key!r} of a parameter of shape {tuple(param.shape)} must be a tensor, got {type(value).__name__}"
+            f"{name}: state {key!r} of a parameter of shape {tuple(param.shape)} must be a tensor, got "
+            f"{type(value).__name__}"
         )
     if value.shape != shape:
         raise ValueError(
-            f"{name}: state {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)} (its parameter has {tuple(param.shape)})"
+            f"{name}: state {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)} (its parameter has "
+            f"{tuple(param.shape)})"
         )
     if value.dtype not in dtypes:
         raise ValueError(
-            f"{name}: state {key!r} is {value.dtype}, its parameter {param.dtype}: was the model converted (.to(dtype), "
-            ".double()) after the optimizer stepped? Save and load the optimizer's state_dict to convert its state too."
+            f"{name}: state {key!r} is {value.dtype}, its parameter {param.dtype}: was the model converted "
+            "(.to(dtype), .double()) after the optimizer stepped? Save and load the optimizer's state_dict to convert "
+            "its state too."
         )
     if value.device not in devices:
         raise ValueError(f"{name}: state {key!r} is on {value.device}, its parameter on {param.device}")

@@ -93,8 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     compare_parser = commands.add_parser(
         "compare",
         help="train a small model once per optimizer config and compare the runs",
-        description="Train an MLP (64-64-10, LayerNorm) on scikit-learn's digits once per config, from the same init on the same batches, "
-        "and report the final train loss, the test accuracy, the step time and the steps to a target loss, with plots.",
+        description=(
+            "Train an MLP (64-64-10, LayerNorm) on scikit-learn's digits once per config, from the same init on the "
+            "same batches, and report the final train loss, the test accuracy, the step time and the steps to a "
+            "target loss, with plots."
+        ),
         epilog=_COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -102,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
         "configs",
         nargs="*",
         metavar="CONFIG",
-        help="builder config files (.yaml, .yml, .json) or directories of them; default: the repo's configs/ plus the default Config of every registered algorithm they leave out",
+        help=(
+            "builder config files (.yaml, .yml, .json) or directories of them; default: the repo's configs/ plus the "
+            "default Config of every registered algorithm they leave out"
+        ),
     )
     compare_parser.add_argument(
         "--out",
@@ -213,8 +219,8 @@ def _verify(args: argparse.Namespace) -> int:
     scope = "every flag combination" if args.full else "a representative subset, --full for every flag combination"
     print(f"optorch verify: torch {torch.__version__}, {len(plan.checks)} checks ({scope})")
     print(
-        f"float64: equal to the reference within {verify.FLOAT64_TOLERANCE:g}; below: error against the float64 truth within "
-        f"{verify.FACTOR:g} x the reference's own error + {verify.FLOOR_ULPS[torch.float32]:g} ulps\n"
+        f"float64: equal to the reference within {verify.FLOAT64_TOLERANCE:g}; below: error against the float64 truth "
+        f"within {verify.FACTOR:g} x the reference's own error + {verify.FLOOR_ULPS[torch.float32]:g} ulps\n"
     )
     flags_width = max(len(check.flags) for check in plan.checks)
     columns = (

@@ -1,10 +1,10 @@
 """``optorch compare``: train one small real model once per optimizer config and compare the runs.
 
-The model is an MLP (64-64-10, LayerNorm and ReLU, layers named ``hidden``, ``norm``, ``out``) on scikit-learn's digits (8x8 images of handwritten digits,
-1797 samples that ship with scikit-learn: nothing is downloaded). Every run starts from the same
-initial weights and sees the same mini-batches in the same order, so the runs differ only by their
-optimizer. Each run steps through the :class:`optorch.Optimizer` shim, the way a torch training loop
-uses it.
+The model is an MLP (64-64-10, LayerNorm and ReLU, layers named ``hidden``, ``norm``, ``out``) on scikit-learn's
+digits (8x8 images of handwritten digits, 1797 samples that ship with scikit-learn: nothing is downloaded).
+Every run starts from the same initial weights and sees the same mini-batches in the same order, so the runs
+differ only by their optimizer. Each run steps through the :class:`optorch.Optimizer` shim, the way a torch
+training loop uses it.
 
 What a run records:
 

@@ -161,7 +161,8 @@ def run(args) -> int:
     specs = load_specs(args.configs) if args.configs else default_specs()
     if not specs:
         raise CompareError(
-            f"nothing to compare: no config files ({', '.join(CONFIG_SUFFIXES)}) in {', '.join(args.configs) or 'the defaults'}"
+            f"nothing to compare: no config files ({', '.join(CONFIG_SUFFIXES)}) in "
+            f"{', '.join(args.configs) or 'the defaults'}"
         )
     _check_device(args.device)
     for module, package in (("sklearn", "scikit-learn"), ("tqdm", "tqdm"), ("matplotlib", "matplotlib")):
@@ -169,8 +170,8 @@ def run(args) -> int:
     out = Path(args.out)
     _check_outputs(out, Path(args.json) if args.json else None)
     print(
-        f"optorch compare: {len(specs)} configs, MLP 64-64-10 (LayerNorm) on digits, {args.steps} steps of batch {args.batch_size}, "
-        f"seed {args.seed}, {args.device}, engine {args.engine}",
+        f"optorch compare: {len(specs)} configs, MLP 64-64-10 (LayerNorm) on digits, {args.steps} steps of batch "
+        f"{args.batch_size}, seed {args.seed}, {args.device}, engine {args.engine}",
         flush=True,
     )
     start = time.perf_counter()
@@ -211,8 +212,8 @@ def run(args) -> int:
             print(f"optorch compare: error: {r.label} stopped at step {r.steps + 1}: {r.error}", file=sys.stderr)
     if stopped:
         print(
-            f"optorch compare: interrupted: {len(results) - stopped} of {len(results)} runs finished; the others are reported "
-            "up to the step they reached",
+            f"optorch compare: interrupted: {len(results) - stopped} of {len(results)} runs finished; the others are "
+            "reported up to the step they reached",
             file=sys.stderr,
         )
         return 130

@@ -276,7 +276,8 @@ def render() -> str:
         lines += [
             f"### {name}",
             "",
-            f"`name: {name}`. Page: [{name}](../algorithms/{name}.md). Python: `optorch.{registry.get(name).config.__module__.rpartition('.')[2]}.Config`.",
+            f"`name: {name}`. Page: [{name}](../algorithms/{name}.md). Python: "
+            f"`optorch.{registry.get(name).config.__module__.rpartition('.')[2]}.Config`.",
             "",
         ]
         lines += _intro(model)

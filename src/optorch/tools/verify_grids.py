@@ -37,7 +37,8 @@ def flag_grid(name: str) -> list[dict[str, Any]]:
     algorithm = registry.get(name)
     if reference_optimizer(algorithm) is None:
         raise NoGridError(
-            f"{algorithm.name} has no reference implementation installed, so no verification grid; verifiable: {', '.join(grid_algorithms())}"
+            f"{algorithm.name} has no reference implementation installed, so no verification grid; verifiable: "
+            f"{', '.join(grid_algorithms())}"
         )
     if algorithm.grid is None:
         raise NoGridError(

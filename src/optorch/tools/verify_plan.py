@@ -169,7 +169,8 @@ def plan(
             subset.append(f"engine compiled: one case of {shown} (full: every case)")
         subset.append(f"bfloat16 and float16: engines {' and '.join(LOW_PRECISION_PATHS)} (full: the pure stepper too)")
         subset.append(
-            "reductions: float64 and float32 (full: all four dtypes); DAG and AutoSGM below float64: one recorded config (full: all)"
+            "reductions: float64 and float32 (full: all four dtypes); DAG and AutoSGM below float64: one recorded "
+            "config (full: all)"
         )
     checks = []
     for name in names:
@@ -248,8 +249,8 @@ def _plan_algorithm(
             )
             if "float16" in dtypes:
                 missing = (
-                    "float16 not checked: with no reference run in float16, nothing tells its range limits from a mistake "
-                    "(torch's own float16 Adam overflows as its second moment underflows)"
+                    "float16 not checked: with no reference run in float16, nothing tells its range limits from a "
+                    "mistake (torch's own float16 Adam overflows as its second moment underflows)"
                 )
     return missing
 
