@@ -66,7 +66,8 @@ def main(steps: int = 200, seed: int = 0) -> dict:
 
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     print(
-        f"custom loop with optorch.adam.step: {steps} steps, loss {first:.3f} -> {last:.3f}, accuracy {100 * accuracy:.1f}%"
+        f"custom loop with optorch.adam.step: {steps} steps, loss {first:.3f} -> {last:.3f}, "
+        f"accuracy {100 * accuracy:.1f}%"
     )
     print(f"same run through optorch.build(...): largest difference in the final params {max_diff:.1e}")
     print(f"state after the loop: step {int(state['step']['0.weight'])}, keys {sorted(state)}")
