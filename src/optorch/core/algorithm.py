@@ -39,16 +39,14 @@ from . import stepping
 from .compat import pytree
 from .config import Config
 from .distributed import full
-from .stepping import apply_update
+from .stepping import LeafState, Update, apply_update
 
 __all__ = ["Algorithm", "Grid", "LeafState", "Reduction", "Shared", "State", "SHARED_KEY"]
 
 SHARED_KEY = "shared"
 
-LeafState = dict[str, Tensor]
 State = dict[str, Any]
 InitLeaf = Callable[[Tensor, Config], LeafState]
-Update = Callable[..., tuple]  # (param, grad, leaf_state, config[, shared]) -> (param, leaf_state[, contributions])
 
 
 def _is_none(x: Any) -> bool:
@@ -175,7 +173,8 @@ class Algorithm:
         """One step over a pytree. Returns new ``(params, state)``; the inputs are never modified.
 
         A parameter whose grad is ``None`` is skipped as torch.optim skips it: its value and its
-        state (step counter included) come back unchanged.
+        state (step counter included) come back unchanged. The updates run through
+        :mod:`optorch.core.stepping`'s fast paths where they apply, with the per-tensor loop's numbers.
         """
         config = self.as_config(config)
         path_leaves, spec = pytree.tree_flatten_with_path(params)

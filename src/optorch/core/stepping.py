@@ -37,7 +37,9 @@ __all__ = [
     "BLOCK",
     "apply_update",
     "JOIN_BELOW",
+    "LeafState",
     "PLAIN",
+    "Update",
     "eligible",
     "equal_scalars",
     "runs",
@@ -59,8 +61,7 @@ PLAIN = (Tensor, torch.nn.Parameter)
 """The tensor types the fast paths take (subclasses such as DTensor keep the per-tensor loop)."""
 
 LeafState = dict[str, Tensor]
-One = Callable[[Tensor, Tensor, LeafState], tuple]
-Update = Callable[..., tuple]
+Update = Callable[..., tuple]  # (param, grad, leaf_state, config[, shared]) -> (param, leaf_state[, contributions])
 
 
 def _as_real(t: Tensor) -> Tensor:
@@ -176,7 +177,6 @@ class _Slot(torch.nn.Module):
         super().__init__()
         self.update: Update | None = None
         self.config: Config | None = None
-        self.tensor_fields: tuple[str, ...] = ()
         self.spec: Any = None
 
 
