@@ -3,13 +3,18 @@
 Each layout runs in a fresh process with an empty Inductor cache (a new ``TORCHINDUCTOR_CACHE_DIR``),
 so the first call pays what a user's very first run pays: Dynamo's trace, Inductor's lowering and the
 C++ builds. Then the compiled step and ``torch.optim.Adam(foreach=True)`` are timed interleaved.
+``--design`` picks how the step compiles (``optorch.set_compiled_design``), or ``floor``: a compiled
+function that takes and returns as many tensors as the step and computes nothing, the part of the
+compile time no design can remove.
 
-    PYTHONPATH=src python benchmarks/pure_compile.py --algo adam --tensors 200,1000,2000 --size 20000 --threads 1
+    PYTHONPATH=src python benchmarks/pure_compile.py --algo adam --design floor,blocks,regions \
+        --tensors 200,1000,2000 --size 20000 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -17,6 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
+
+
+def _floor(params, grads, state, config):
+    """What any compiled pure step costs before computing anything: a graph that takes and returns as
+    many tensors as the step does, each new one a view (for Adam: 5 in and 4 out a param)."""
+    return [p.view(p.shape) for p in params], {k: [v.view(v.shape) for v in vs] for k, vs in state.items()}
 
 
 def child(args) -> None:
@@ -27,6 +38,8 @@ def child(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.design != "floor":
+        optorch.set_compiled_design(args.design)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     algorithm = registry.get(args.algo)
@@ -35,7 +48,7 @@ def child(args) -> None:
     params = [torch.randn(args.size, generator=generator).to(device) for _ in range(args.count)]
     grads = [torch.randn(args.size, generator=generator).to(device) for _ in range(args.count)]
     state = algorithm.init(params, config)
-    step = torch.compile(algorithm.step)
+    step = torch.compile(_floor if args.design == "floor" else algorithm.step)
     holder = {"params": params, "state": state}
 
     def pure():
@@ -68,6 +81,7 @@ def child(args) -> None:
         json.dumps(
             {
                 "algo": args.algo,
+                "design": args.design,
                 "tensors": args.count,
                 "size": args.size,
                 "first_call_s": first,
@@ -86,6 +100,11 @@ def main() -> None:
     parser.add_argument("--tensors", default="200,1000,2000")
     parser.add_argument("--size", type=int, default=20000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--design",
+        default="regions",
+        help="comma-separated: regions, blocks (optorch.set_compiled_design), floor (a graph of views only)",
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -94,7 +113,7 @@ def main() -> None:
     if args.count is not None:
         child(args)
         return
-    for count in map(int, args.tensors.split(",")):
+    for design, count in itertools.product(args.design.split(","), map(int, args.tensors.split(","))):
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
             command = [
@@ -102,6 +121,8 @@ def main() -> None:
                 __file__,
                 "--algo",
                 args.algo,
+                "--design",
+                design,
                 "--size",
                 str(args.size),
                 "--device",

@@ -35,6 +35,7 @@ from .algorithms import (
 from .builder import ConfigError, build, build_stepper, load_config, parse_config
 from .core.algorithm import Algorithm, Grid
 from .core.config import Config
+from .core.opaque import compiled_design, set_compiled_design
 from .functional import amp
 from .functional.adaptive import AdaptiveConfig
 from .functional.combinators import bind
@@ -63,12 +64,14 @@ __all__ = [
     "bind",
     "build",
     "build_stepper",
+    "compiled_design",
     "complete_state_dict",
     "contiguous",
     "inject_hyperparams",
     "load_config",
     "parse_config",
     "register",
+    "set_compiled_design",
     "adadelta",
     "adafactor",
     "adaptive",

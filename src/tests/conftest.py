@@ -1,4 +1,4 @@
-"""Options of the test suite.
+"""Options and shared fixtures of the test suite.
 
 ``--full`` also runs what ``optorch verify --full`` runs: every flag combination on every path, the
 compiled engine included (long). Without it the suite runs what ``optorch verify`` runs by default.
@@ -12,6 +12,11 @@ examples per test and algorithm instead of its bounded CI count, e.g. before a r
 from __future__ import annotations
 
 import os
+
+import pytest
+
+import optorch
+from optorch.core.opaque import DESIGNS
 
 
 def pytest_addoption(parser):
@@ -29,3 +34,12 @@ def pytest_configure(config):
     examples = config.getoption("--fuzz-examples")
     if examples is not None:  # read by test_fuzz.py when it is imported, after this
         os.environ["OPTORCH_FUZZ_EXAMPLES"] = str(examples)
+
+
+@pytest.fixture(params=DESIGNS)
+def design(request):
+    """Each compiled design of the pure step in turn (``optorch.set_compiled_design``), the default
+    put back after."""
+    optorch.set_compiled_design(request.param)
+    yield request.param
+    optorch.set_compiled_design("regions")

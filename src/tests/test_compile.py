@@ -49,7 +49,7 @@ def _run(step_fn, module, flags, steps: int):
 
 
 @pytest.mark.parametrize("module, flags", CASES)
-def test_compiled_step_equals_eager_and_never_recompiles(module, flags):
+def test_compiled_step_equals_eager_and_never_recompiles(module, flags, design):
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(module.step, backend=counter, fullgraph=True)
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ a change to this file alone, and ``pyproject.toml``'s torch range says which rel
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar  # a symbolic number pinned, under a guard
 from torch.optim.adagrad import adagrad as torch_adagrad
 from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
@@ -16,6 +17,7 @@ from torch.utils import _pytree as pytree
 __all__ = [
     "cpp_compiler_available",
     "flatten_dense_tensors",
+    "guard_scalar",
     "in_backward",
     "in_functorch_transform",
     "is_functorch_wrapped",

@@ -6,7 +6,8 @@ slicing of the elements. :func:`step_in_blocks` joins small parameters whose per
 (``step``, NAdam's ``mu_product``, ...) are equal into flat blocks of up to :data:`BLOCK` elements and
 runs the update once per block: two thousand 1k-element params cost a few dozen Python-level updates
 instead of two thousand (each ~30 us, against ~1 ns per element of Adam's math). The new tensors of a
-block's params are views of the block's results; each keeps scalars of its own. Large params step
+block's params are views of the block's results; each keeps scalars of its own. A block's next step
+reads them, lying one after another in one storage, without a copy (:func:`flat`). Large params step
 alone. Grouping reads the scalars on the host, which is free on CPU only: other devices keep the
 per-tensor loop, as do autograd and ``torch.func`` transforms (a step being differentiated builds its
 graph from the plain ops) and ``torch.compile`` (Inductor fuses the ops itself).
@@ -20,7 +21,8 @@ modules only, so the update and its config reach it through a module (:data:`_SL
 tensor hyperparameters (``inject_hyperparams``' schedules) as inputs, and a constant naming the update
 and the config's numbers and flags, so that steps with other configs in one graph never share a
 region. A config with nested settings (DAG's), shared state, or symbolic sizes (``dynamic=True``:
-torch 2.13 cannot reuse a region over them) keep the plain loop.
+torch 2.13 cannot reuse a region over them) keep the plain loop. :mod:`optorch.core.opaque` holds the
+other design, which compiles faster and steps slower.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops
-from .compat import flatten_dense_tensors, in_functorch_transform, pytree, unflatten_dense_tensors
+from . import compat, ops
+from .compat import flatten_dense_tensors, in_functorch_transform, unflatten_dense_tensors
 from .config import Config
 
 __all__ = [
@@ -42,12 +44,16 @@ __all__ = [
     "LeafState",
     "PLAIN",
     "Update",
+    "blocks",
     "eligible",
     "equal_scalars",
+    "flat",
     "runs",
+    "split_config",
     "step_in_blocks",
     "step_traced_once",
     "traceable_once",
+    "with_tensors",
 ]
 
 BLOCK = 1 << 18
@@ -105,46 +111,69 @@ def _joinable(param: Tensor, grad: Tensor, state: LeafState) -> bool:
     )
 
 
-def step_in_blocks(
-    update: Update, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState], config: Config
-) -> list[tuple[Tensor, LeafState]]:
-    """New ``(param, state)`` of each leaf, as the element-wise ``update`` gives them tensor by tensor."""
-
-    def one(param: Tensor, grad: Tensor, state: LeafState) -> tuple[Tensor, LeafState]:
-        return apply_update(update, param, grad, state, config)
-
-    results: list = [None] * len(params)
-    kinds: dict[tuple, list[int]] = {}
+def blocks(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState], elementwise: bool = True
+) -> list[list[int]]:
+    """The leaves' positions cut into blocks: joinable leaves of one kind (dtype and state layout) in
+    runs of at most :data:`BLOCK` elements, any other leaf alone. Reads no values, only layouts."""
+    alone, kinds = [], {}
     for i, (param, grad, state) in enumerate(zip(params, grads, states)):
-        if _joinable(param, grad, state):
+        if elementwise and _joinable(param, grad, state):
             layout = tuple((k, v.dtype, v.dim() > 0) for k, v in state.items())
             kinds.setdefault((param.dtype, layout), []).append(i)
         else:
-            results[i] = one(param, grad, state)
-    for members in kinds.values():
-        scalar_keys = [k for k, v in states[members[0]].items() if v.dim() == 0]
-        for group in equal_scalars(states, members, scalar_keys):
-            for run in runs([params[i].numel() for i in group], BLOCK):
-                run = [group[j] for j in run]
-                joined = _joined([params[i] for i in run], [grads[i] for i in run], [states[i] for i in run], one)
-                for i, result in zip(run, joined):
-                    results[i] = result
+            alone.append([i])
+    cut = [
+        [members[j] for j in run]
+        for members in kinds.values()
+        for run in runs([params[i].numel() for i in members], BLOCK)
+    ]
+    return alone + cut
+
+
+def step_in_blocks(
+    update: Update, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState], config: Config
+) -> list[tuple[Tensor, LeafState]]:
+    """New ``(param, state)`` of each leaf, as the element-wise ``update`` gives them tensor by tensor:
+    each block's leaves whose scalars agree are joined."""
+    results: list = [None] * len(params)
+    for block in blocks(params, grads, states):
+        scalar_keys = [k for k, v in states[block[0]].items() if v.dim() == 0]
+        for group in equal_scalars(states, block, scalar_keys):
+            joined = _joined(
+                update, [params[i] for i in group], [grads[i] for i in group], [states[i] for i in group], config
+            )
+            for i, result in zip(group, joined):
+                results[i] = result
     return results
 
 
-def _joined(params, grads, states, one) -> list[tuple[Tensor, LeafState]]:
+def _joined(update, params, grads, states, config) -> list[tuple[Tensor, LeafState]]:
     if len(params) == 1:
-        return [one(params[0], grads[0], states[0])]
-    joined_state = {
-        k: v if v.dim() == 0 else flatten_dense_tensors([s[k] for s in states]) for k, v in states[0].items()
-    }
-    new_param, new_state = one(flatten_dense_tensors(params), flatten_dense_tensors(grads), joined_state)
+        return [apply_update(update, params[0], grads[0], states[0], config)]
+    joined_state = {k: v if v.dim() == 0 else flat([s[k] for s in states]) for k, v in states[0].items()}
+    new_param, new_state = apply_update(update, flat(params), flat(grads), joined_state, config)
     # each leaf gets scalars of its own (one storage, no aliasing), as the per-tensor loop gives them
     pieces = {
         k: unflatten_dense_tensors(v, params) if v.dim() > 0 else v.expand(len(params)).clone().unbind()
         for k, v in new_state.items()
     }
     return [(p, {k: v[j] for k, v in pieces.items()}) for j, p in enumerate(unflatten_dense_tensors(new_param, params))]
+
+
+def flat(tensors: Sequence[Tensor]) -> Tensor:
+    """``tensors`` as one flat tensor: a view when they lie one after another in one storage, as a
+    block's results do (so its next step copies nothing), else a copy."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.reshape(-1)
+    storage, end = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        adjacent = t.untyped_storage().data_ptr() == storage and t.storage_offset() == end and t.dtype == first.dtype
+        if not (adjacent and t.is_contiguous()):
+            return flatten_dense_tensors(tensors)
+        end += t.numel()
+    return first.as_strided((end - first.storage_offset(),), (1,))
 
 
 def equal_scalars(states: Sequence[LeafState], members: list[int], keys: Sequence[str]) -> list[list[int]]:
@@ -172,14 +201,13 @@ def runs(sizes: Sequence[int], limit: int) -> list[list[int]]:
 
 
 class _Slot(torch.nn.Module):
-    """What the traced region reads besides its tensors: the update, and the config with its tensor
-    hyperparameters taken out (a schedule's lr in ``inject_hyperparams``; they enter as inputs)."""
+    """What the traced region reads besides its tensors: the update, and the config with each tensor
+    hyperparameter written ``...`` (a schedule's lr in ``inject_hyperparams``; they enter as inputs)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.update: Update | None = None
         self.config: Config | None = None
-        self.spec: Any = None
 
 
 _SLOT = _Slot()
@@ -190,8 +218,7 @@ def _region(
     slot: _Slot, identity: str, keys: tuple[str, ...], n_hyper: int, param: Tensor, grad: Tensor, *inputs: Tensor
 ) -> tuple[Tensor, ...]:
     hyper, values = inputs[:n_hyper], inputs[n_hyper:]
-    tensors = pytree.tree_unflatten(list(hyper), slot.spec) if n_hyper else {}
-    config = slot.config.unchecked(**tensors) if tensors else slot.config
+    config = with_tensors(slot.config, hyper)
     new_param, new_state = apply_update(slot.update, param, grad, dict(zip(keys, values)), config)
     # a region may not return its inputs (an unchanged state entry): those come back as copies
     inputs = (param, grad, *inputs)
@@ -213,22 +240,47 @@ def step_traced_once(
 ) -> list[tuple[Tensor, LeafState]]:
     """New ``(param, state)`` of each leaf, as ``update`` (without shared state) gives them tensor by
     tensor, each call a stamp of one traced region."""
-    # the fields' values as stored (Dynamo cannot trace pydantic's field table, hyperparameters())
-    tensors = {k: v for k, v in vars(config).items() if _holds_tensor(v)}
-    hyper, spec = pytree.tree_flatten(tensors)
-    _SLOT.update, _SLOT.spec = update, spec
-    _SLOT.config = config.unchecked(**dict.fromkeys(tensors)) if tensors else config
+    constants, hyper = split_config(config)
+    _SLOT.update, _SLOT.config = update, config.unchecked(**dict(constants))
     # Dynamo reuses a region for inputs alike, and the slot's contents are not inputs: the update and
-    # the config's numbers and flags are, as one exact string (repr round-trips floats; one constant
-    # is matched far faster than a tuple of them), so that two steps in one graph with other configs
-    # (a partition of the params) never share a region
-    identity = f"{id(update)} {[(k, v) for k, v in vars(config).items() if k not in tensors]!r}"
+    # the config's numbers and flags are, as one exact string (one constant is matched far faster
+    # than a tuple of them), so that two steps in one graph with other configs (a partition of the
+    # params) never share a region
+    identity = f"{id(update)} {constants!r}"
     results = []
     for param, grad, state in zip(params, grads, states):
         keys = tuple(state)
         new_param, *values = _region(_SLOT, identity, keys, len(hyper), param, grad, *hyper, *state.values())
         results.append((new_param, dict(zip(keys, values))))
     return results
+
+
+def split_config(config: Config) -> tuple[list[tuple[str, Any]], list[Tensor]]:
+    """A config of numbers, flags and tensors (:func:`traceable_once`) as its fields' constants, each
+    tensor written ``...``, and its tensors in field order. ``repr`` of the constants is exact: it
+    round-trips floats. A number Dynamo made symbolic (a float field that changed between calls) is
+    pinned to this call's value under a guard, as a float constant of a graph is."""
+    constants, tensors = [], []
+    # the fields' values as stored (Dynamo cannot trace pydantic's field table, hyperparameters())
+    for name, value in vars(config).items():
+        parts = value if isinstance(value, tuple) else (value,)
+        tensors += [v for v in parts if isinstance(v, Tensor)]
+        pinned = tuple(
+            ... if isinstance(v, Tensor) else compat.guard_scalar(v) if type(v) in (int, float) else v for v in parts
+        )
+        constants.append((name, pinned if isinstance(value, tuple) else pinned[0]))
+    return constants, tensors
+
+
+def with_tensors(config: Config, tensors: Sequence[Tensor]) -> Config:
+    """``config`` with its fields' ``...`` filled, in field order, by ``tensors`` (:func:`split_config`)."""
+    if not tensors:
+        return config
+    given, values = iter(tensors), {}
+    for name, value in vars(config).items():
+        if value is ... or (isinstance(value, tuple) and any(v is ... for v in value)):
+            values[name] = next(given) if value is ... else tuple(next(given) if v is ... else v for v in value)
+    return config.unchecked(**values)
 
 
 def _is_constant(value: Any) -> bool:
