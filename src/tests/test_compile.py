@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
+from torch.utils import _pytree as pytree
 
 import optorch
 from optorch.tools import verify
@@ -168,3 +169,36 @@ def test_shim_compiled_follows_eager_for_non_elementwise_algorithms(config):
     assert _state_diff(compiled_state, eager_state) <= verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE
     assert graphs_after_first_step <= 2 * len({len(shape) for shape in MIXED_SHAPES})
     assert counters["stats"]["unique_graphs"] == graphs_after_first_step, "a later step compiled again"
+
+
+def test_a_compiled_training_step_calls_the_pure_step_in_one_graph(design):
+    """Forward, ``torch.func.grad`` and ``adam.step`` compiled together: one graph, no graph break,
+    with either design, and the trajectory is eager's over 5 steps."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(DTYPE)
+    adam = optorch.adam.algorithm
+    config = adam.config(lr=0.01)
+
+    def loss_fn(params, x, y):
+        return torch.nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
+
+    def train_step(params, state, x, y):
+        grads, loss = torch.func.grad_and_value(loss_fn)(params, x, y)
+        with torch.no_grad():
+            params, state = adam.step(params, grads, state, config)
+        return params, state, loss
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    compiled = torch.compile(train_step, fullgraph=True)
+    eager = (params, adam.init(params, config))
+    ours = eager
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = (
+            torch.randn(16, 4, dtype=DTYPE, generator=generator),
+            torch.randn(16, 2, dtype=DTYPE, generator=generator),
+        )
+        *ours, loss = compiled(*ours, x, y)
+        *eager, eager_loss = train_step(*eager, x, y)
+        assert abs(float(loss - eager_loss)) <= verify.FLOAT64_TOLERANCE
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert verify.max_abs_diff(pytree.tree_leaves(ours), pytree.tree_leaves(eager)) <= verify.FLOAT64_TOLERANCE
