@@ -223,6 +223,34 @@ def test_compiled_pure_step_equals_eager_with_each_design(name, design):
             torch.testing.assert_close(new, old, rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("name, config", CASES)
+def test_blocks_design_equals_eager_over_the_grid(name, config):
+    """Every flag combination of every element-wise algorithm's grid through the operator (which
+    rebuilds the config from its text): the eager step's numbers bit for bit, step counts apart."""
+    algorithm = registry.get(name)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (3, 4), ()]
+    params = [torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes]
+    state = algorithm.init(params, config)
+    grads = [torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes]
+    with torch.no_grad():
+        params, state = algorithm.step(params, [grads[0], None, *grads[2:]], state, config)
+    optorch.set_compiled_design("blocks")
+    try:
+        with torch.no_grad():
+            graph, (new_params, new_state) = _graph_of(algorithm.step, params, grads, state, config)
+    finally:
+        optorch.set_compiled_design("regions")
+    with torch.no_grad():
+        expected_params, expected_state = algorithm.step(params, grads, state, config)
+    assert _blocks(graph) >= 1
+    for new, old in zip(
+        [*new_params, *pytree.tree_leaves(new_state)], [*expected_params, *pytree.tree_leaves(expected_state)]
+    ):
+        assert new.shape == old.shape and new.dtype == old.dtype
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+
+
 def test_compiled_pure_step_takes_tensor_hyperparameters_as_inputs(design):
     """inject_hyperparams' lr and beta1 are tensors of the graph: they enter the region or the
     operator as inputs, a new value never recompiles, and the result is eager's."""
