@@ -157,14 +157,20 @@ def test_runs(sizes, limit, expected):
 # -- under torch.compile: traced regions (core/stepping.py) or opaque blocks (core/opaque.py) --------
 
 
-def _graph_of(step, *args):
-    """The one FX graph ``torch.compile(step, fullgraph=True)`` makes of ``step(*args)``, and its result."""
+def _recording():
+    """A ``torch.compile`` backend that runs each FX graph as it is, and the list it keeps them in."""
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    return backend, graphs
+
+
+def _graph_of(step, *args):
+    """The one FX graph ``torch.compile(step, fullgraph=True)`` makes of ``step(*args)``, and its result."""
+    backend, graphs = _recording()
     torch._dynamo.reset()
     result = torch.compile(step, backend=backend, fullgraph=True)(*args)
     torch._dynamo.reset()
@@ -331,12 +337,7 @@ def test_set_compiled_design_names_the_choices_and_a_change_recompiles():
     with pytest.raises(ValueError, match=r"'fast' is not one of 'regions', 'blocks'"):
         optorch.set_compiled_design("fast")
     assert optorch.compiled_design() == "regions"
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    backend, graphs = _recording()
     algorithm = registry.get("adam")
     config = algorithm.config()
     params = [torch.randn(3), torch.randn(3)]  # two of one kind: a region used once is inlined

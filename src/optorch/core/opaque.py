@@ -70,11 +70,7 @@ def _key(algorithm: Any) -> str:
 def takes(algorithm: Any, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict]) -> bool:
     """Whether a compiled step of these leaves runs as blocks: the design is chosen, the algorithm is
     registered, and every tensor is a plain CPU tensor that no autograd graph records."""
-    if _design != "blocks" or _key(algorithm) not in _ALGORITHMS or not params:
-        return False
-    recording = torch.is_grad_enabled()
-    tensors = [*params, *grads, *(v for state in states for v in state.values())]
-    return all(type(t) in stepping.PLAIN and t.is_cpu and not (recording and t.requires_grad) for t in tensors)
+    return _design == "blocks" and _key(algorithm) in _ALGORITHMS and stepping.plain_cpu(params, grads, states)
 
 
 def step_as_blocks(
@@ -151,7 +147,7 @@ def _step_block(
         results = stepping.step_in_blocks(algorithm.update, params, grads, leaf_states, config)
     outputs = [stepping.flat([p for p, _ in results])]
     outputs += [stepping.flat([state[k] for _, state in results]) for k in keys]
-    for out, column in zip(outputs, [params] + [states[k::count] for k in range(count)]):
+    for out, column in zip(outputs, _columns(params, states)):
         if out.numel() != sum(t.numel() for t in column) or out.dtype != column[0].dtype:
             raise RuntimeError(f"{algorithm.name}: an update changed the shape or dtype of a param or state entry")
     return _unaliased(outputs, [*params, *grads, *states, *hyper])
@@ -159,9 +155,14 @@ def _step_block(
 
 @_step_block.register_fake
 def _step_block_fake(kind, params, grads, states, hyper):
+    return [column[0].new_empty(sum(t.numel() for t in column)) for column in _columns(params, states)]
+
+
+def _columns(params: list[Tensor], states: list[Tensor]) -> list[list[Tensor]]:
+    """The operator's inputs per result: the params, then each state key's entries (``states`` holds
+    the block's leaves one after another, their keys in order)."""
     count = len(states) // len(params)
-    columns = [params] + [states[k::count] for k in range(count)]
-    return [column[0].new_empty(sum(t.numel() for t in column)) for column in columns]
+    return [params] + [states[k::count] for k in range(count)]
 
 
 def _unaliased(outputs: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:

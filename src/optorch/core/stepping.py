@@ -48,6 +48,7 @@ __all__ = [
     "eligible",
     "equal_scalars",
     "flat",
+    "plain_cpu",
     "runs",
     "split_config",
     "step_in_blocks",
@@ -96,11 +97,15 @@ def apply_update(update: Update, param: Tensor, grad: Tensor, leaf_state: LeafSt
 
 def eligible(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState]) -> bool:
     """Whether a pure step over these leaves may join them (see the module docs)."""
-    if torch.compiler.is_compiling() or in_functorch_transform() or not params:
-        return False
+    return not (torch.compiler.is_compiling() or in_functorch_transform()) and plain_cpu(params, grads, states)
+
+
+def plain_cpu(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[LeafState]) -> bool:
+    """Whether there are leaves and every tensor is a plain CPU tensor that no autograd graph records:
+    what the joined step, eager or behind the compiled step's operator, takes."""
     recording = torch.is_grad_enabled()
     tensors = [*params, *grads, *(v for state in states for v in state.values())]
-    return all(type(t) in PLAIN and t.is_cpu and not (recording and t.requires_grad) for t in tensors)
+    return bool(params) and all(type(t) in PLAIN and t.is_cpu and not (recording and t.requires_grad) for t in tensors)
 
 
 def _joinable(param: Tensor, grad: Tensor, state: LeafState) -> bool:
