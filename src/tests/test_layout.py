@@ -211,6 +211,20 @@ def test_a_layout_broken_mid_training_is_noticed(name, break_):
     assert _diff(candidate, reference, model, reference_model) <= _tolerance(config)
 
 
+def test_batches_keep_their_state_and_step_counts_back_to_back():
+    """What makes a batch's step cheap: its state, step counts included, lies back to back in one
+    buffer (so each step joins views and writes one scalar back), whatever the params' layout."""
+    for contiguous in (True, False):
+        model, candidate, reference_model, reference = _pair(CONFIGS["adopt"], contiguous=contiguous)
+        _steps(model, candidate, reference_model, reference, range(3), in_place=contiguous)
+        params = list(model.parameters())
+        for batch in _batches(candidate):
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                tensors = [candidate.state[params[i]][key] for i in batch.members]
+                assert optorch.shim.batching.back_to_back(tensors) is not None, key
+        assert _diff(candidate, reference, model, reference_model) <= _tolerance(CONFIGS["adopt"])
+
+
 @pytest.mark.parametrize("name", ["adam", "dag", "adafactor"])
 def test_model_converted_to_float64_after_the_layout_steps_in_float64(name):
     """``model.double()`` after ``contiguous`` and ``build``, before the first step: every param has
@@ -243,6 +257,13 @@ WRITES = {
     "state tensor replaced": lambda state, key: state.__setitem__(key, torch.full_like(state[key], 0.25)),
     "state written in place": lambda state, key: state[key].mul_(0.5),
     "step written in place": lambda state, key: state["step"].fill_(7) if "step" in state else state[key].zero_(),
+    # .data has a version counter of its own: only the value shows the write
+    "step written through .data": lambda state, key: (state["step"] if "step" in state else state[key]).data.fill_(7),
+    "step replaced": lambda state, key: state.__setitem__(
+        "step" if "step" in state else key, torch.full_like(state["step" if "step" in state else key], 7)
+    ),
+    # new memory under the same tensor: only its data pointer shows it
+    "state moved by set_": lambda state, key: state[key].set_(state[key].clone()),
 }
 
 

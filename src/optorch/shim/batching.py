@@ -3,6 +3,8 @@ into a scratch buffer, equal shapes stacked; each batch one call."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,31 +23,42 @@ class Batch:
 
     Each of their buffers (params, grads, each state key) joins as a view of the memory the tensors
     occupy when they lie back to back in one storage (checked at every step, never assumed), else as
-    a copy into scratch space kept with the batch (``views``: slices of it, one per tensor), copied
-    back after the step."""
+    a copy into scratch space kept with the batch, copied back after the step. A flat batch's
+    per-tensor scalars (its step counts) step once: one scalar, written back into every tensor."""
 
     def __init__(self, members: list[int], flat: bool, scalar_keys: tuple[str, ...], scratch: dict[tuple, Tensor]):
         self.members, self.flat, self.scalar_keys = members, flat, scalar_keys
         self.kernel = run_update if flat else run_stacked
-        self.views: dict[str, list[Tensor] | None] = {}
         self._scratch = scratch  # the engine's, shared by its batches (one after the other, so it stays in cache)
         self._slices: dict[str, tuple[Tensor, Tensor, list[Tensor]]] = {}  # by slot: (scratch, joined, views)
+        self._back_to_back: dict[str, tuple[list[int], Tensor]] = {}  # by slot: (data pointers, view)
+        # by slot, what write_back copies the step's result to: nothing (it was a view), a back-to-back
+        # view (a scalar's), or each tensor (a scalar's, or from its slice of scratch space: ``views``)
+        self._copies: dict[str, Tensor | list[Tensor] | None] = {}
 
     def scalars_equal(self, item: Work) -> bool:
         """Whether the flat batch's per-tensor scalars are still equal (one host read per key)."""
         for key in self.scalar_keys:
-            values = torch.stack([item.states[i][key] for i in self.members])
+            tensors = [item.states[i][key] for i in self.members]
+            values = self._view(tensors, key)
+            if values is None:
+                values = torch.stack(tensors)
             if not bool((values == values[0]).all()):
                 return False
         return True
 
-    def join(self, tensors: list[Tensor], slot: str) -> Tensor:
+    def join(self, tensors: list[Tensor], slot: str, lay_out: Callable[[], list[Tensor]] | None = None) -> Tensor:
+        """The batch's ``slot`` as one tensor: a view where ``tensors`` lie back to back, else (after
+        ``lay_out``, which moves them back to back and returns them, where one is given) a copy."""
+        view = self._view(tensors, slot)
+        if view is None and lay_out is not None:
+            tensors = lay_out()
+            view = self._view(tensors, slot)
         if tensors[0].dim() == 0 and self.flat:  # a per-tensor scalar, equal in the batch
-            self.views[slot] = [tensors[0]]
+            self._copies[slot] = view if view is not None else tensors
             return tensors[0].clone()
-        view = back_to_back(tensors)
         if view is not None:
-            self.views[slot] = None
+            self._copies[slot] = None
             return view if self.flat else view.view(len(tensors), *tensors[0].shape)
         key = (slot, tensors[0].device, tensors[0].dtype)
         cached = self._slices.get(slot)
@@ -65,16 +78,38 @@ class Batch:
             cached = self._slices[slot] = (scratch, joined, views)
         _, joined, views = cached
         torch._foreach_copy_(views, tensors)
-        self.views[slot] = views
+        self._copies[slot] = views
         return joined
 
-    def write_back(self, tensors: list[Tensor], slot: str, joined: Tensor) -> bool:
-        """Copy the results into ``tensors`` where ``joined`` was a copy; whether it was."""
-        views = self.views[slot]
-        if views is None:
-            return False
-        torch._foreach_copy_(tensors, [joined] * len(tensors) if joined.dim() == 0 else views)
-        return True
+    def _view(self, tensors: list[Tensor], slot: str) -> Tensor | None:
+        """:func:`back_to_back`, reading only data pointers and contiguity while they are those of the
+        slot's last view: the sizes cannot have changed, as a param's shape is part of the plan, a
+        grad's is checked against its param, and a state tensor's when it is replaced."""
+        known = self._back_to_back.get(slot)
+        if (
+            known is not None
+            and all(map(Tensor.is_contiguous, tensors))
+            and list(map(Tensor.data_ptr, tensors)) == known[0]
+        ):
+            return known[1]
+        view = back_to_back(tensors)
+        if view is None:
+            self._back_to_back.pop(slot, None)
+        else:
+            self._back_to_back[slot] = (list(map(Tensor.data_ptr, tensors)), view)
+        return view
+
+    def write_back(self, tensors: list[Tensor], slot: str, joined: Tensor) -> None:
+        """Copy the step's result ``joined`` into ``tensors`` where they were not stepped in place."""
+        copies = self._copies[slot]
+        if copies is None:
+            return
+        if isinstance(copies, Tensor):
+            copies.copy_(joined)
+        elif joined.dim() == 0:
+            torch._foreach_copy_(tensors, [joined] * len(tensors))
+        else:
+            torch._foreach_copy_(tensors, copies)
 
 
 def _batchable(param: Tensor, grad: Tensor) -> bool:

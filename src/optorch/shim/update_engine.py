@@ -7,6 +7,8 @@ from __future__ import annotations
 import types
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -17,11 +19,13 @@ from ..core.algorithm import Algorithm
 from ..core.compat import mark_dynamic, unflatten_dense_tensors
 from ..core.config import Config
 from ..core.scalars import is_zero
-from .batching import Batch, all_contiguous, back_to_back, plan_batches
+from .batching import Batch, all_contiguous, plan_batches
 from .kernels import run_stacked, run_update
 from .protocol import Work
 
 __all__ = ["UpdateEngine"]
+
+_shape = attrgetter("shape")
 
 
 class UpdateEngine:
@@ -40,9 +44,9 @@ class UpdateEngine:
     * the rest step one call each.
 
     Grads and per-element state take the same path as their params: a view where they too lie back to
-    back, else a copy. The params' state is this engine's to place: a batch's per-element state is
-    moved into one buffer of its own before it first steps (so no step copies it); params and grads
-    are never moved. Which params step together is planned
+    back, else a copy. The params' state is this engine's to place: each state key of a batch (step
+    counts included) is moved into one buffer of its own before it first steps (so no step copies
+    it); params and grads are never moved. Which params step together is planned
     again whenever a group's params, their data or their state dicts change.
     """
 
@@ -89,7 +93,12 @@ class UpdateEngine:
     def _compiled_step(self, optimizer: torch.optim.Optimizer, index: int, item: Work, shared: tuple) -> list:
         elementwise = self.algorithm.is_elementwise(item.config)
         # what a plan depends on; the memory of each batch is checked again at every step anyway
-        key = (elementwise, tuple(map(id, item.states)), tuple((p.data_ptr(), p.shape) for p in item.params))
+        key = (
+            elementwise,
+            tuple(map(id, item.states)),
+            tuple(map(Tensor.data_ptr, item.params)),
+            tuple(map(_shape, item.params)),
+        )
         cached = self._plans.get(index)
         plan = cached[1] if cached is not None and cached[0] == key else None
         if plan is not None and not all(batch.scalars_equal(item) for batch in plan[0]):
@@ -120,15 +129,21 @@ class UpdateEngine:
         """Step the params of ``batch`` as one tensor (see :class:`Batch`)."""
         params = [item.params[i] for i in batch.members]
         states = [item.states[i] for i in batch.members]
-        for key, value in states[0].items():
-            # The state is the optimizer's own memory: laid out as the batch steps it before the
-            # first call, so no step copies it, and the kernel sees one layout from its first compile
-            # (a layout changed after it would recompile: Dynamo guards on the sizes of views' bases).
-            if value.dim() > 0 and value.numel() > 0 and back_to_back([s[key] for s in states]) is None:
-                _lay_out_state(optimizer, params, states, key, batch.flat)
+        # The state, step counts included, is the optimizer's own memory: laid out as the batch steps
+        # it before the first call, so no step copies it (a flat batch's step counts are then checked
+        # equal with one host read and written back with one copy), and the kernel sees one layout
+        # from its first compile (a layout changed after it would recompile: Dynamo guards on the
+        # sizes of views' bases).
+        state = {
+            key: batch.join(
+                [s[key] for s in states],
+                key,
+                partial(_lay_out_state, optimizer, params, states, key, batch.flat) if value.numel() else None,
+            )
+            for key, value in states[0].items()
+        }
         param = batch.join(params, "param")
         grad = batch.join([item.grads[i] for i in batch.members], "grad")
-        state = {key: batch.join([s[key] for s in states], key) for key in states[0]}
         contribution = self._call(batch.kernel, index, param, grad, state, item.config, shared)
         batch.write_back(params, "param", param)
         for key, value in state.items():
@@ -197,9 +212,9 @@ class UpdateEngine:
 
 def _lay_out_state(
     optimizer: torch.optim.Optimizer, params: list[Tensor], states: list[dict[str, Tensor]], key: str, flat: bool
-) -> None:
+) -> list[Tensor]:
     """Give state ``key`` of these params one buffer of its own (values kept), as views in
-    ``optimizer.state``: flat, or a stack of same-shaped tensors."""
+    ``optimizer.state``: flat, or a stack of same-shaped tensors. Returns the views."""
     tensors = [s[key] for s in states]
     if flat:
         chunks = unflatten_dense_tensors(torch.cat([t.reshape(-1) for t in tensors]), tensors)
@@ -208,6 +223,7 @@ def _lay_out_state(
     for param, state, chunk in zip(params, states, chunks):
         state[key] = chunk
         optimizer.state[param][key] = chunk
+    return list(chunks)
 
 
 def _as_tensors(value: Any, name: Any, tensors: dict[Any, Tensor], device: torch.device, dtype: torch.dtype) -> Any:
