@@ -102,6 +102,17 @@ Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A finite real number (an int or a float; never a bool or a string): the settings' numbers."""
 
 
+_NONZERO = "non-zero"
+
+
+def _structure(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(map(_structure, value))
+    if isinstance(value, torch.Tensor) or (type(value) is float and value != 0):
+        return _NONZERO  # a tensor's value is unknown: never zero (:func:`~optorch.core.scalars.is_zero`)
+    return value
+
+
 def check_count(value: int) -> int:
     """A count of steps, at most 2**53: beyond, it is no longer exact in float64, where step counters
     are compared with it (and soon overflows int64)."""
@@ -231,3 +242,10 @@ class Config(BaseModel):
     def hyperparameters(self) -> dict[str, Any]:
         """Field name to value, values as they are (tensors stay tensors)."""
         return {name: getattr(self, name) for name in type(self).model_fields}
+
+    def structure(self) -> tuple:
+        """What of this config can select a param's state (its keys, shapes and dtypes): every value
+        but those of the non-zero real hyperparameters, of which only that they are not zero (a zero
+        drops a term or a buffer, as SGD's momentum does). Their values, what a schedule changes at
+        every step, only scale what is computed (``test_contract.py`` holds every algorithm to it)."""
+        return tuple(map(_structure, vars(self).values()))

@@ -93,8 +93,9 @@ class StateCheck:
 
     The full check (keys, shapes, dtypes, devices; a torch-layout state written directly, e.g. by
     ZeroRedundancyOptimizer, is converted) runs when the state dict, one of its tensors, the param's
-    shape, dtype or device, or the config changed since the last check; otherwise the same tensors
-    are known good. In-place writes need no check: they cannot change shape, dtype or device.
+    shape, dtype or device, or the config's structure (:meth:`Config.structure`: not a scheduled
+    learning rate) changed since the last check; otherwise the same tensors are known good. In-place
+    writes need no check: they cannot change shape, dtype or device.
     """
 
     def __init__(self, algorithm: Algorithm, engine: Engine, extras: frozenset[str]):
@@ -103,6 +104,7 @@ class StateCheck:
         self.engine = engine
         self.extras = extras
         self._known: dict[int, tuple] = {}  # id(param) -> what its last full check saw
+        self._structure: tuple[Config | None, tuple] = (None, ())  # the last config seen, and its structure
         self.full_checks = 0
 
     def fresh(self, param: Tensor, config: Config) -> dict[str, Tensor]:
@@ -123,12 +125,15 @@ class StateCheck:
         if not state:
             return None
         known = self._known.get(id(param))
+        if self._structure[0] is not config:  # a group's params are checked one after another
+            self._structure = (config, config.structure())
+        structure = self._structure[1]
         # A new data pointer means new data (p.data = ..., a dtype or device conversion): check again.
         if (
             known is not None
             and known[0] is state
             and not state.written
-            and known[1] is config
+            and known[1] == structure
             and known[2] == param.data_ptr()
         ):
             return known[3]
@@ -143,7 +148,7 @@ class StateCheck:
         stepped = state if self.torch_layout else leaf
         self._known[id(param)] = (
             state,
-            config,
+            structure,
             param.data_ptr(),
             stepped,
             param,
