@@ -102,7 +102,12 @@ Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A finite real number (an int or a float; never a bool or a string): the settings' numbers."""
 
 
-_NONZERO = "non-zero"
+class _NonZero:
+    def __repr__(self) -> str:
+        return "<non-zero>"
+
+
+_NONZERO = _NonZero()
 
 
 def _structure(value: Any) -> Any:
@@ -247,5 +252,5 @@ class Config(BaseModel):
         """What of this config can select a param's state (its keys, shapes and dtypes): every value
         but those of the non-zero real hyperparameters, of which only that they are not zero (a zero
         drops a term or a buffer, as SGD's momentum does). Their values, what a schedule changes at
-        every step, only scale what is computed (``test_contract.py`` holds every algorithm to it)."""
+        every step, only scale what is computed (``test_shim.py`` holds every algorithm to it)."""
         return tuple(map(_structure, vars(self).values()))

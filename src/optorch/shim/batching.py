@@ -32,8 +32,8 @@ class Batch:
         self._scratch = scratch  # the engine's, shared by its batches (one after the other, so it stays in cache)
         self._slices: dict[str, tuple[Tensor, Tensor, list[Tensor]]] = {}  # by slot: (scratch, joined, views)
         self._back_to_back: dict[str, tuple[list[int], Tensor]] = {}  # by slot: (data pointers, view)
-        # by slot, what write_back copies the step's result to: nothing (it was a view), a back-to-back
-        # view (a scalar's), or each tensor (a scalar's, or from its slice of scratch space: ``views``)
+        # by slot, where write_back copies the step's result: None (the slot was a view), a scalar's
+        # back-to-back view, a scalar's tensors, or the scratch slices to copy from, one per tensor
         self._copies: dict[str, Tensor | list[Tensor] | None] = {}
 
     def scalars_equal(self, item: Work) -> bool:

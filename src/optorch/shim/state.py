@@ -104,7 +104,8 @@ class StateCheck:
         self.engine = engine
         self.extras = extras
         self._known: dict[int, tuple] = {}  # id(param) -> what its last full check saw
-        self._structure: tuple[Config | None, tuple] = (None, ())  # the last config seen, and its structure
+        self._last: tuple[Config | None, tuple] = (None, ())  # the last config seen, and its structure
+        self._structures: list[tuple] = []  # the recent distinct structures, each one object (compared by identity)
         self.full_checks = 0
 
     def fresh(self, param: Tensor, config: Config) -> dict[str, Tensor]:
@@ -125,15 +126,13 @@ class StateCheck:
         if not state:
             return None
         known = self._known.get(id(param))
-        if self._structure[0] is not config:  # a group's params are checked one after another
-            self._structure = (config, config.structure())
-        structure = self._structure[1]
+        structure = self._structure(config)
         # A new data pointer means new data (p.data = ..., a dtype or device conversion): check again.
         if (
             known is not None
             and known[0] is state
             and not state.written
-            and known[1] == structure
+            and known[1] is structure
             and known[2] == param.data_ptr()
         ):
             return known[3]
@@ -154,6 +153,21 @@ class StateCheck:
             param,
         )  # the param kept: its id stays its own
         return stepped
+
+    def _structure(self, config: Config) -> tuple:
+        """``config.structure()``, one object for equal structures: a schedule makes a new config at
+        every step, and comparing nested settings param by param would cost what the check saves."""
+        if self._last[0] is config:  # a group's params are checked one after another
+            return self._last[1]
+        structure = config.structure()
+        for seen in self._structures:
+            if seen == structure:
+                structure = seen
+                break
+        else:
+            self._structures = [structure, *self._structures[:7]]
+        self._last = (config, structure)
+        return structure
 
     def traced(self, param: Tensor, states: dict[Tensor, Any], config: Config) -> dict[str, Tensor] | None:
         """:meth:`check` inside ``torch.compile``: the state as it is (the eager steps around check it)."""
