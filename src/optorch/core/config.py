@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from .errors import shown
-from .scalars import is_real
+from .scalars import is_real, scales
 
 __all__ = [
     "SHARED_DESCRIPTIONS",
@@ -113,9 +113,7 @@ _NONZERO = _NonZero()
 def _structure(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(map(_structure, value))
-    if isinstance(value, torch.Tensor) or (type(value) is float and value != 0):
-        return _NONZERO  # a tensor's value is unknown: never zero (:func:`~optorch.core.scalars.is_zero`)
-    return value
+    return _NONZERO if scales(value) else value
 
 
 def check_count(value: int) -> int:
@@ -250,7 +248,7 @@ class Config(BaseModel):
 
     def structure(self) -> tuple:
         """What of this config can select a param's state (its keys, shapes and dtypes): every value
-        but those of the non-zero real hyperparameters, of which only that they are not zero (a zero
-        drops a term or a buffer, as SGD's momentum does). Their values, what a schedule changes at
-        every step, only scale what is computed (``test_shim.py`` holds every algorithm to it)."""
+        but those that only scale what is computed (:func:`~optorch.core.scalars.scales`: what a
+        schedule changes at every step), of which only that they are not zero (``test_shim.py``
+        holds every algorithm to it)."""
         return tuple(map(_structure, vars(self).values()))

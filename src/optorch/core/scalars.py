@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["as_float", "cos", "half_cosine", "is_real", "is_scalar", "is_zero", "reads_zero"]
+__all__ = ["as_float", "cos", "half_cosine", "is_real", "is_scalar", "is_zero", "reads_zero", "scales"]
 
 
 def is_real(value: Any) -> bool:
@@ -42,6 +42,14 @@ def as_float(value: Any) -> float | None:
 def is_zero(value: Any) -> bool:
     """True only for a number that is exactly zero; a tensor's value is unknown, so never."""
     return not isinstance(value, Tensor) and value == 0
+
+
+def scales(value: Any) -> bool:
+    """A hyperparameter value that only scales what is computed: a tensor (its value is never read,
+    see :func:`is_zero`) or a non-zero float. A zero drops a term or a buffer; a flag, an integer or a
+    nested setting selects code. A compiled step takes the former as data (no recompile when a
+    schedule changes it), and they never shape a param's state (``Config.structure``)."""
+    return isinstance(value, Tensor) or (isinstance(value, float) and not is_zero(value))
 
 
 def reads_zero(value: Any) -> bool:

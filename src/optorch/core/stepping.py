@@ -40,6 +40,7 @@ from .config import Config
 __all__ = [
     "BLOCK",
     "apply_update",
+    "back_to_back",
     "JOIN_BELOW",
     "LeafState",
     "PLAIN",
@@ -167,16 +168,24 @@ def _joined(update, params, grads, states, config) -> list[tuple[Tensor, LeafSta
 
 
 def flat(tensors: Sequence[Tensor]) -> Tensor:
-    """``tensors`` as one flat tensor: a view when they lie one after another in one storage, as a
-    block's results do (so its next step copies nothing), else a copy."""
-    first = tensors[0]
+    """``tensors`` as one flat tensor: a view when they lie back to back in one storage, as a block's
+    results do (so its next step copies nothing), else a copy."""
     if len(tensors) == 1:
-        return first.reshape(-1)
+        return tensors[0].reshape(-1)
+    view = back_to_back(tensors)
+    return view if view is not None else flatten_dense_tensors(tensors)
+
+
+def back_to_back(tensors: Sequence[Tensor]) -> Tensor | None:
+    """One flat view of the memory ``tensors`` occupy when they lie back to back in one storage, in
+    order, contiguous and of one dtype (a layout checked wherever it is used, never assumed); else None."""
+    first = tensors[0]
+    # offsets rather than data pointers: an empty tensor's pointer need not be where it lies
     storage, end = first.untyped_storage().data_ptr(), first.storage_offset()
     for t in tensors:
         adjacent = t.untyped_storage().data_ptr() == storage and t.storage_offset() == end and t.dtype == first.dtype
         if not (adjacent and t.is_contiguous()):
-            return flatten_dense_tensors(tensors)
+            return None
         end += t.numel()
     return first.as_strided((end - first.storage_offset(),), (1,))
 

@@ -10,11 +10,11 @@ from torch import Tensor
 
 from ..core import distributed
 from ..core.compat import unflatten_dense_tensors
-from ..core.stepping import BLOCK, JOIN_BELOW, equal_scalars, runs
+from ..core.stepping import BLOCK, JOIN_BELOW, back_to_back, equal_scalars, runs
 from .kernels import run_stacked, run_update
 from .protocol import Work
 
-__all__ = ["Batch", "all_contiguous", "back_to_back", "plan_batches"]
+__all__ = ["Batch", "all_contiguous", "plan_batches"]
 
 
 class Batch:
@@ -32,8 +32,8 @@ class Batch:
         self._scratch = scratch  # the engine's, shared by its batches (one after the other, so it stays in cache)
         self._slices: dict[str, tuple[Tensor, Tensor, list[Tensor]]] = {}  # by slot: (scratch, joined, views)
         self._back_to_back: dict[str, tuple[list[int], Tensor]] = {}  # by slot: (data pointers, view)
-        # by slot, where write_back copies the step's result: None (the slot was a view), a scalar's
-        # back-to-back view, a scalar's tensors, or the scratch slices to copy from, one per tensor
+        # by slot, how write_back copies the step's result: not at all (None: the slot was a view),
+        # into a scalar's back-to-back view, or from these sources, one per tensor
         self._copies: dict[str, Tensor | list[Tensor] | None] = {}
 
     def scalars_equal(self, item: Work) -> bool:
@@ -55,8 +55,9 @@ class Batch:
             tensors = lay_out()
             view = self._view(tensors, slot)
         if tensors[0].dim() == 0 and self.flat:  # a per-tensor scalar, equal in the batch
-            self._copies[slot] = view if view is not None else tensors
-            return tensors[0].clone()
+            joined = tensors[0].clone()
+            self._copies[slot] = view if view is not None else [joined] * len(tensors)
+            return joined
         if view is not None:
             self._copies[slot] = None
             return view if self.flat else view.view(len(tensors), *tensors[0].shape)
@@ -86,29 +87,22 @@ class Batch:
         slot's last view: the sizes cannot have changed, as a param's shape is part of the plan, a
         grad's is checked against its param, and a state tensor's when it is replaced."""
         known = self._back_to_back.get(slot)
-        if (
-            known is not None
-            and all(map(Tensor.is_contiguous, tensors))
-            and list(map(Tensor.data_ptr, tensors)) == known[0]
-        ):
+        pointers = list(map(Tensor.data_ptr, tensors))
+        if known is not None and pointers == known[0] and all(map(Tensor.is_contiguous, tensors)):
             return known[1]
         view = back_to_back(tensors)
         if view is None:
             self._back_to_back.pop(slot, None)
         else:
-            self._back_to_back[slot] = (list(map(Tensor.data_ptr, tensors)), view)
+            self._back_to_back[slot] = (pointers, view)
         return view
 
     def write_back(self, tensors: list[Tensor], slot: str, joined: Tensor) -> None:
         """Copy the step's result ``joined`` into ``tensors`` where they were not stepped in place."""
         copies = self._copies[slot]
-        if copies is None:
-            return
         if isinstance(copies, Tensor):
             copies.copy_(joined)
-        elif joined.dim() == 0:
-            torch._foreach_copy_(tensors, [joined] * len(tensors))
-        else:
+        elif copies is not None:
             torch._foreach_copy_(tensors, copies)
 
 
@@ -176,18 +170,3 @@ def _runs_in_memory(params: list[Tensor], members: list[int]) -> list[list[int]]
         else:
             runs.append([i])
     return runs
-
-
-def back_to_back(tensors: list[Tensor]) -> Tensor | None:
-    """One flat view of the memory ``tensors`` occupy when they lie back to back in one storage, in
-    order and contiguous (a layout checked wherever it is used, never assumed); else None."""
-    first = tensors[0]
-    end = first.data_ptr()
-    for tensor in tensors:
-        if tensor.data_ptr() != end or not tensor.is_contiguous():
-            return None
-        end += tensor.nbytes
-    storage = first.untyped_storage()
-    if end > storage.data_ptr() + storage.nbytes():  # adjacent allocations, not one storage
-        return None
-    return first.as_strided(((end - first.data_ptr()) // first.element_size(),), (1,))

@@ -18,7 +18,7 @@ from ..core import distributed
 from ..core.algorithm import Algorithm
 from ..core.compat import mark_dynamic, unflatten_dense_tensors
 from ..core.config import Config
-from ..core.scalars import is_zero
+from ..core.scalars import scales
 from .batching import Batch, all_contiguous, plan_batches
 from .kernels import run_stacked, run_update
 from .protocol import Work
@@ -232,7 +232,7 @@ def _as_tensors(value: Any, name: Any, tensors: dict[Any, Tensor], device: torch
     if isinstance(value, tuple):
         parts = tuple(_as_tensors(v, (name, i), tensors, device, dtype) for i, v in enumerate(value))
         return parts if all(isinstance(p, Tensor) for p in parts) else value
-    if isinstance(value, bool) or not isinstance(value, (float, Tensor)) or is_zero(value):
+    if not scales(value):
         return value
     tensor = tensors.get(name)
     if tensor is None:
