@@ -3,6 +3,8 @@ every step (a 0-dim tensor) never recompiles; nor does the shim's compiled engin
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import pytest
@@ -106,6 +108,23 @@ def _mixed_grads(params, step: int, generator: torch.Generator) -> None:
         param.grad = None if (step % 7 == 6 and i == 1) else torch.sin(param.detach()) + 0.1 * noise
 
 
+def _side_by_side(config):
+    """The eager and the compiled engine on equal params, and ``step_both(step, around)``: one step of
+    each with equal grads, inside a fresh ``around()`` context."""
+    eager_params, compiled_params = _mixed_params(), _mixed_params()
+    eager = optorch.build(config, eager_params, engine="eager")
+    compiled = optorch.build(config, compiled_params, engine="compiled")
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)]
+
+    def step_both(step: int, around=contextlib.nullcontext) -> None:
+        for params, optimizer, generator in zip((eager_params, compiled_params), (eager, compiled), generators):
+            _mixed_grads(params, step, generator)
+            with around():
+                optimizer.step()
+
+    return eager_params, compiled_params, eager, compiled, step_both
+
+
 def _layout(state_dict) -> dict:
     state = {
         index: {key: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v) for key, v in leaf.items()}
@@ -144,14 +163,9 @@ def test_shim_compiled_follows_eager_for_non_elementwise_algorithms(config):
     compiled-reduction tolerance, its state_dict has the eager one's layout, and mid-way the eager
     state_dict loads into the compiled shim and both go on alike. The graphs are compiled in the first
     step: none is added later."""
-    eager_params, compiled_params = _mixed_params(), _mixed_params()
-    eager = optorch.build(config, eager_params, engine="eager")
-    compiled = optorch.build(config, compiled_params, engine="compiled")
-    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)]
+    eager_params, compiled_params, eager, compiled, step_both = _side_by_side(config)
     for step in range(20):
-        for params, optimizer, generator in zip((eager_params, compiled_params), (eager, compiled), generators):
-            _mixed_grads(params, step, generator)
-            optimizer.step()
+        step_both(step)
         if step == 0:
             graphs_after_first_step = counters["stats"]["unique_graphs"]
         if step == 9:
@@ -169,6 +183,22 @@ def test_shim_compiled_follows_eager_for_non_elementwise_algorithms(config):
     assert _state_diff(compiled_state, eager_state) <= verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE
     assert graphs_after_first_step <= 2 * len({len(shape) for shape in MIXED_SHAPES})
     assert counters["stats"]["unique_graphs"] == graphs_after_first_step, "a later step compiled again"
+
+
+@pytest.mark.parametrize("name", ["adopt", "dag"])
+def test_a_dispatch_mode_around_a_compiled_step_steps_once(name):
+    """Under a Python dispatch mode (FlopCounterMode here, CommDebugMode in distributed checks) Dynamo
+    runs a compiled function uncompiled and then raises: the compiled engine stepped that batch a second
+    time. Now such a step runs eagerly, once, equal to the eager engine, and the next steps compile
+    again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    eager_params, compiled_params, _, compiled, step_both = _side_by_side({"name": name, "lr": 0.02})
+    for step in range(8):
+        step_both(step, functools.partial(FlopCounterMode, display=False) if step in (2, 5) else contextlib.nullcontext)
+    assert verify.max_abs_diff(eager_params, _mixed_params()) > 1e-3, "the params barely moved"
+    assert verify.max_abs_diff(compiled_params, eager_params) <= verify.FLOAT64_COMPILED_REDUCTION_TOLERANCE
+    assert compiled._engine.name == "compiled"
 
 
 def test_a_compiled_training_step_calls_the_pure_step_in_one_graph(design):

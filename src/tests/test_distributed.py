@@ -3,9 +3,10 @@ torch.distributed.checkpoint equals the single-process run of the same model and
 
 The cases run in ``optorch.verify_distributed`` (what ``optorch verify --distributed`` runs on a
 user's machine), in two gloo processes on the CPU that run many cases each. CI runs its
-representative subset; the full matrix (every config in every mode, the compiled engine under
-FSDP2, torch's kernels where ``auto`` or ``torch`` picks them, a 2-D mesh in four processes) is
-behind the ``matrix`` marker::
+representative subset (ADOPT and AutoSGM also under the default engine, whose compiled kernels step
+FSDP2's local shards and ZeRO's bucket views); the full matrix (every config in every mode, the
+compiled engine under FSDP2, torch's kernels where ``auto`` or ``torch`` picks them, a 2-D mesh in
+four processes) is behind the ``matrix`` marker::
 
     pytest src/tests/test_distributed.py -m matrix
 """

@@ -143,6 +143,9 @@ class Algorithm:
     """State shared by all parameters, when the algorithm has some (see :class:`Shared`)."""
     reductions: tuple[Reduction, ...] = ()
     """Configs of this algorithm equal to torch.optim optimizers (see :class:`Reduction`)."""
+    compile_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """Inductor options (``torch.compile(options=...)``) for the shim's compiled kernels of this
+    algorithm, where its code needs other choices than Inductor's defaults to run fast."""
 
     def __post_init__(self) -> None:
         opaque.register(self)  # the compiled step's operator finds it by its key at run time

@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 __all__ = [
     "cpp_compiler_available",
+    "dynamo_would_skip",
     "flatten_dense_tensors",
     "guard_scalar",
     "in_backward",
@@ -49,6 +50,13 @@ def in_functorch_transform() -> bool:
 def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
     """Tell ``torch.compile`` that ``tensor``'s size along ``dim`` varies (one graph for every size)."""
     torch._dynamo.mark_dynamic(tensor, dim)
+
+
+def dynamo_would_skip() -> bool:
+    """Whether Dynamo would run a compiled function's frame uncompiled: under a Python dispatch mode
+    (``FlopCounterMode``, ``CommDebugMode``, ...), or with Dynamo disabled. With ``fullgraph=True``
+    it then raises after the frame has run (``"found no compiled frames"``)."""
+    return bool(torch._C._len_torch_dispatch_stack()) or torch._dynamo.config.disable
 
 
 def in_backward() -> bool:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..core import distributed
 from ..core.algorithm import Algorithm
-from ..core.compat import mark_dynamic, unflatten_dense_tensors
+from ..core.compat import dynamo_would_skip, mark_dynamic, unflatten_dense_tensors
 from ..core.config import Config
 from ..core.scalars import scales
 from .batching import Batch, all_contiguous, plan_batches
@@ -75,22 +75,26 @@ class UpdateEngine:
         contributions: list[dict[str, Tensor]] = []
         traced = torch.compiler.is_compiling()  # inside the user's torch.compile: plain per-tensor code
         for index, item in enumerate(work):
-            if self.algorithm.is_elementwise(
-                item.config
-            ):  # each rank steps its shards: the same numbers, no communication
-                item = Work(item.config, *distributed.local_shards(item.params, item.grads, item.states))
+            own_state = True
+            if self.algorithm.is_elementwise(item.config):  # each rank steps its shards: the same numbers
+                shards = Work(item.config, *distributed.local_shards(item.params, item.grads, item.states))
+                # a DTensor's local shards come with a copy of its state dict (their views of its memory)
+                own_state = all(map(is_, shards.params, item.params))
+                item = shards
             if traced or not self.compiled:
                 for param, grad, state in zip(item.params, item.grads, item.states):
                     contributions.append(
                         run_update(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask)
                     )
             else:
-                contributions += self._compiled_step(optimizer, index, item, shared)
+                contributions += self._compiled_step(optimizer, index, item, shared, own_state)
         return [c for c in contributions if c is not None]
 
     # -- compiled ------------------------------------------------------------------------------
 
-    def _compiled_step(self, optimizer: torch.optim.Optimizer, index: int, item: Work, shared: tuple) -> list:
+    def _compiled_step(
+        self, optimizer: torch.optim.Optimizer, index: int, item: Work, shared: tuple, own_state: bool
+    ) -> list:
         elementwise = self.algorithm.is_elementwise(item.config)
         # what a plan depends on; the memory of each batch is checked again at every step anyway
         key = (
@@ -112,7 +116,7 @@ class UpdateEngine:
             for i in eager
         ]
         contributions += [self._single(index, item, i, shared, elementwise) for i in alone]
-        contributions += [self._batch(optimizer, index, item, batch, shared) for batch in batches]
+        contributions += [self._batch(optimizer, index, item, batch, shared, own_state) for batch in batches]
         return contributions
 
     def _single(self, index: int, item: Work, i: int, shared: tuple, elementwise: bool):
@@ -125,8 +129,12 @@ class UpdateEngine:
             )
         return self._call(run_update, index, param, grad, state, item.config, shared)
 
-    def _batch(self, optimizer: torch.optim.Optimizer, index: int, item: Work, batch: Batch, shared: tuple):
-        """Step the params of ``batch`` as one tensor (see :class:`Batch`)."""
+    def _batch(
+        self, optimizer: torch.optim.Optimizer, index: int, item: Work, batch: Batch, shared: tuple, own_state: bool
+    ):
+        """Step the params of ``batch`` as one tensor (see :class:`Batch`). ``own_state``: the
+        states are the optimizer's dicts, so their tensors may be laid out anew; a DTensor's local
+        shards step in views of its memory instead, copied in and written back like any other."""
         params = [item.params[i] for i in batch.members]
         states = [item.states[i] for i in batch.members]
         # The state, step counts included, is the optimizer's own memory: laid out as the batch steps
@@ -138,7 +146,9 @@ class UpdateEngine:
             key: batch.join(
                 [s[key] for s in states],
                 key,
-                partial(_lay_out_state, optimizer, params, states, key, batch.flat) if value.numel() else None,
+                partial(_lay_out_state, optimizer, params, states, key, batch.flat)
+                if own_state and value.numel()
+                else None,
             )
             for key, value in states[0].items()
         }
@@ -160,7 +170,8 @@ class UpdateEngine:
         config: Config,
         shared: tuple,
     ):
-        if not self.compiled:  # compiling failed earlier in this step
+        # Where Dynamo would run the kernel uncompiled and then raise, this call runs eagerly: once.
+        if not self.compiled or dynamo_would_skip():
             return kernel(self.algorithm.update, param, grad, state, config, *shared)
         # A kernel per dtype and rank, each with Dynamo's recompile budget of its own: sizes are
         # symbolic, but a size-1 dimension or a zero hyperparameter specialises a graph. Stacks get
@@ -170,7 +181,7 @@ class UpdateEngine:
         key = (kernel.__name__, param.dtype, tuple(param.shape[1:]) if stacked else param.dim())
         compiled = self._kernels.get(key)
         if compiled is None:
-            compiled = self._kernels[key] = _private_compile(kernel, dynamic=not stacked)
+            compiled = self._kernels[key] = _private_compile(kernel, not stacked, self.algorithm.compile_options)
         if stacked:
             for tensor in (param, grad, *state.values()):
                 mark_dynamic(tensor, 0)
@@ -181,6 +192,13 @@ class UpdateEngine:
         except Exception as error:  # noqa: BLE001 - no compiler, or an op Inductor cannot build
             if not _is_compile_failure(error):
                 raise
+            if _NOT_COMPILED in str(error):  # the kernel ran eagerly first: stepping again would step twice
+                self.compiled, self.name = False, "eager"
+                raise RuntimeError(
+                    f"optorch: torch.compile ran {self.algorithm.name}'s kernel without compiling it and then "
+                    f"failed ({error}); its update is applied but the step is incomplete. "
+                    f"The optimizer steps eagerly from now on."
+                ) from error
             warnings.warn(
                 f"optorch: torch.compile failed ({type(error).__name__}: {error}); "
                 f"{self.algorithm.name} runs eagerly from now on",
@@ -241,7 +259,7 @@ def _as_tensors(value: Any, name: Any, tensors: dict[Any, Tensor], device: torch
     return tensor
 
 
-def _private_compile(function: Callable[..., Any], dynamic: bool = True) -> Callable[..., Any]:
+def _private_compile(function: Callable[..., Any], dynamic: bool, options: Mapping[str, Any]) -> Callable[..., Any]:
     # Dynamo keeps its compile cache (and its recompile limit) per code object: a private copy of the
     # code gives each engine graphs of its own, however many optimizers a process has.
     code = function.__code__.replace()
@@ -249,7 +267,11 @@ def _private_compile(function: Callable[..., Any], dynamic: bool = True) -> Call
         code, function.__globals__, function.__name__, function.__defaults__, function.__closure__
     )
     copy.__kwdefaults__ = function.__kwdefaults__
-    return torch.compile(copy, fullgraph=True, dynamic=dynamic)
+    return torch.compile(copy, fullgraph=True, dynamic=dynamic, options=dict(options) or None)
+
+
+_NOT_COMPILED = "found no compiled frames"
+"""torch.compile's error (``fullgraph=True``) when Dynamo skipped a frame: it raises after running it."""
 
 
 def _is_compile_failure(error: Exception) -> bool:

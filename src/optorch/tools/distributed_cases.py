@@ -112,6 +112,10 @@ CI_CASES = (
 )
 """The representative subset CI runs (the full matrix: every config in every mode)."""
 
+CI_AUTO_CASES = (("adopt", ("fsdp2", "zero-bucket")), ("autosgm", ("fsdp2",)))
+"""Also in the subset, with the engine ``build`` picks by default (``auto``: compiled kernels for these
+on CPU): element-wise algorithms step a DTensor's local shards in batches, and ZeRO's bucket views."""
+
 
 @dataclass(frozen=True)
 class Case:
@@ -126,15 +130,18 @@ class Case:
 
 
 def cases(full: bool = False, engines: Sequence[str] = ("eager",)) -> list[Case]:
-    """The cases of the full matrix (``full``) or of the CI subset, for each engine."""
+    """The cases of the full matrix (``full``) or of the CI subset, for each engine (the subset also
+    holds :data:`CI_AUTO_CASES` under the default engine)."""
     pairs = [(name, MODES) for name in CONFIGS] if full else CI_CASES
-    return [
+    chosen = [
         Case(name, mode, engine)
         for engine in engines
         for name, modes in pairs
         for mode in modes
         if mode != "zero-class" or not entries(CONFIGS[name])
     ]
+    auto = [] if full else [Case(name, mode, "auto") for name, modes in CI_AUTO_CASES for mode in modes]
+    return chosen + [case for case in auto if case not in chosen]
 
 
 def entries(config: dict[str, Any]) -> set[str]:
