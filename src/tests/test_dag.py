@@ -444,3 +444,39 @@ def test_global_keys_are_refused_in_param_groups():
     with pytest.raises(ValueError, match=r"param group 1 of the state_dict sets 'k_val'"):
         opt.load_state_dict(saved)
     assert opt.param_groups[1]["k_val"] == 3.0
+
+
+def test_tanh_is_accurate_odd_and_bounded_eagerly_and_compiled():
+    """``ops.tanh`` (DAG's direction) against float64's tanh over float32's range: eagerly the sigmoid
+    form within 1.5 eps (absolute), compiled below float64 a rational function within 3.4 eps relative
+    to the value (so exact-ish near 0, where the sigmoid form is only absolutely accurate). Both odd to
+    the bit, |tanh| <= 1, NaN kept, +-inf to +-1; bfloat16 and float16 round to torch.tanh's values."""
+    from optorch.core import ops
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.tanh, fullgraph=True)
+    x = torch.cat(
+        [
+            torch.linspace(-12, 12, 2_000_001),
+            torch.logspace(-37, 1.2, 100_000),
+            torch.tensor([0.0, 7.9, 8.0, 9.0, 1e30]),
+        ]
+    )
+    x = torch.cat([x, -x]).to(torch.float32)
+    truth = torch.tanh(x.double())
+    eps = torch.finfo(torch.float32).eps
+    for tanh, absolute, relative in ((ops.tanh, 1.5 * eps, None), (compiled, None, 3.4 * eps)):
+        y = tanh(x)
+        error = (y.double() - truth).abs()
+        if absolute is not None:
+            assert error.max() <= absolute
+        else:
+            assert (error <= relative * truth.abs()).all()
+        assert torch.equal(tanh(-x), -y) and bool((y.abs() <= 1).all())
+        assert torch.equal(torch.signbit(tanh(torch.tensor([0.0, -0.0]))), torch.tensor([False, True]))
+        special = tanh(torch.tensor([float("inf"), -float("inf"), float("nan")]))
+        assert special[:2].tolist() == [1.0, -1.0] and special[2].isnan()
+    for dtype in (torch.bfloat16, torch.float16):
+        low = torch.linspace(-10, 10, 20_001).to(dtype)
+        assert torch.equal(compiled(low), torch.tanh(low.double()).to(dtype))
+    torch._dynamo.reset()
