@@ -47,12 +47,14 @@ class Batch:
                 return False
         return True
 
-    def join(self, tensors: list[Tensor], slot: str, lay_out: Callable[[], list[Tensor]] | None = None) -> Tensor:
+    def join(
+        self, tensors: list[Tensor], slot: str, lay_out: Callable[[], list[Tensor] | None] | None = None
+    ) -> Tensor:
         """The batch's ``slot`` as one tensor: a view where ``tensors`` lie back to back, else (after
-        ``lay_out``, which moves them back to back and returns them, where one is given) a copy."""
+        ``lay_out``, which moves them back to back and returns them, or None where it may not) a copy."""
         view = self._view(tensors, slot)
-        if view is None and lay_out is not None:
-            tensors = lay_out()
+        if view is None and lay_out is not None and (laid_out := lay_out()) is not None:
+            tensors = laid_out
             view = self._view(tensors, slot)
         if tensors[0].dim() == 0 and self.flat:  # a per-tensor scalar, equal in the batch
             joined = tensors[0].clone()

@@ -8,7 +8,7 @@ import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from operator import attrgetter, is_
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -75,26 +75,20 @@ class UpdateEngine:
         contributions: list[dict[str, Tensor]] = []
         traced = torch.compiler.is_compiling()  # inside the user's torch.compile: plain per-tensor code
         for index, item in enumerate(work):
-            own_state = True
             if self.algorithm.is_elementwise(item.config):  # each rank steps its shards: the same numbers
-                shards = Work(item.config, *distributed.local_shards(item.params, item.grads, item.states))
-                # a DTensor's local shards come with a copy of its state dict (their views of its memory)
-                own_state = all(map(is_, shards.params, item.params))
-                item = shards
+                item = Work(item.config, *distributed.local_shards(item.params, item.grads, item.states))
             if traced or not self.compiled:
                 for param, grad, state in zip(item.params, item.grads, item.states):
                     contributions.append(
                         run_update(self.algorithm.update, param, grad, state, item.config, *shared, mask=mask)
                     )
             else:
-                contributions += self._compiled_step(optimizer, index, item, shared, own_state)
+                contributions += self._compiled_step(optimizer, index, item, shared)
         return [c for c in contributions if c is not None]
 
     # -- compiled ------------------------------------------------------------------------------
 
-    def _compiled_step(
-        self, optimizer: torch.optim.Optimizer, index: int, item: Work, shared: tuple, own_state: bool
-    ) -> list:
+    def _compiled_step(self, optimizer: torch.optim.Optimizer, index: int, item: Work, shared: tuple) -> list:
         elementwise = self.algorithm.is_elementwise(item.config)
         # what a plan depends on; the memory of each batch is checked again at every step anyway
         key = (
@@ -116,7 +110,7 @@ class UpdateEngine:
             for i in eager
         ]
         contributions += [self._single(index, item, i, shared, elementwise) for i in alone]
-        contributions += [self._batch(optimizer, index, item, batch, shared, own_state) for batch in batches]
+        contributions += [self._batch(optimizer, index, item, batch, shared) for batch in batches]
         return contributions
 
     def _single(self, index: int, item: Work, i: int, shared: tuple, elementwise: bool):
@@ -129,12 +123,8 @@ class UpdateEngine:
             )
         return self._call(run_update, index, param, grad, state, item.config, shared)
 
-    def _batch(
-        self, optimizer: torch.optim.Optimizer, index: int, item: Work, batch: Batch, shared: tuple, own_state: bool
-    ):
-        """Step the params of ``batch`` as one tensor (see :class:`Batch`). ``own_state``: the
-        states are the optimizer's dicts, so their tensors may be laid out anew; a DTensor's local
-        shards step in views of its memory instead, copied in and written back like any other."""
+    def _batch(self, optimizer: torch.optim.Optimizer, index: int, item: Work, batch: Batch, shared: tuple):
+        """Step the params of ``batch`` as one tensor (see :class:`Batch`)."""
         params = [item.params[i] for i in batch.members]
         states = [item.states[i] for i in batch.members]
         # The state, step counts included, is the optimizer's own memory: laid out as the batch steps
@@ -146,9 +136,7 @@ class UpdateEngine:
             key: batch.join(
                 [s[key] for s in states],
                 key,
-                partial(_lay_out_state, optimizer, params, states, key, batch.flat)
-                if own_state and value.numel()
-                else None,
+                partial(_lay_out_state, optimizer, params, states, key, batch.flat) if value.numel() else None,
             )
             for key, value in states[0].items()
         }
@@ -230,9 +218,13 @@ class UpdateEngine:
 
 def _lay_out_state(
     optimizer: torch.optim.Optimizer, params: list[Tensor], states: list[dict[str, Tensor]], key: str, flat: bool
-) -> list[Tensor]:
+) -> list[Tensor] | None:
     """Give state ``key`` of these params one buffer of its own (values kept), as views in
-    ``optimizer.state``: flat, or a stack of same-shaped tensors. Returns the views."""
+    ``optimizer.state``: flat, or a stack of same-shaped tensors. Returns the views; None where a
+    param is not the optimizer's (a DTensor's local shard, whose state dict is a copy holding views
+    of the DTensor's memory: that memory stays where it is)."""
+    if not all(param in optimizer.state for param in params):
+        return None
     tensors = [s[key] for s in states]
     if flat:
         chunks = unflatten_dense_tensors(torch.cat([t.reshape(-1) for t in tensors]), tensors)
